@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="motab",
+    version="0.1.0",
+    description="Fused GPU kernels and a rollout engine for MOTAB reasoning distillation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["motab_kernels", "motab_kernels.*", "motab", "motab.*"]),
+    install_requires=[
+        # torch first on a fresh machine (see README): a bare "torch" here would pull a CUDA build.
+        "torch>=2.6",
+        "triton>=3.2",
+        "numpy>=1.26",
+        "transformers>=4.56",
+    ],
+    extras_require={
+        # trl is the independent oracle for the divergences (GKDTrainer.generalized_jsd_loss).
+        "test": ["pytest>=8", "trl>=0.20", "ruff>=0.6"],
+        "bench": ["liger-kernel>=0.5"],
+        "flash": ["flash-attn>=2.6"],
+    },
+)
