@@ -44,8 +44,8 @@ REDUCTIONS = ("none", "sum", "mean")
 _FKL, _RKL, _MIXTURE = 0, 1, 2
 
 # Scratch budget of one chunk of rows. The triton path holds per logit element fp32 student and
-# teacher logits plus a gradient tile (≤ 10 bytes); the chunked path holds about eight fp32
-# temporaries (autograd of log-softmax and the mixture). 768 MiB keeps scratch under the 1 GB target
+# teacher logits plus a gradient tile (≤ 10 bytes); the chunked path about eight fp32 temporaries
+# (logits, log-probs, probabilities, the mixture and its products). 768 MiB keeps scratch under the 1 GB target
 # at a 152k vocabulary while still giving chunks of ~500 rows, large enough for the logit GEMMs to
 # stay compute-bound (each chunk re-reads both weight matrices).
 _CHUNK_BUDGET_BYTES = 768 << 20
@@ -303,6 +303,12 @@ class _RowStats:
     def rows(self, start: int, end: int) -> _RowStats:
         return _RowStats(*(getattr(self, f.name)[start:end] for f in fields(self)))
 
+    def fill(self, divergence: torch.Tensor, stats: dict[str, torch.Tensor | None]) -> None:
+        self.divergence.copy_(divergence)
+        for name, value in stats.items():
+            if value is not None:
+                getattr(self, name).copy_(value)
+
 
 def _rows_triton(
     s: torch.Tensor,
@@ -370,22 +376,38 @@ def _rows_chunked(
     settings: _Settings,
     out: _RowStats,
 ) -> None:
-    """The same contract as ``_rows_triton`` in plain PyTorch: the reference math on one chunk,
-    differentiated by autograd locally, so the chunk's tensors are freed before the next one."""
+    """The same contract as ``_rows_triton`` in plain PyTorch, with the closed-form gradients of
+    the module docstring (autograd through log-softmax would cost twice as much)."""
     dtype = out.divergence.dtype
-    s = s.to(dtype).detach().requires_grad_(row_scale is not None)
-    with torch.enable_grad():
-        s_tf = settings.student.apply(s)
-        t_tf = settings.teacher.apply(t.to(dtype))
-        div = reference.per_token_divergence(s_tf, t_tf, settings.kind, settings.beta)
-        if row_scale is not None:
-            (grad,) = torch.autograd.grad(div, s, grad_outputs=row_scale.to(dtype))
-            grad_out.copy_(grad)
-    out.divergence.copy_(div.detach())
-    stats = reference.monitoring_statistics(s_tf.detach(), t_tf, target)
-    for name, value in stats.items():
-        if value is not None:
-            getattr(out, name).copy_(value)
+    s_raw = s.to(dtype)
+    s = settings.student.apply(s_raw)
+    t = settings.teacher.apply(t.to(dtype))
+    ls = torch.log_softmax(s, dim=-1)
+    lt = torch.log_softmax(t, dim=-1)
+    p = lt.exp()
+    q = ls.exp() if settings.kind != "fkl" or row_scale is not None else None
+    beta = settings.beta
+    if settings.kind == "fkl":
+        div = (p * (lt - ls)).sum(-1)
+    elif settings.kind == "rkl":
+        log_ratio = ls - lt
+        div = (q * log_ratio).sum(-1)
+    else:
+        log_mix = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+        log_ratio = ls - log_mix
+        kl_q_mix = (q * log_ratio).sum(-1)
+        div = beta * (p * (lt - log_mix)).sum(-1) + (1.0 - beta) * kl_q_mix
+    out.fill(div, reference.monitoring_statistics(ls, lt, t, target))
+    if row_scale is None:
+        return
+    if settings.kind == "fkl":
+        grad = q.sub_(p)
+    elif settings.kind == "rkl":
+        grad = q.mul_(log_ratio.sub_(div[:, None]))
+    else:
+        grad = q.mul_(log_ratio.sub_(kl_q_mix[:, None])).mul_(1.0 - beta)
+    grad.mul_(row_scale.to(dtype)[:, None]).mul_(settings.student.slope(s_raw))
+    grad_out.copy_(grad)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -880,12 +902,11 @@ def _reference_rows(s: torch.Tensor, t: torch.Tensor, call: _Call) -> tuple[torc
     t_tf = call.settings.teacher.apply(t)
     div = reference.per_token_divergence(s_tf, t_tf, call.settings.kind, call.settings.beta)
     weighted = call.row_weight * torch.where(call.valid, div, 0.0)
-    stats = reference.monitoring_statistics(s_tf, t_tf, call.target)
+    stats = reference.monitoring_statistics(
+        torch.log_softmax(s_tf.detach(), -1), torch.log_softmax(t_tf, -1), t_tf, call.target
+    )
     out = _RowStats.empty(s.shape[0], s.device, call.stats_dtype)
-    out.divergence.copy_(div.detach())
-    for name, value in stats.items():
-        if value is not None:
-            getattr(out, name).copy_(value)
+    out.fill(div.detach(), stats)
     return (weighted.sum() if call.reduce else weighted), out
 
 

@@ -27,10 +27,17 @@ class LogitTransform:
     temperature: float = 1.0
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        x = logits * self.scale
+        x = logits if self.scale == 1.0 else logits * self.scale
         if self.softcap is not None:
             x = self.softcap * torch.tanh(x / self.softcap)
-        return x / self.temperature
+        return x if self.temperature == 1.0 else x / self.temperature
+
+    def slope(self, logits: torch.Tensor) -> torch.Tensor | float:
+        """d apply(x) / dx, elementwise (a number when it does not depend on x)."""
+        factor = self.scale / self.temperature
+        if self.softcap is None:
+            return factor
+        return factor * (1.0 - torch.tanh(logits * (self.scale / self.softcap)).square())
 
 
 def per_token_divergence(
@@ -62,23 +69,25 @@ def per_token_divergence(
 
 @torch.no_grad()
 def monitoring_statistics(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None
+    student_logprobs: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None,
 ) -> dict[str, torch.Tensor | None]:
     """Teacher entropy and, given ``target`` (valid ids), log-probs of it and its teacher rank.
 
     The rank counts vocabulary entries whose teacher logit is strictly larger than the target's.
     """
-    lt = F.log_softmax(teacher_logits, dim=-1)
     stats: dict[str, torch.Tensor | None] = {
-        "teacher_entropy": -(lt.exp() * lt).sum(-1),
+        "teacher_entropy": -(teacher_logprobs.exp() * teacher_logprobs).sum(-1),
         "student_logprob": None,
         "teacher_logprob": None,
         "teacher_rank": None,
     }
     if target is not None:
         index = target.unsqueeze(-1)
-        stats["student_logprob"] = F.log_softmax(student_logits, dim=-1).gather(-1, index)[..., 0]
-        stats["teacher_logprob"] = lt.gather(-1, index)[..., 0]
+        stats["student_logprob"] = student_logprobs.gather(-1, index)[..., 0]
+        stats["teacher_logprob"] = teacher_logprobs.gather(-1, index)[..., 0]
         target_logit = teacher_logits.gather(-1, index)
         stats["teacher_rank"] = (teacher_logits > target_logit).sum(-1).to(torch.int32)
     return stats

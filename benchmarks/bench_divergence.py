@@ -1,0 +1,276 @@
+"""Benchmark of the fused linear divergence against naive PyTorch, Liger-Kernel and the GEMM floor.
+
+Every row names its kind, shape, implementation and mode:
+
+- ``fwd+bwd``: loss and gradients for the student (hidden, weight), reduction mean, with target.
+- ``monitor``: forward only, no gradient, with the target statistics (what a rollout calls).
+
+Baselines: ``naive`` materialises both [N, V] logits and applies log_softmax + KL/JSD (TRL's
+formula); ``liger`` is Liger-Kernel's ``LigerFusedLinearJSD`` when it is installed (JSD rows,
+same β; β=0/1 for fkl/rkl). The floor of ``fwd+bwd`` is the cuBLAS time of just the matmuls the op
+needs (both logit GEMMs forward, the two student-gradient GEMMs backward), timed at the same shapes
+in the same run; the floor of ``monitor`` is the larger of the forward GEMM time and the time to
+read both weight matrices once at the card's measured copy bandwidth. ``scratch`` is the peak
+memory beyond inputs, outputs, gradients and one fp32 weight-gradient accumulator.
+
+On a CPU it runs small shapes (the Triton interpreter's timings are meaningless and are left out)
+and no memory is measured. Writes ``results.json`` and ``results.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from motab_kernels import fused_linear_divergence
+from motab_kernels.reference import per_token_divergence
+
+GPU_SHAPES = [  # (N, Ds, Dt, V, modes)
+    (8192, 4096, 4096, 128256, ("fwd+bwd", "monitor")),
+    (8192, 1536, 3584, 151936, ("fwd+bwd", "monitor")),
+    (1024, 1536, 3584, 151936, ("fwd+bwd", "monitor")),
+    (64 * 16, 1536, 3584, 151936, ("monitor",)),  # decode: 64 rows × 16 drafted tokens
+]
+CPU_SHAPES = [
+    (1024, 256, 384, 16384, ("fwd+bwd", "monitor")),
+    (256, 256, 384, 32000, ("fwd+bwd", "monitor")),
+    (16 * 4, 256, 384, 32000, ("monitor",)),
+]
+GiB = 1 << 30
+
+
+def naive_loss(hs, ws, ht, wt, target, kind, beta):
+    """Materialise both logits, log-softmax, divergence, masked mean: the usual way."""
+    s = (hs @ ws.T).float()
+    with torch.no_grad():
+        t = (ht @ wt.T).float()
+    per_token = per_token_divergence(s, t, kind, beta)
+    valid = target != -100
+    return (per_token * valid).sum() / valid.sum().clamp_min(1)
+
+
+def liger_loss_fn(kind, beta):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except ImportError:
+        return None
+    jsd_beta = {"fkl": 0.0, "rkl": 1.0}.get(kind, beta)
+    module = LigerFusedLinearJSD(jsd_beta=jsd_beta, ignore_index=-100, temperature=1.0)
+    return lambda hs, ws, ht, wt, target: module(hs, ws, ht, wt, target)
+
+
+def timer(device):
+    """Median seconds of ``fn`` over ``reps`` runs after ``warmup`` (CUDA events on a GPU)."""
+
+    def measure(fn, reps, warmup=2):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return measure
+
+
+def peak_extra_bytes(fn, device):
+    """Peak bytes allocated while ``fn`` runs, beyond what was allocated before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def copy_bandwidth(device, measure):
+    """Bytes per second of a large device copy, read + write counted."""
+    x = torch.empty(1 << 28, device=device, dtype=torch.float32)  # 1 GiB
+    seconds = measure(lambda: x.clone(), reps=10)
+    return 2 * x.numel() * x.element_size() / seconds
+
+
+def make_inputs(n, ds, dt, v, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    target = torch.randint(0, v, (n,), generator=g)
+    target[::17] = -100
+    return (rand(n, ds), rand(v, ds, scale=ds**-0.5), rand(n, dt), rand(v, dt, scale=dt**-0.5), target.to(device))
+
+
+def gemm_floors(hs, ws, ht, wt, measure, reps, bandwidth):
+    """Seconds of the matmuls the op cannot avoid, at the same shapes: (forward, backward, weight read)."""
+    fwd = measure(lambda: (hs @ ws.T, ht @ wt.T), reps)
+    grad_logits = torch.randn(hs.shape[0], ws.shape[0], device=hs.device, dtype=hs.dtype)
+    bwd = measure(lambda: (grad_logits @ ws, grad_logits.T @ hs), reps)
+    weight_read = None if bandwidth is None else (ws.numel() + wt.numel()) * ws.element_size() / bandwidth
+    return fwd, bwd, weight_read
+
+
+def loss_functions(impls, kind, beta, device):
+    """name → loss(hs, ws, ht, wt, target) for our impls and the baselines."""
+    fns = {
+        impl: lambda hs, ws, ht, wt, target, impl=impl: (
+            fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl=impl).loss
+        )
+        for impl in impls
+    }
+    fns["naive"] = lambda hs, ws, ht, wt, target: naive_loss(hs, ws, ht, wt, target, kind, beta)
+    liger = liger_loss_fn(kind, beta)
+    if liger is not None and device.type == "cuda":
+        fns["liger"] = liger
+    return fns
+
+
+def make_step(loss_fn, inputs, backward):
+    hs, ws, ht, wt, target = inputs
+
+    def step():
+        if backward:
+            hs.grad = ws.grad = None
+            loss_fn(hs, ws, ht, wt, target).backward()
+        else:
+            with torch.no_grad():
+                loss_fn(hs, ws, ht, wt, target)
+
+    return step
+
+
+def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, bandwidth):
+    measure = timer(device)
+    hs, ws, ht, wt, target = make_inputs(n, ds, dt, v, dtype, device)
+    fwd_gemm, bwd_gemm, weight_read = gemm_floors(hs, ws, ht, wt, measure, reps, bandwidth)
+    floors = {
+        "fwd+bwd": fwd_gemm + bwd_gemm,
+        "monitor": fwd_gemm if weight_read is None else max(fwd_gemm, weight_read),
+    }
+    accumulated = (hs.numel() + ws.numel()) * hs.element_size() + ws.numel() * 4  # grads + fp32 acc
+    rows = []
+    for kind in kinds:
+        for mode in modes:
+            backward = mode == "fwd+bwd"
+            inputs = (hs.detach().requires_grad_(backward), ws.detach().requires_grad_(backward), ht, wt, target)
+            for name, loss_fn in loss_functions(impls, kind, beta, device).items():
+                step = make_step(loss_fn, inputs, backward)
+                try:
+                    seconds = measure(step, reps)
+                    peak = peak_extra_bytes(step, device)
+                except torch.OutOfMemoryError:
+                    seconds, peak = None, "OOM"
+                    torch.cuda.empty_cache()
+                scratch = peak - (accumulated if backward else 0) if isinstance(peak, int) else None
+                rows.append(
+                    {
+                        "kind": kind,
+                        "mode": mode,
+                        "N": n,
+                        "Ds": ds,
+                        "Dt": dt,
+                        "V": v,
+                        "impl": name,
+                        "ms": None if seconds is None else seconds * 1e3,
+                        "floor_ms": floors[mode] * 1e3,
+                        "x_floor": None if seconds is None else seconds / floors[mode],
+                        "peak_extra_GiB": peak / GiB if isinstance(peak, int) else peak,
+                        "scratch_GiB": None if scratch is None else scratch / GiB,
+                        "fwd_gemm_ms": fwd_gemm * 1e3,
+                        "bwd_gemm_ms": bwd_gemm * 1e3,
+                        "weight_read_ms": None if weight_read is None else weight_read * 1e3,
+                    }
+                )
+                print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def fmt(x, digits=2):
+    if x is None:
+        return "—"
+    return x if isinstance(x, str) else f"{x:.{digits}f}"
+
+
+HEADER = (
+    "| kind | mode | N | Ds | Dt | V | impl | ms | floor ms | × floor | peak extra GiB | scratch GiB |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(r):
+    return (
+        f"| {r['kind']} | {r['mode']} | {r['N']} | {r['Ds']} | {r['Dt']} | {r['V']} | {r['impl']} | "
+        f"{fmt(r['ms'])} | {fmt(r['floor_ms'])} | {fmt(r['x_floor'])} | {fmt(r['peak_extra_GiB'])} | "
+        f"{fmt(r['scratch_GiB'])} |"
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kinds", default="fkl,jsd", help="comma-separated: fkl, rkl, jsd")
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--shapes", default=None, help="N,Ds,Dt,V[;...] instead of the default set")
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    reps = args.reps or (10 if on_gpu else 3)
+    impls = ["triton", "chunked"] if on_gpu else ["chunked"]
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    if args.shapes:
+        shapes = [(*map(int, s.split(",")), ("fwd+bwd", "monitor")) for s in args.shapes.split(";")]
+    kinds = args.kinds.split(",")
+    card = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
+    bandwidth = copy_bandwidth(device, timer(device)) if on_gpu else None
+    print(f"# bench_divergence on {card}, {dtype}, {date.today()}")
+    if bandwidth:
+        print(f"# measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
+    print(HEADER)
+    rows = []
+    for n, ds, dt, v, modes in shapes:
+        rows += bench_shape(n, ds, dt, v, modes, kinds, args.beta, dtype, device, impls, reps, bandwidth)
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "card": card,
+        "dtype": str(dtype),
+        "date": str(date.today()),
+        "torch": torch.__version__,
+        "copy_bandwidth_TBps": None if bandwidth is None else bandwidth / 1e12,
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"bench_divergence on {card}, {dtype}, {meta['date']}, torch {torch.__version__}", "", HEADER]
+    (out / "results.md").write_text("\n".join(lines + [format_row(r) for r in rows]) + "\n")
+    print(f"# wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
