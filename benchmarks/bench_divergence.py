@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from motab_kernels import fused_linear_divergence
+from motab_kernels import divergence, fused_linear_divergence
 from motab_kernels.reference import per_token_divergence
 
 GPU_SHAPES = [  # (N, Ds, Dt, V, modes)
@@ -54,6 +54,17 @@ def naive_loss(hs, ws, ht, wt, target, kind, beta):
     per_token = per_token_divergence(s, t, kind, beta)
     valid = target != -100
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
+
+
+def buffered_monitor_loss(hs, ws, ht, wt, target, kind, beta):
+    """The triton impl with its forward-only fused kernel switched off: cuBLAS logits into the
+    chunk buffer + the row kernel, to compare the two monitoring strategies on the same card."""
+    saved = divergence.FUSED_MONITOR_KINDS
+    divergence.FUSED_MONITOR_KINDS = ()
+    try:
+        return fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="triton").loss
+    finally:
+        divergence.FUSED_MONITOR_KINDS = saved
 
 
 def liger_loss_fn(kind, beta):
@@ -130,7 +141,7 @@ def gemm_floors(hs, ws, ht, wt, measure, reps, bandwidth):
     return fwd, bwd, weight_read
 
 
-def loss_functions(impls, kind, beta, device):
+def loss_functions(impls, kind, beta, device, backward):
     """name → loss(hs, ws, ht, wt, target) for our impls and the baselines."""
     fns = {
         impl: lambda hs, ws, ht, wt, target, impl=impl: (
@@ -138,6 +149,8 @@ def loss_functions(impls, kind, beta, device):
         )
         for impl in impls
     }
+    if "triton" in impls and not backward and kind in divergence.FUSED_MONITOR_KINDS:
+        fns["triton-buffered"] = lambda *args: buffered_monitor_loss(*args, kind=kind, beta=beta)
     fns["naive"] = lambda hs, ws, ht, wt, target: naive_loss(hs, ws, ht, wt, target, kind, beta)
     liger = liger_loss_fn(kind, beta)
     if liger is not None and device.type == "cuda":
@@ -173,7 +186,7 @@ def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, ba
         for mode in modes:
             backward = mode == "fwd+bwd"
             inputs = (hs.detach().requires_grad_(backward), ws.detach().requires_grad_(backward), ht, wt, target)
-            for name, loss_fn in loss_functions(impls, kind, beta, device).items():
+            for name, loss_fn in loss_functions(impls, kind, beta, device, backward).items():
                 step = make_step(loss_fn, inputs, backward)
                 try:
                     seconds = measure(step, reps)

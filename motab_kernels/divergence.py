@@ -264,6 +264,124 @@ def _divergence_rows_kernel(
             tl.store(g_row + idx, g.to(G.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _logit_tile(
+    H, W, B, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+    BV: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``[BM, BV]`` tile of ``H[rows] @ W[cols].T (+ B[cols])``, accumulated over D in BK steps."""
+    acc = tl.zeros((BM, BV), dtype=tl.float32)
+    ks = tl.arange(0, BK)
+    h_ptrs = H + rows[:, None].to(tl.int64) * stride_h + ks[None, :]
+    w_ptrs = W + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
+    for k in range(0, D, BK):
+        k_mask = (k + ks) < D
+        h = tl.load(h_ptrs + k, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton issue 11584)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _fused_monitor_kernel(
+    HS, WS, BS, HT, WT, BT, TARGET, T_TARGET, PART, PART_RANK,
+    N, V, DS, DT, SPLITS, stride_hs, stride_ws, stride_ht, stride_wt,
+    s_scale, t_scale, s_cap, t_cap, inv_temp,
+    N_BUCKET, KIND: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    S_HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Forward-only fkl/rkl + statistics straight from hidden states: the logit tiles live only in
+    registers. Program (i, j) covers rows ``[i·BM, (i+1)·BM)`` and the j-th of ``SPLITS`` equal
+    runs of vocabulary tiles, and writes that run's online-softmax partials; the host combines the
+    runs. Row blocks vary fastest across programs, so the programs running together share a
+    weight slice in L2 and each weight byte comes from memory about once.
+
+    Args:
+        HS, HT: ``[N, DS]`` / ``[N, DT]`` hidden states (last dim contiguous).
+        WS, WT: ``[V, DS]`` / ``[V, DT]`` LM-head weights (last dim contiguous), same dtype as H*.
+        BS, BT: ``[V]`` biases, read when ``HAS_BS`` / ``HAS_BT``.
+        TARGET: ``[N]`` int64 target ids, clamped into ``[0, V)`` (``HAS_TARGET``).
+        T_TARGET: ``[N]`` fp32 transformed teacher logit of each row's target (``HAS_TARGET``).
+        PART: ``[N, SPLITS, 6]`` fp32 output: max and sum of exp for student and teacher, the
+            cross term (fkl: Σ e^(t−m_t)(t−s); rkl: Σ e^(s−m_s)(s−t)) and Σ e^(t−m_t)(t−m_t).
+        PART_RANK: ``[N, SPLITS]`` int32 output: entries other than the target scored above it.
+        N, V, DS, DT: rows, vocabulary, hidden sizes. SPLITS: vocabulary runs (grid axis 1).
+        stride_*: row strides in elements.
+        s_scale, t_scale, s_cap, t_cap, inv_temp: logit transform, as in the row kernel.
+        N_BUCKET: N rounded up to a power of two, only an autotuning key.
+        KIND: 0 forward KL, 1 reverse KL.
+        DOT_FP32: cast dot operands to fp32 (interpreter). PRECISION: ``tl.dot`` input precision.
+        BM, BV, BK: tile sizes over rows, vocabulary and hidden dimension.
+    """
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    num_tiles = tl.cdiv(V, BV)
+    per_split = tl.cdiv(num_tiles, SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_tiles)
+    t_target = tl.zeros((BM,), dtype=tl.float32)
+    targets = tl.zeros((BM,), dtype=tl.int64)
+    if HAS_TARGET:
+        targets = tl.load(TARGET + rows, mask=row_mask, other=0)
+        t_target = tl.load(T_TARGET + rows, mask=row_mask, other=0.0)
+
+    m_s = tl.full((BM,), -1e30, tl.float32)
+    z_s = tl.zeros((BM,), dtype=tl.float32)
+    m_t = tl.full((BM,), -1e30, tl.float32)
+    z_t = tl.zeros((BM,), dtype=tl.float32)
+    cross = tl.zeros((BM,), dtype=tl.float32)
+    ent = tl.zeros((BM,), dtype=tl.float32)
+    rank = tl.zeros((BM,), dtype=tl.int32)
+    for tile in range(first, last):
+        cols = tile * BV + tl.arange(0, BV)
+        col_mask = cols < V
+        s = _logit_tile(HS, WS, BS, rows, cols, row_mask, col_mask, DS, stride_hs, stride_ws,
+                        HAS_BS, DOT_FP32, PRECISION, BM, BV, BK)  # fmt: skip
+        t = _logit_tile(HT, WT, BT, rows, cols, row_mask, col_mask, DT, stride_ht, stride_wt,
+                        HAS_BT, DOT_FP32, PRECISION, BM, BV, BK)  # fmt: skip
+        s = _transform(s, s_scale, s_cap, inv_temp, S_HAS_CAP)
+        t = _transform(t, t_scale, t_cap, inv_temp, T_HAS_CAP)
+        valid = col_mask[None, :]
+        m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, s, float("-inf")), axis=1))
+        m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, t, float("-inf")), axis=1))
+        alpha_s = tl.exp(m_s - m_s_new)
+        alpha_t = tl.exp(m_t - m_t_new)
+        e_s = tl.where(valid, tl.exp(s - m_s_new[:, None]), 0.0)
+        e_t = tl.where(valid, tl.exp(t - m_t_new[:, None]), 0.0)
+        if KIND == 0:
+            cross = cross * alpha_t + tl.sum(e_t * (t - s), axis=1)
+        else:
+            cross = cross * alpha_s + tl.sum(e_s * (s - t), axis=1)
+        ent = alpha_t * (ent + (m_t - m_t_new) * z_t) + tl.sum(e_t * (t - m_t_new[:, None]), axis=1)
+        z_s = z_s * alpha_s + tl.sum(e_s, axis=1)
+        z_t = z_t * alpha_t + tl.sum(e_t, axis=1)
+        m_s = m_s_new
+        m_t = m_t_new
+        if HAS_TARGET:
+            # The target's own column is left out: its kernel logit may differ from the host's
+            # dot product by a rounding step, and must not count as scoring above itself.
+            above = valid & (t > t_target[:, None]) & (cols[None, :] != targets[:, None])
+            rank += tl.sum(above.to(tl.int32), axis=1)
+
+    out = rows.to(tl.int64) * SPLITS + split
+    tl.store(PART + out * 6, m_s, mask=row_mask)
+    tl.store(PART + out * 6 + 1, z_s, mask=row_mask)
+    tl.store(PART + out * 6 + 2, m_t, mask=row_mask)
+    tl.store(PART + out * 6 + 3, z_t, mask=row_mask)
+    tl.store(PART + out * 6 + 4, cross, mask=row_mask)
+    tl.store(PART + out * 6 + 5, ent, mask=row_mask)
+    tl.store(PART_RANK + out, rank, mask=row_mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Settings and per-row outputs
 # --------------------------------------------------------------------------------------------
@@ -527,6 +645,105 @@ def _logits_pass(
     return out, grad
 
 
+# Forward-only monitoring of these kinds runs the fully fused kernel (logit tiles never leave
+# registers, so its floor is the GEMMs themselves); JSD needs both normalisers before any of its
+# terms, so without a gradient it keeps the buffered path.
+FUSED_MONITOR_KINDS = ("fkl", "rkl")
+# Programs per SM the fused kernel aims for (counting 64-row blocks): enough waves that the last
+# one's tail stays a small fraction of the run.
+_MONITOR_WAVES = 8
+
+
+def _monitor_configs() -> list[triton.Config]:
+    # Two fp32 [BM, BV] accumulators live at once (student and teacher tile): 128×128 needs 8 warps.
+    shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4)]
+    return [triton.Config({"BM": bm, "BV": bv, "BK": bk}, num_warps=w, num_stages=st) for bm, bv, bk, w, st in shapes]
+
+
+if triton_interpreting():
+    # The interpreter runs one program at a time: small fixed tiles, no autotuning.
+    _fused_monitor_launch = _fused_monitor_kernel
+    _INTERPRETED_TILES = {"BM": 16, "BV": 64, "BK": 16}
+else:
+    _fused_monitor_launch = triton.autotune(configs=_monitor_configs(), key=["N_BUCKET", "V", "DS", "DT"])(
+        _fused_monitor_kernel
+    )
+    _INTERPRETED_TILES = {}
+
+
+@torch.no_grad()
+def _fused_monitor(
+    hs: torch.Tensor,
+    ws: torch.Tensor,
+    bs: torch.Tensor | None,
+    ht: torch.Tensor,
+    wt: torch.Tensor,
+    bt: torch.Tensor | None,
+    target: torch.Tensor | None,
+    settings: _Settings,
+) -> _RowStats:
+    """Per-row results of a forward-only fkl/rkl call, straight from hidden states and weights."""
+    hs, ws, ht, wt = (_last_dim_contiguous(x) for x in (hs, ws, ht, wt))
+    n, vocab = hs.shape[0], ws.shape[0]
+    device = hs.device
+    out = _RowStats.empty(n, device, torch.float32)
+    if n == 0:
+        return out
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(triton.cdiv(_MONITOR_WAVES * sms, triton.cdiv(n, 64)), triton.cdiv(vocab, 128)))
+    else:
+        splits = min(4, triton.cdiv(vocab, 64))
+    part = torch.empty(n, splits, 6, device=device, dtype=torch.float32)
+    part_rank = torch.empty(n, splits, device=device, dtype=torch.int32)
+    s_target = t_target = None
+    if target is not None:
+        s_target = settings.student.apply(_target_logits(hs, ws, bs, target))
+        t_target = settings.teacher.apply(_target_logits(ht, wt, bt, target))
+    s_cap, t_cap = settings.student.softcap, settings.teacher.softcap
+    _fused_monitor_launch[lambda meta: (triton.cdiv(n, meta["BM"]), splits)](
+        hs, ws, bs if bs is not None else part, ht, wt, bt if bt is not None else part,
+        target if target is not None else part_rank, t_target if t_target is not None else part, part, part_rank,
+        n, vocab, hs.shape[1], ht.shape[1], splits, hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+        settings.student.scale, settings.teacher.scale, s_cap or 1.0, t_cap or 1.0, 1.0 / settings.student.temperature,
+        next_power_of_2(n), KIND=settings.kernel_kind, HAS_TARGET=target is not None, HAS_BS=bs is not None,
+        HAS_BT=bt is not None, S_HAS_CAP=s_cap is not None, T_HAS_CAP=t_cap is not None,
+        DOT_FP32=triton_interpreting(), PRECISION="ieee" if hs.dtype == torch.float32 else "tf32",
+        **_INTERPRETED_TILES,
+    )  # fmt: skip
+    _combine_monitor_partials(part, part_rank, settings.kind, s_target, t_target, out)
+    return out
+
+
+def _target_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor):
+    """Raw fp32 logit of each row's target: one dot product per row."""
+    logits = (hidden.float() * weight[target].float()).sum(-1)
+    return logits if bias is None else logits + bias[target].float()
+
+
+def _combine_monitor_partials(part, part_rank, kind, s_target, t_target, out: _RowStats) -> None:
+    """Merges the per-split online-softmax partials into per-row results (log-space, as the kernel)."""
+    m_s, z_s, m_t, z_t, cross, ent = part.unbind(-1)
+    top_s = m_s.amax(1, keepdim=True)
+    top_t = m_t.amax(1, keepdim=True)
+    w_s = torch.exp(m_s - top_s)
+    w_t = torch.exp(m_t - top_t)
+    log_z_s = torch.log((z_s * w_s).sum(1))
+    log_z_t = torch.log((z_t * w_t).sum(1))
+    top_s, top_t = top_s[:, 0], top_t[:, 0]
+    if kind == "fkl":
+        div = (cross * w_t).sum(1) / log_z_t.exp() + ((top_s - top_t) + (log_z_s - log_z_t))
+    else:
+        div = (cross * w_s).sum(1) / log_z_s.exp() + ((top_t - top_s) + (log_z_t - log_z_s))
+    entropy_sum = (w_t * (ent + (m_t - top_t[:, None]) * z_t)).sum(1)
+    stats = {"teacher_entropy": log_z_t - entropy_sum / log_z_t.exp()}
+    if s_target is not None:
+        stats["student_logprob"] = (s_target - top_s) - log_z_s
+        stats["teacher_logprob"] = (t_target - top_t) - log_z_t
+        stats["teacher_rank"] = part_rank.sum(1, dtype=torch.int32)
+    out.fill(div, stats)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
@@ -735,10 +952,15 @@ def fused_linear_divergence(
         softcap,
         impl,
     )
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, student_bias))
     if call.impl == "reference":
         s = reference.linear_logits(hs, ws, student_bias).to(call.stats_dtype)
         t = reference.linear_logits(ht, wt, bt).to(call.stats_dtype)
         loss, out = _reference_rows(s, t, call)
+    elif call.impl == "triton" and not needs_grad and call.settings.kind in FUSED_MONITOR_KINDS:
+        out = _fused_monitor(hs, ws, student_bias, ht, wt, bt, call.target, call.settings)
+        weighted = call.row_weight * out.divergence
+        loss = weighted.sum() if call.reduce else weighted
     else:
         loss, *stats = _LinearDivergenceFunction.apply(
             hs,

@@ -243,13 +243,19 @@ def test_huge_logits_stay_finite(impl, kind):
     for x in (out.loss, out.per_token, out.teacher_entropy, out.student_logprob[inp["target"] != -100], gh, gw):
         assert torch.isfinite(x).all()
     assert rel_err(out.loss, truth[0]) < 1e-6
+    with torch.no_grad():  # the forward-only path (fused kernel for triton fkl/rkl)
+        monitor = fused_linear_divergence(
+            *(inp[k].float() for k in ("hs", "ws", "ht", "wt")), kind=kind, target=inp["target"], impl=impl
+        )
+    assert torch.isfinite(monitor.per_token).all() and rel_err(monitor.loss, truth[0]) < 1e-6
     for ours, nv, tr in zip((gh, gw), naive[1:], truth[1:]):
         err, err_naive = (ours.double() - tr).abs().max().item(), (nv.double() - tr).abs().max().item()
         assert err <= 5 * err_naive + 1e-5, f"{err:.3g} vs naive {err_naive:.3g}"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_monitoring_statistics(impl):
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])  # without gradient, triton fkl runs the fused kernel
+def test_monitoring_statistics(impl, kind):
     inp = make_inputs(v=517, seed=3)
     temperature = 1.3
     out = fused_linear_divergence(
@@ -257,6 +263,7 @@ def test_monitoring_statistics(impl):
         inp["ws"].float(),
         inp["ht"].float(),
         inp["wt"].float(),
+        kind=kind,
         target=inp["target"],
         temperature=temperature,
         impl=impl,
@@ -287,11 +294,45 @@ def test_monitoring_statistics(impl):
             inp["ws"].float(),
             inp["ht"].float(),
             inp["wt"].float(),
+            kind=kind,
             target=planted,
             temperature=temperature,
             impl=impl,
         )
         assert torch.all(out.teacher_rank == expected)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+@pytest.mark.parametrize("n", [1, 37])
+def test_fused_monitor_path(kind, n, monkeypatch):
+    """Forward only, triton: the fused kernel (logit tiles in registers) against float64, with
+    bias, per-model scale and soft-cap, temperature and ignored rows; and it really ran."""
+    launches = []
+    real = motab_kernels.divergence._fused_monitor
+    monkeypatch.setattr(motab_kernels.divergence, "_fused_monitor", lambda *a, **k: launches.append(1) or real(*a, **k))
+    inp = make_inputs(n=n, bias=True, ignored=(3,), logit_std=6.0, seed=n)
+    options = dict(kind=kind, temperature=0.8, softcap=(20.0, None), logit_scale=(1.2, 0.9), reduction="none")
+
+    def run(dtype, impl):
+        return fused_linear_divergence(
+            *(inp[k].to(dtype) for k in ("hs", "ws", "ht", "wt")),
+            target=inp["target"],
+            student_bias=inp["bs"].to(dtype),
+            teacher_bias=inp["bt"].to(dtype),
+            impl=impl,
+            **options,
+        )
+
+    truth, naive = run(torch.float64, "reference"), run(torch.float32, "reference")
+    assert not launches
+    ours = run(torch.float32, "triton")
+    assert launches
+    valid = inp["target"] != -100
+    for name in ("per_token", "teacher_entropy", "student_logprob", "teacher_logprob"):
+        x, nv, tr = (getattr(o, name)[valid] for o in (ours, naive, truth))
+        assert_no_worse(x, nv, tr, name)
+    assert torch.equal(ours.teacher_rank, truth.teacher_rank)
+    assert torch.equal(ours.loss[~valid], torch.zeros_like(ours.loss[~valid]))
 
 
 def test_first_stray_index_planted():
@@ -526,6 +567,38 @@ def test_gpu_half_precision_accuracy(kind, dtype):
     for ours, nv, tr, name in zip((out.loss, gh, gw), naive, truth, ("loss", "d hidden", "d weight")):
         err, err_naive = rel_err(ours, tr), rel_err(nv, tr)
         assert err <= 1.5 * err_naive + 1e-3, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_gpu_fused_monitor_bf16(kind):
+    """The compiled fused forward kernel in bf16 (tensor-core dots) against float64."""
+    n, ds, dt, v = 1024, 512, 768, 32000 + 3
+    inp = make_inputs(n, ds, dt, v, bias=True, seed=2)
+
+    def run(dtype, impl):
+        return fused_linear_divergence(
+            *(inp[k].to(dtype) for k in ("hs", "ws", "ht", "wt")),
+            target=inp["target"],
+            student_bias=inp["bs"].to(dtype),
+            teacher_bias=inp["bt"].to(dtype),
+            kind=kind,
+            impl=impl,
+            reduction="none",
+        )
+
+    truth, naive, ours = (
+        run(torch.float64, "reference"),
+        run(torch.bfloat16, "reference"),
+        run(torch.bfloat16, "triton"),
+    )
+    valid = inp["target"] != -100
+    for name in ("per_token", "teacher_entropy", "student_logprob", "teacher_logprob"):
+        x, nv, tr = (getattr(o, name)[valid] for o in (ours, naive, truth))
+        err, err_naive = rel_err(x, tr), rel_err(nv, tr)
+        assert err <= 1.5 * err_naive + 1e-3, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
+    rank_gap = (ours.teacher_rank[valid] - truth.teacher_rank[valid]).abs().float()
+    assert rank_gap.mean() < 0.01 * v  # bf16 logits tie and reorder near the target, never grossly
 
 
 @pytest.mark.gpu
