@@ -261,6 +261,7 @@ def _divergence_rows_kernel(
                 lm = _logaddexp(ls + log_1m_beta, lt + log_beta)
                 g = (1.0 - beta) * q * (ls - lm - kl_q_mix)
             g = g * (row_scale * _transform_slope(s_raw, s_scale, s_cap, inv_temp, S_HAS_CAP))
+            g = tl.where(row_scale != 0.0, g, 0.0)  # ignored rows may hold garbage (padding)
             tl.store(g_row + idx, g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -401,6 +402,16 @@ class _Settings:
         return {"fkl": _FKL, "rkl": _RKL, "jsd": _MIXTURE}[self.kind]
 
 
+@dataclass(frozen=True)
+class _PassOptions:
+    """What a sweep over row chunks needs besides tensors."""
+
+    settings: _Settings
+    impl: str  # "triton" or "chunked"
+    chunk_size: int | None
+    stats_dtype: torch.dtype  # fp32, or fp64 for fp64 inputs
+
+
 @dataclass
 class _RowStats:
     """Per-row results of the row math, written chunk by chunk into ``[N]`` tensors."""
@@ -439,8 +450,6 @@ def _rows_triton(
     block_v: int | None = None,
 ) -> None:
     """Launch the row kernel on one chunk: fills ``out`` and, with ``row_scale``, ``grad_out``."""
-    if s.dtype == torch.float64 or t.dtype == torch.float64:
-        raise TypeError("impl='triton' computes in float32; use impl='chunked' or 'reference' for float64")
     s, t = _last_dim_contiguous(s), _last_dim_contiguous(t)
     rows, vocab = s.shape
     if rows == 0:
@@ -525,7 +534,7 @@ def _rows_chunked(
     else:
         grad = q.mul_(log_ratio.sub_(kl_q_mix[:, None])).mul_(1.0 - beta)
     grad.mul_(row_scale.to(dtype)[:, None]).mul_(settings.student.slope(s_raw))
-    grad_out.copy_(grad)
+    grad_out.copy_(grad.masked_fill_(row_scale[:, None] == 0, 0.0))  # ignored rows may hold garbage
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -561,23 +570,20 @@ def _linear_pass(
     bt: torch.Tensor | None,
     target: torch.Tensor | None,
     row_scale: torch.Tensor | None,
-    settings: _Settings,
-    impl: str,
-    chunk_size: int | None,
-    stats_dtype: torch.dtype,
+    opts: _PassOptions,
 ) -> tuple[_RowStats, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """One sweep over row chunks: per-row results and, with ``row_scale``, the student gradients
     (hidden in its dtype; weight and bias as fp32 accumulators)."""
     n, vocab = hs.shape[0], ws.shape[0]
-    out = _RowStats.empty(n, hs.device, stats_dtype)
+    out = _RowStats.empty(n, hs.device, opts.stats_dtype)
     grads = None
     if row_scale is not None:
         grads = (
             torch.empty_like(hs),
-            torch.zeros(ws.shape, device=ws.device, dtype=stats_dtype),
-            torch.zeros(vocab, device=ws.device, dtype=stats_dtype) if bs is not None else None,
+            torch.zeros(ws.shape, device=ws.device, dtype=opts.stats_dtype),
+            torch.zeros(vocab, device=ws.device, dtype=opts.stats_dtype) if bs is not None else None,
         )
-    chunk = _chunk_rows(n, vocab, impl, chunk_size)
+    chunk = _chunk_rows(n, vocab, opts.impl, opts.chunk_size)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         h_s = hs[start:end]
@@ -588,18 +594,21 @@ def _linear_pass(
             # The gradient overwrites the student logits in place when both are fp32.
             grad_logits = s if ws.dtype == s.dtype else torch.empty(s.shape, device=s.device, dtype=ws.dtype)
         _run_rows(
-            impl,
+            opts.impl,
             s,
             t,
             None if target is None else target[start:end],
             None if row_scale is None else row_scale[start:end],
             grad_logits,
-            settings,
+            opts.settings,
             out.rows(start, end),
         )
         if grads is not None:
             grad_hs, grad_ws, grad_bs = grads
             grad_hs[start:end] = grad_logits @ ws
+            # Rows without loss get zero gradient logits, but 0·NaN is NaN: padding rows whose
+            # hidden states are garbage must not reach the weight gradient.
+            h_s = torch.where(row_scale[start:end, None] != 0, h_s, 0.0)
             addmm_wide_(grad_ws, grad_logits.t(), h_s)
             if grad_bs is not None:
                 grad_bs += grad_logits.sum(0, dtype=grad_bs.dtype)
@@ -619,27 +628,24 @@ def _logits_pass(
     t: torch.Tensor,
     target: torch.Tensor | None,
     row_scale: torch.Tensor | None,
-    settings: _Settings,
-    impl: str,
-    chunk_size: int | None,
-    stats_dtype: torch.dtype,
+    opts: _PassOptions,
 ) -> tuple[_RowStats, torch.Tensor | None]:
     """One sweep over row chunks of logits already in memory; with ``row_scale``, also the
     gradient w.r.t. the student logits (in their dtype)."""
     n, vocab = s.shape
-    out = _RowStats.empty(n, s.device, stats_dtype)
+    out = _RowStats.empty(n, s.device, opts.stats_dtype)
     grad = torch.empty_like(s) if row_scale is not None else None
-    chunk = _chunk_rows(n, vocab, impl, chunk_size)
+    chunk = _chunk_rows(n, vocab, opts.impl, opts.chunk_size)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         _run_rows(
-            impl,
+            opts.impl,
             s[start:end],
             t[start:end],
             None if target is None else target[start:end],
             None if row_scale is None else row_scale[start:end],
             None if grad is None else grad[start:end],
-            settings,
+            opts.settings,
             out.rows(start, end),
         )
     return out, grad
@@ -749,44 +755,57 @@ def _combine_monitor_partials(part, part_rank, kind, s_target, t_target, out: _R
 # --------------------------------------------------------------------------------------------
 
 
+def _weighted_loss(row_weight: torch.Tensor, divergence: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """Σ_i w_i·d_i, or the vector w_i·d_i. Rows of weight 0 (ignored rows) contribute exactly 0,
+    even when their inputs are garbage (padding) and their divergence is NaN or inf."""
+    weighted = torch.where(row_weight != 0, row_weight * divergence, 0.0)
+    return weighted.sum() if reduce else weighted
+
+
+def _loss_and_outputs(ctx, out: _RowStats, row_weight: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, ...]:
+    """What both autograd functions return: the loss, then the per-row results (not differentiable)."""
+    per_row = tuple(getattr(out, f.name) for f in fields(out))
+    ctx.mark_non_differentiable(*per_row)
+    return (_weighted_loss(row_weight, out.divergence, reduce), *per_row)
+
+
 class _LinearDivergenceFunction(torch.autograd.Function):
-    """loss = Σ_i row_weight_i · div_i (reduced) or the vector row_weight · div (``none``)."""
+    """loss = Σ_i row_weight_i · div_i (reduced) or the vector row_weight · div (``none``).
+
+    ``want_grad`` is decided by the caller (grad mode is off inside ``forward``). With a reduced
+    loss the gradients are formed in forward and backward only scales them; with ``none`` the
+    upstream gradient weighs each row, so backward runs the pass again.
+    """
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, target, row_weight, settings, impl, chunk_size, reduce, stats_dtype):
-        needs_grad = any(ctx.needs_input_grad[:3])
-        eager = needs_grad and reduce
-        out, grads = _linear_pass(
-            hs, ws, bs, ht, wt, bt, target, row_weight if eager else None, settings, impl, chunk_size, stats_dtype
-        )
-        weighted = row_weight * out.divergence
-        loss = weighted.sum() if reduce else weighted
-        ctx.reduce = reduce
-        ctx.setup = (settings, impl, chunk_size, stats_dtype)
+    def forward(ctx, hs, ws, bs, ht, wt, bt, target, row_weight, opts: _PassOptions, reduce: bool, want_grad: bool):
+        eager = want_grad and reduce
+        out, grads = _linear_pass(hs, ws, bs, ht, wt, bt, target, row_weight if eager else None, opts)
+        ctx.opts, ctx.reduce = opts, reduce
         ctx.weight_dtypes = (ws.dtype, None if bs is None else bs.dtype)
         if eager:
             ctx.save_for_backward(*grads)
-        elif needs_grad:
+        elif want_grad:
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, target, row_weight)
-        ctx.mark_non_differentiable(*(getattr(out, f.name) for f in fields(out)))
-        return (loss, *(getattr(out, f.name) for f in fields(out)))
+        return _loss_and_outputs(ctx, out, row_weight, reduce)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         if ctx.reduce:
             grad_hs, grad_ws, grad_bs = ctx.saved_tensors
             grad_hs = grad_hs * grad_loss.to(grad_hs.dtype)
+            scale = grad_loss
         else:
             hs, ws, bs, ht, wt, bt, target, row_weight = ctx.saved_tensors
-            settings, impl, chunk_size, stats_dtype = ctx.setup
             _, (grad_hs, grad_ws, grad_bs) = _linear_pass(
-                hs, ws, bs, ht, wt, bt, target, row_weight * grad_loss, settings, impl, chunk_size, stats_dtype
+                hs, ws, bs, ht, wt, bt, target, row_weight * grad_loss, ctx.opts
             )
+            scale = None
         return (
             grad_hs,
-            _scaled_copy(grad_ws, grad_loss if ctx.reduce else None, ctx.weight_dtypes[0]),
-            None if grad_bs is None else _scaled_copy(grad_bs, grad_loss if ctx.reduce else None, ctx.weight_dtypes[1]),
-        ) + (None,) * 10
+            _scaled_copy(grad_ws, scale, ctx.weight_dtypes[0]),
+            None if grad_bs is None else _scaled_copy(grad_bs, scale, ctx.weight_dtypes[1]),
+        ) + (None,) * 8
 
 
 def _scaled_copy(accumulator: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -800,18 +819,15 @@ class _LogitDivergenceFunction(torch.autograd.Function):
     """The same contract as ``_LinearDivergenceFunction`` with logits given in memory."""
 
     @staticmethod
-    def forward(ctx, s, t, target, row_weight, settings, impl, chunk_size, reduce, stats_dtype):
-        eager = ctx.needs_input_grad[0] and reduce
-        out, grad = _logits_pass(s, t, target, row_weight if eager else None, settings, impl, chunk_size, stats_dtype)
-        weighted = row_weight * out.divergence
-        ctx.reduce = reduce
-        ctx.setup = (settings, impl, chunk_size, stats_dtype)
+    def forward(ctx, s, t, target, row_weight, opts: _PassOptions, reduce: bool, want_grad: bool):
+        eager = want_grad and reduce
+        out, grad = _logits_pass(s, t, target, row_weight if eager else None, opts)
+        ctx.opts, ctx.reduce = opts, reduce
         if eager:
             ctx.save_for_backward(grad)
-        elif ctx.needs_input_grad[0]:
+        elif want_grad:
             ctx.save_for_backward(s, t, target, row_weight)
-        ctx.mark_non_differentiable(*(getattr(out, f.name) for f in fields(out)))
-        return (weighted.sum() if reduce else weighted, *(getattr(out, f.name) for f in fields(out)))
+        return _loss_and_outputs(ctx, out, row_weight, reduce)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
@@ -820,9 +836,8 @@ class _LogitDivergenceFunction(torch.autograd.Function):
             grad = grad * grad_loss.to(grad.dtype)
         else:
             s, t, target, row_weight = ctx.saved_tensors
-            settings, impl, chunk_size, stats_dtype = ctx.setup
-            _, grad = _logits_pass(s, t, target, row_weight * grad_loss, settings, impl, chunk_size, stats_dtype)
-        return (grad,) + (None,) * 8
+            _, grad = _logits_pass(s, t, target, row_weight * grad_loss, ctx.opts)
+        return (grad,) + (None,) * 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -839,7 +854,7 @@ class DivergenceOutput:
         loss: the reduced loss (scalar), or ``[N]`` with ``reduction="none"``; the only
             differentiable output.
         per_token: ``[N]`` divergence of each row, unweighted; 0 for ignored rows.
-        teacher_entropy: ``[N]`` entropy of the teacher's (tempered) distribution.
+        teacher_entropy: ``[N]`` entropy of the teacher's (tempered) distribution; NaN for ignored rows.
         student_logprob, teacher_logprob: ``[N]`` log q[target], log p[target]; NaN for ignored
             rows; ``None`` without ``target``.
         teacher_rank: ``[N]`` int32, how many vocabulary entries the teacher scores strictly above
@@ -952,31 +967,20 @@ def fused_linear_divergence(
         softcap,
         impl,
     )
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hs, ws, student_bias))
+    want_grad = _grad_requested(hs, ws, student_bias)
     if call.impl == "reference":
-        s = reference.linear_logits(hs, ws, student_bias).to(call.stats_dtype)
-        t = reference.linear_logits(ht, wt, bt).to(call.stats_dtype)
+        rows = call.valid[:, None]  # garbage in ignored rows would reach d weight through 0·NaN
+        s = reference.linear_logits(torch.where(rows, hs, 0.0), ws, student_bias).to(call.stats_dtype)
+        t = reference.linear_logits(torch.where(rows, ht, 0.0), wt, bt).to(call.stats_dtype)
         loss, out = _reference_rows(s, t, call)
-    elif call.impl == "triton" and not needs_grad and call.settings.kind in FUSED_MONITOR_KINDS:
+    elif call.impl == "triton" and not want_grad and call.settings.kind in FUSED_MONITOR_KINDS:
         out = _fused_monitor(hs, ws, student_bias, ht, wt, bt, call.target, call.settings)
-        weighted = call.row_weight * out.divergence
-        loss = weighted.sum() if call.reduce else weighted
+        loss = _weighted_loss(call.row_weight, out.divergence, call.reduce)
     else:
         loss, *stats = _LinearDivergenceFunction.apply(
-            hs,
-            ws,
-            student_bias,
-            ht,
-            wt,
-            bt,
-            call.target,
-            call.row_weight,
-            call.settings,
-            call.impl,
-            chunk_size,
-            call.reduce,
-            call.stats_dtype,
-        )
+            hs, ws, student_bias, ht, wt, bt, call.target, call.row_weight, call.pass_options(chunk_size),
+            call.reduce, want_grad,
+        )  # fmt: skip
         out = _RowStats(*stats)
     return _finish(loss, out, call)
 
@@ -1033,7 +1037,7 @@ def logit_divergence(
         loss, out = _reference_rows(s.to(call.stats_dtype), t.to(call.stats_dtype), call)
     else:
         loss, *stats = _LogitDivergenceFunction.apply(
-            s, t, call.target, call.row_weight, call.settings, call.impl, chunk_size, call.reduce, call.stats_dtype
+            s, t, call.target, call.row_weight, call.pass_options(chunk_size), call.reduce, _grad_requested(s)
         )
         out = _RowStats(*stats)
     return _finish(loss, out, call)
@@ -1067,6 +1071,13 @@ class _Call:
     stats_dtype: torch.dtype
     threshold: float | torch.Tensor | None
     seq_len: int | torch.Tensor | list[int] | None
+
+    def pass_options(self, chunk_size: int | None) -> _PassOptions:
+        return _PassOptions(self.settings, self.impl, chunk_size, self.stats_dtype)
+
+
+def _grad_requested(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
 def _prepare_call(
@@ -1120,16 +1131,17 @@ def _prepare_call(
 
 
 def _reference_rows(s: torch.Tensor, t: torch.Tensor, call: _Call) -> tuple[torch.Tensor, _RowStats]:
-    s_tf = call.settings.student.apply(s)
-    t_tf = call.settings.teacher.apply(t)
+    # Ignored rows (padding) may hold garbage; zeroing them keeps NaN out of autograd's sums.
+    s_tf = call.settings.student.apply(torch.where(call.valid[:, None], s, 0.0))
+    t_tf = call.settings.teacher.apply(torch.where(call.valid[:, None], t, 0.0))
     div = reference.per_token_divergence(s_tf, t_tf, call.settings.kind, call.settings.beta)
-    weighted = call.row_weight * torch.where(call.valid, div, 0.0)
+    loss = _weighted_loss(call.row_weight, div, call.reduce)
     stats = reference.monitoring_statistics(
         torch.log_softmax(s_tf.detach(), -1), torch.log_softmax(t_tf, -1), t_tf, call.target
     )
     out = _RowStats.empty(s.shape[0], s.device, call.stats_dtype)
     out.fill(div.detach(), stats)
-    return (weighted.sum() if call.reduce else weighted), out
+    return loss, out
 
 
 def _finish(loss: torch.Tensor, out: _RowStats, call: _Call) -> DivergenceOutput:
@@ -1137,7 +1149,7 @@ def _finish(loss: torch.Tensor, out: _RowStats, call: _Call) -> DivergenceOutput
     result = DivergenceOutput(
         loss=loss,
         per_token=torch.where(valid, out.divergence, 0.0),
-        teacher_entropy=out.teacher_entropy,
+        teacher_entropy=torch.where(valid, out.teacher_entropy, math.nan),
     )
     if call.target is not None:
         result.student_logprob = torch.where(valid, out.student_logprob, math.nan)

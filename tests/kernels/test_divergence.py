@@ -227,6 +227,29 @@ def test_all_rows_ignored(impl, reduction):
     assert torch.isnan(out.student_logprob).all() and torch.all(out.teacher_rank == -1)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_garbage_in_ignored_rows_changes_nothing(impl, reduction):
+    """Padding rows may carry NaN/inf hidden states (e.g. fully masked attention): with their
+    target ignored they must not touch the loss, the gradients or the other rows."""
+    inp = make_inputs(bias=True)
+    ignored = inp["target"] == -100
+    dirty = dict(inp)
+    dirty["hs"] = inp["hs"].clone()
+    dirty["ht"] = inp["ht"].clone()
+    dirty["hs"][ignored] = float("nan")
+    dirty["ht"][ignored] = float("inf")
+    grad_weights = torch.rand(N, dtype=torch.float64, device=DEVICE) if reduction == "none" else None
+    clean_out, *clean_grads = run_ours(inp, impl, reduction=reduction, grad_weights=grad_weights)
+    dirty_out, *dirty_grads = run_ours(dirty, impl, reduction=reduction, grad_weights=grad_weights)
+    torch.testing.assert_close(dirty_out.loss, clean_out.loss)
+    torch.testing.assert_close(dirty_out.per_token, clean_out.per_token)
+    torch.testing.assert_close(dirty_grads[0][~ignored], clean_grads[0][~ignored])
+    assert torch.all(dirty_grads[0][ignored] == 0)
+    for dirty_grad, clean_grad in zip(dirty_grads[1:], clean_grads[1:]):
+        torch.testing.assert_close(dirty_grad, clean_grad)
+
+
 @requires_trl
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
@@ -240,7 +263,8 @@ def test_huge_logits_stay_finite(impl, kind):
     truth = trl_truth(inp, kind, 0.5, torch.float64)
     naive = trl_truth(inp, kind, 0.5, torch.float32)
     out, gh, gw, _ = run_ours(inp, impl, kind=kind)
-    for x in (out.loss, out.per_token, out.teacher_entropy, out.student_logprob[inp["target"] != -100], gh, gw):
+    valid = inp["target"] != -100
+    for x in (out.loss, out.per_token, out.teacher_entropy[valid], out.student_logprob[valid], gh, gw):
         assert torch.isfinite(x).all()
     assert rel_err(out.loss, truth[0]) < 1e-6
     with torch.no_grad():  # the forward-only path (fused kernel for triton fkl/rkl)
@@ -274,7 +298,8 @@ def test_monitoring_statistics(impl, kind):
     valid = target != -100
     p = torch.softmax(t, -1)
     entropy = -(p * torch.log(p)).sum(-1)
-    torch.testing.assert_close(out.teacher_entropy.double(), entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.teacher_entropy[valid].double(), entropy[valid], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(out.teacher_entropy[~valid]).all()
     rows = torch.arange(N, device=DEVICE)[valid]
     tg = target[valid]
     torch.testing.assert_close(
