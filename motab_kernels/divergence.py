@@ -948,25 +948,9 @@ def fused_linear_divergence(
     wt = teacher_weight.to(teacher_dtype).detach()
     bt = None if teacher_bias is None else teacher_bias.detach()
     call = _prepare_call(
-        n,
-        vocab,
-        lead_shape,
-        student_hidden.device,
-        dtype,
-        kind,
-        beta,
-        temperature,
-        target,
-        ignore_index,
-        reduction,
-        weights,
-        normalizer,
-        threshold,
-        seq_len,
-        logit_scale,
-        softcap,
-        impl,
-    )
+        n, vocab, lead_shape, student_hidden.device, dtype, kind, beta, temperature, target, ignore_index, reduction,
+        weights, normalizer, threshold, seq_len, logit_scale, softcap, impl,
+    )  # fmt: skip
     want_grad = _grad_requested(hs, ws, student_bias)
     if call.impl == "reference":
         rows = call.valid[:, None]  # garbage in ignored rows would reach d weight through 0·NaN
@@ -1012,25 +996,9 @@ def logit_divergence(
     vocab = student_logits.shape[-1]
     n = math.prod(lead_shape)
     call = _prepare_call(
-        n,
-        vocab,
-        lead_shape,
-        student_logits.device,
-        student_logits.dtype,
-        kind,
-        beta,
-        temperature,
-        target,
-        ignore_index,
-        reduction,
-        weights,
-        normalizer,
-        threshold,
-        seq_len,
-        logit_scale,
-        softcap,
-        impl,
-    )
+        n, vocab, lead_shape, student_logits.device, student_logits.dtype, kind, beta, temperature, target,
+        ignore_index, reduction, weights, normalizer, threshold, seq_len, logit_scale, softcap, impl,
+    )  # fmt: skip
     s = student_logits.reshape(n, vocab)
     t = teacher_logits.reshape(n, vocab).detach()
     if call.impl == "reference":
@@ -1081,25 +1049,9 @@ def _grad_requested(*tensors: torch.Tensor | None) -> bool:
 
 
 def _prepare_call(
-    n,
-    vocab,
-    lead_shape,
-    device,
-    dtype,
-    kind,
-    beta,
-    temperature,
-    target,
-    ignore_index,
-    reduction,
-    weights,
-    normalizer,
-    threshold,
-    seq_len,
-    logit_scale,
-    softcap,
-    impl,
-) -> _Call:
+    n, vocab, lead_shape, device, dtype, kind, beta, temperature, target,
+    ignore_index, reduction, weights, normalizer, threshold, seq_len, logit_scale, softcap, impl,
+) -> _Call:  # fmt: skip
     settings = _settings(kind, beta, temperature, logit_scale, softcap)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")

@@ -126,6 +126,19 @@ def run_ours(inp, impl, dtype=torch.float32, grad_weights=None, **kw):
     return out, hs.grad, ws.grad, None if bs is None else bs.grad
 
 
+def run_monitor(inp, dtype, impl, **options):
+    """A forward-only call (no gradient, per-row loss) on ``inp`` at ``dtype``."""
+    return fused_linear_divergence(
+        *(inp[k].to(dtype) for k in ("hs", "ws", "ht", "wt")),
+        target=inp["target"],
+        student_bias=inp["bs"].to(dtype),
+        teacher_bias=inp["bt"].to(dtype),
+        impl=impl,
+        reduction="none",
+        **options,
+    )
+
+
 @requires_trl
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind,beta", KIND_BETA)
@@ -336,21 +349,11 @@ def test_fused_monitor_path(kind, n, monkeypatch):
     real = motab_kernels.divergence._fused_monitor
     monkeypatch.setattr(motab_kernels.divergence, "_fused_monitor", lambda *a, **k: launches.append(1) or real(*a, **k))
     inp = make_inputs(n=n, bias=True, ignored=(3,), logit_std=6.0, seed=n)
-    options = dict(kind=kind, temperature=0.8, softcap=(20.0, None), logit_scale=(1.2, 0.9), reduction="none")
-
-    def run(dtype, impl):
-        return fused_linear_divergence(
-            *(inp[k].to(dtype) for k in ("hs", "ws", "ht", "wt")),
-            target=inp["target"],
-            student_bias=inp["bs"].to(dtype),
-            teacher_bias=inp["bt"].to(dtype),
-            impl=impl,
-            **options,
-        )
-
-    truth, naive = run(torch.float64, "reference"), run(torch.float32, "reference")
+    options = dict(kind=kind, temperature=0.8, softcap=(20.0, None), logit_scale=(1.2, 0.9))
+    truth = run_monitor(inp, torch.float64, "reference", **options)
+    naive = run_monitor(inp, torch.float32, "reference", **options)
     assert not launches
-    ours = run(torch.float32, "triton")
+    ours = run_monitor(inp, torch.float32, "triton", **options)
     assert launches
     valid = inp["target"] != -100
     for name in ("per_token", "teacher_entropy", "student_logprob", "teacher_logprob"):
@@ -600,23 +603,9 @@ def test_gpu_fused_monitor_bf16(kind):
     """The compiled fused forward kernel in bf16 (tensor-core dots) against float64."""
     n, ds, dt, v = 1024, 512, 768, 32000 + 3
     inp = make_inputs(n, ds, dt, v, bias=True, seed=2)
-
-    def run(dtype, impl):
-        return fused_linear_divergence(
-            *(inp[k].to(dtype) for k in ("hs", "ws", "ht", "wt")),
-            target=inp["target"],
-            student_bias=inp["bs"].to(dtype),
-            teacher_bias=inp["bt"].to(dtype),
-            kind=kind,
-            impl=impl,
-            reduction="none",
-        )
-
-    truth, naive, ours = (
-        run(torch.float64, "reference"),
-        run(torch.bfloat16, "reference"),
-        run(torch.bfloat16, "triton"),
-    )
+    truth = run_monitor(inp, torch.float64, "reference", kind=kind)
+    naive = run_monitor(inp, torch.bfloat16, "reference", kind=kind)
+    ours = run_monitor(inp, torch.bfloat16, "triton", kind=kind)
     valid = inp["target"] != -100
     for name in ("per_token", "teacher_entropy", "student_logprob", "teacher_logprob"):
         x, nv, tr = (getattr(o, name)[valid] for o in (ours, naive, truth))
