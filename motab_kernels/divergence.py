@@ -345,32 +345,36 @@ def _fused_monitor_kernel(
     for tile in range(first, last):
         cols = tile * BV + tl.arange(0, BV)
         col_mask = cols < V
+        # The student's statistics are folded in before the teacher tile exists, so fewer
+        # [BM, BV] tiles are live at once (registers decide how many programs share an SM).
+        valid = col_mask[None, :]
         s = _logit_tile(HS, WS, BS, rows, cols, row_mask, col_mask, DS, stride_hs, stride_ws,
                         HAS_BS, DOT_FP32, PRECISION, BM, BV, BK)  # fmt: skip
+        s = tl.where(valid, _transform(s, s_scale, s_cap, inv_temp, S_HAS_CAP), float("-inf"))
+        m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+        alpha_s = tl.exp(m_s - m_s_new)
+        e_s = tl.exp(s - m_s_new[:, None])
+        z_s = z_s * alpha_s + tl.sum(e_s, axis=1)
+        m_s = m_s_new
         t = _logit_tile(HT, WT, BT, rows, cols, row_mask, col_mask, DT, stride_ht, stride_wt,
                         HAS_BT, DOT_FP32, PRECISION, BM, BV, BK)  # fmt: skip
-        s = _transform(s, s_scale, s_cap, inv_temp, S_HAS_CAP)
-        t = _transform(t, t_scale, t_cap, inv_temp, T_HAS_CAP)
-        valid = col_mask[None, :]
-        m_s_new = tl.maximum(m_s, tl.max(tl.where(valid, s, float("-inf")), axis=1))
-        m_t_new = tl.maximum(m_t, tl.max(tl.where(valid, t, float("-inf")), axis=1))
-        alpha_s = tl.exp(m_s - m_s_new)
+        t = tl.where(valid, _transform(t, t_scale, t_cap, inv_temp, T_HAS_CAP), float("-inf"))
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
         alpha_t = tl.exp(m_t - m_t_new)
-        e_s = tl.where(valid, tl.exp(s - m_s_new[:, None]), 0.0)
-        e_t = tl.where(valid, tl.exp(t - m_t_new[:, None]), 0.0)
+        t_centered = t - m_t_new[:, None]
+        e_t = tl.exp(t_centered)
+        t_minus_s = tl.where(valid, t - s, 0.0)
         if KIND == 0:
-            cross = cross * alpha_t + tl.sum(e_t * (t - s), axis=1)
+            cross = cross * alpha_t + tl.sum(e_t * t_minus_s, axis=1)
         else:
-            cross = cross * alpha_s + tl.sum(e_s * (s - t), axis=1)
-        ent = alpha_t * (ent + (m_t - m_t_new) * z_t) + tl.sum(e_t * (t - m_t_new[:, None]), axis=1)
-        z_s = z_s * alpha_s + tl.sum(e_s, axis=1)
+            cross = cross * alpha_s - tl.sum(e_s * t_minus_s, axis=1)
+        ent = alpha_t * (ent + (m_t - m_t_new) * z_t) + tl.sum(tl.where(valid, e_t * t_centered, 0.0), axis=1)
         z_t = z_t * alpha_t + tl.sum(e_t, axis=1)
-        m_s = m_s_new
         m_t = m_t_new
         if HAS_TARGET:
             # The target's own column is left out: its kernel logit may differ from the host's
             # dot product by a rounding step, and must not count as scoring above itself.
-            above = valid & (t > t_target[:, None]) & (cols[None, :] != targets[:, None])
+            above = (t > t_target[:, None]) & (cols[None, :] != targets[:, None])
             rank += tl.sum(above.to(tl.int32), axis=1)
 
     out = rows.to(tl.int64) * SPLITS + split
@@ -547,13 +551,15 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_rows(n: int, vocab: int, impl: str, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else equal chunks within the scratch budget (a
+    short last chunk would pay a full read of both weight matrices for few rows)."""
     if chunk_size is not None:
         return chunk_size
     per_row = vocab * (_TRITON_BYTES_PER_LOGIT if impl == "triton" else _CHUNKED_BYTES_PER_LOGIT)
-    rows = max(_CHUNK_BUDGET_BYTES // per_row, 1)
-    if rows >= _CHUNK_ROW_MULTIPLE:
-        rows -= rows % _CHUNK_ROW_MULTIPLE
-    return max(min(rows, n), 1)
+    budget_rows = max(_CHUNK_BUDGET_BYTES // per_row, 1)
+    rows = triton.cdiv(n, triton.cdiv(n, budget_rows))
+    rounded = triton.cdiv(rows, _CHUNK_ROW_MULTIPLE) * _CHUNK_ROW_MULTIPLE
+    return max(min(rounded if rounded <= budget_rows else rows, n), 1)
 
 
 def _run_rows(impl: str, *args, **kwargs) -> None:
@@ -661,8 +667,9 @@ _MONITOR_WAVES = 8
 
 
 def _monitor_configs() -> list[triton.Config]:
-    # Two fp32 [BM, BV] accumulators live at once (student and teacher tile): 128×128 needs 8 warps.
-    shapes = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4)]
+    # Tiles that compile without register spills on sm_90 for both kinds (see
+    # benchmarks/kernel_resources.py); larger ones (128×128) spill: two fp32 tiles live at once.
+    shapes = [(64, 64, 64, 8, 3), (64, 64, 128, 8, 3), (64, 128, 64, 8, 3)]
     return [triton.Config({"BM": bm, "BV": bv, "BK": bk}, num_warps=w, num_stages=st) for bm, bv, bk, w, st in shapes]
 
 
