@@ -110,8 +110,9 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         impl: str = "auto",
     ) -> None:
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("num_blocks", num_blocks), ("block_size", block_size), ("max_rows", max_rows)):  # fmt: skip
+        sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
+                     block_size=block_size, max_rows=max_rows)  # fmt: skip
+        for name, value in sizes.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         device = torch.device(device)

@@ -56,7 +56,7 @@ def build_case(prior, new, heads, kv_heads, head_dim, dtype, block_size=4, seed=
 
 def reference_outputs(query, history, prior, new, scale, window=None):
     outs, first = [], 0
-    for (row, k, v), p, n in zip(history, prior, new):
+    for (_row, k, v), p, n in zip(history, prior, new):
         positions = torch.arange(p, p + n, device=query.device)
         outs.append(dense_attention(query[first : first + n], k, v, positions, scale, window))
         first += n
