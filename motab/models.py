@@ -1,0 +1,222 @@
+"""Hugging Face causal LMs running on motab's paged KV cache, with no model code copied.
+
+``PagedModel`` registers an attention function with ``transformers.AttentionInterface`` and points
+the model's config at it. The function receives each layer's new query/key/value after RoPE; when
+the forward carries the paged state (keyword ``motab_paged``) it writes the new K/V into the paged
+cache and attends over it there, otherwise it calls the model's original attention with the mask
+the original would get, so the same model object still trains with gradients and runs
+``generate``. All rows' new tokens travel packed in one ``[1, total]`` sequence with explicit
+per-token positions, so ragged batches need no padding.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from motab_kernels.paged_attention import QueryLayout, paged_attention
+from motab_kernels.paged_kv import PagedKVCache
+
+PAGED_KWARG = "motab_paged"
+_PREFIX = "motab_paged_"
+# Set while a PagedModel forward runs: the masks HF would build for the packed sequence (O(total²))
+# are not needed, since the paged kernels mask by position themselves.
+_paged_forward = contextvars.ContextVar("motab_paged_forward", default=False)
+
+
+@dataclass
+class PagedForward:
+    """The paged state of one forward: what every layer's attention call needs."""
+
+    model: PagedModel
+    slots: torch.Tensor
+    layout: QueryLayout
+
+    def attend(self, module, query, key, value, scaling, sliding_window) -> tuple[torch.Tensor, None]:
+        cache = self.model.cache
+        layer = module.layer_idx
+        # [1, heads, tokens, head_dim] → [tokens, heads, head_dim]
+        cache.write(layer, self.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+        out = paged_attention(
+            query[0].transpose(0, 1),
+            cache.key_cache[layer],
+            cache.value_cache[layer],
+            cache.block_table,
+            self.layout,
+            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            sliding_window=sliding_window,
+            impl=self.model.attention_impl,
+        )
+        self.model.paged_attention_calls += 1
+        return out.unsqueeze(0), None
+
+
+def register_paged_attention(original: str) -> str:
+    """Registers (once) the paged attention wrapping ``original`` ("sdpa", "eager", ...) and its
+    mask function; returns the name to put in ``config._attn_implementation``."""
+    name = _PREFIX + original
+    if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        return name
+    original_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
+    if original_mask is None:
+        raise ValueError(f"attention implementation {original!r} has no mask function in transformers to fall back on")
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        paged = kwargs.pop(PAGED_KWARG, None)
+        if paged is None:
+            fallback = ALL_ATTENTION_FUNCTIONS._global_mapping.get(original) or _eager_attention_of(module)
+            return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        for unsupported in ("softcap", "s_aux"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(
+                    f"paged attention does not implement {unsupported!r} (attention soft-cap/sinks)"
+                )
+        return paged.attend(module, query, key, value, scaling, kwargs.get("sliding_window"))
+
+    def mask(*args, **kwargs):
+        return None if _paged_forward.get() else original_mask(*args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def _eager_attention_of(module):
+    """The model family's own eager attention (HF defines one per modeling file)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+class PagedModel:
+    """An unmodified HF causal LM (Llama, Qwen2, Qwen3, Mistral families) and its own paged cache.
+
+    Args:
+        model: the ``*ForCausalLM``; its config is pointed at the paged attention (the model keeps
+            working everywhere else: training, ``generate``).
+        max_rows: sequences held at once (rows of the block table).
+        max_tokens: tokens the pool holds over all rows; blocks for one partial block per row
+            are added on top.
+        block_size: tokens per cache block.
+        max_seq_len: longest row (default: the config's ``max_position_embeddings``).
+        attention_impl: ``"triton"``, ``"torch"`` or ``"auto"`` (triton on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_rows: int,
+        max_tokens: int,
+        block_size: int = 16,
+        max_seq_len: int | None = None,
+        attention_impl: str = "auto",
+    ) -> None:
+        config = model.config
+        for attribute in ("final_logit_softcapping", "logits_scaling", "attn_logit_softcapping"):
+            if getattr(config, attribute, None) not in (None, 1.0):
+                raise NotImplementedError(f"{type(model).__name__} uses {attribute}, which PagedModel does not apply")
+        original = config._attn_implementation or "eager"
+        if original.startswith(_PREFIX):
+            original = original[len(_PREFIX) :]
+        config._attn_implementation = register_paged_attention(original)
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        parameter = next(model.parameters())
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.group_size = heads // kv_heads
+        self.vocab_size = config.vocab_size
+        max_seq_len = max_seq_len or getattr(config, "max_position_embeddings", max_tokens)
+        self.cache = PagedKVCache(
+            config.num_hidden_layers,
+            kv_heads,
+            head_dim,
+            num_blocks=-(-max_tokens // block_size) + max_rows,
+            block_size=block_size,
+            max_rows=max_rows,
+            max_blocks_per_row=-(-max_seq_len // block_size),
+            dtype=parameter.dtype,
+            device=parameter.device,
+        )
+        self.attention_impl = attention_impl
+        self.paged_attention_calls = 0  # counts layer calls that ran on the paged cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def lengths(self, rows: Sequence[int] | None = None) -> list[int]:
+        """Tokens each row holds in the cache (host values, no sync)."""
+        return self.cache.lengths(rows)
+
+    @torch.no_grad()
+    def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
+        """Feeds ``tokens[i]`` to row ``rows[i]`` (positions continue from the row's length) and
+        returns the final hidden states of all new tokens, packed ``[total, hidden]`` in the order
+        given. Rows with no tokens are allowed. On any error the cache is left as it was."""
+        rows = list(rows)
+        if len(tokens) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(tokens)} token sequences")
+        ids = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in tokens]
+        flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {int(flat.min())}..{int(flat.max())}")
+        counts = [len(t) for t in ids]
+        starts = self.cache.lengths(rows)
+        slots = self.cache.reserve(rows, counts)
+        try:
+            if not flat.numel():
+                return torch.zeros(0, self.model.config.hidden_size, device=self.device)
+            layout = QueryLayout.build(rows, starts, counts, self.group_size, self.device)
+            paged = PagedForward(self, slots, layout)
+            flag = _paged_forward.set(True)
+            try:
+                out = self.decoder(
+                    input_ids=flat.to(self.device)[None],
+                    position_ids=layout.positions.long()[None],
+                    use_cache=False,
+                    **{PAGED_KWARG: paged},
+                )
+            finally:
+                _paged_forward.reset(flag)
+            return out.last_hidden_state[0]
+        except BaseException:
+            self.cache.truncate(rows, starts)
+            raise
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of final hidden states."""
+        return self.lm_head(hidden)
+
+    def truncate(self, rows: Sequence[int], new_lens: Sequence[int]) -> None:
+        """Cuts rows back to ``new_lens`` tokens in place (see ``PagedKVCache.truncate``)."""
+        self.cache.truncate(list(rows), list(new_lens))
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Empties rows (all by default) for reuse."""
+        self.cache.reset(None if rows is None else list(rows))
+
+
+@torch.no_grad()
+def greedy_decode(paged: PagedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each prompt on the paged cache (rows 0..B-1, emptied first)."""
+    rows = list(range(len(prompts)))
+    paged.reset(rows)
+    hidden = paged.extend(rows, prompts)
+    last = torch.cumsum(torch.tensor([len(p) for p in prompts]), 0) - 1
+    next_tokens = paged.logits(hidden[last.to(hidden.device)]).argmax(-1)
+    generated = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        for out, token in zip(generated, next_tokens.tolist()):
+            out.append(token)
+        if step + 1 < max_new_tokens:
+            next_tokens = paged.logits(paged.extend(rows, [[t] for t in next_tokens.tolist()])).argmax(-1)
+    return generated
