@@ -4,8 +4,8 @@ Each row contributes ``counts[i]`` consecutive new tokens (decode: 1; draft veri
 prefill: many) at absolute positions ``starts[i] ..``; every token attends to the row's cached
 tokens at positions up to its own (and, with a sliding window W, above ``pos − W``). Queries are
 packed ``[tokens, n_heads, head_dim]`` in row order; grouped-query and multi-query heads share a
-K/V head. Slots at or past a row's length are never read: the Triton kernel masks their loads,
-the PyTorch version gathers exactly the row's first ``length`` slots.
+K/V head. Slots at or past a row's length never reach the output: the Triton kernel masks their loads, the
+PyTorch version zeroes them after gathering whole blocks.
 
 ``impl="triton"`` is the CUDA default (runs under the interpreter in tests); ``"torch"`` (gather +
 scaled_dot_product_attention per row) is the CPU default and the reference. flash-attn's
@@ -210,24 +210,36 @@ def paged_attention(
 
 
 def _paged_attention_torch(query, key_cache, value_cache, block_table, layout, scale, sliding_window):
-    """Per row: gather exactly the row's cached K/V, then SDPA with a causal-by-position mask."""
+    """All rows at once: gather each row's blocks into a padded ``[rows, width, heads, dim]``
+    batch, zero every position at or past the row's length (stale or poisoned slots never reach
+    the output), then one masked scaled_dot_product_attention with grouped K/V heads."""
     block_size = key_cache.shape[1]
-    out = torch.empty_like(query)
-    first = 0
-    for row, start, count in zip(layout.rows.tolist(), layout.starts.tolist(), layout.counts.tolist()):
-        length = start + count
-        blocks = block_table[row, : -(-length // block_size)].long()
-        keys = key_cache[blocks].flatten(0, 1)[:length]  # [length, n_kv_heads, head_dim]
-        values = value_cache[blocks].flatten(0, 1)[:length]
-        q_pos = torch.arange(start, length, device=query.device)
-        k_pos = torch.arange(length, device=query.device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if sliding_window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        q = query[first : first + count].transpose(0, 1)  # [heads, count, head_dim]
-        attended = F.scaled_dot_product_attention(
-            q, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=allowed, scale=scale, enable_gqa=True
-        )
-        out[first : first + count] = attended.transpose(0, 1)
-        first += count
-    return out
+    device = query.device
+    rows = torch.as_tensor(layout.rows, device=device)
+    starts = torch.as_tensor(layout.starts, device=device)
+    counts = torch.as_tensor(layout.counts, device=device)
+    lengths = starts + counts
+    num_blocks = -(-int(lengths.max()) // block_size)
+    blocks = block_table[rows, :num_blocks].long().clamp_min(0)  # unused entries are -1
+    keys = key_cache[blocks].flatten(1, 2)  # [rows, width, kv_heads, dim]
+    values = value_cache[blocks].flatten(1, 2)
+    key_pos = torch.arange(keys.shape[1], device=device)
+    owned = (key_pos[None, :] < lengths[:, None])[:, :, None, None]
+    keys = torch.where(owned, keys, 0)
+    values = torch.where(owned, values, 0)
+    # packed tokens → [rows, most, heads, dim]; padded query slots attend to key 0 and are dropped
+    most = int(counts.max())
+    owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts, output_size=query.shape[0])
+    local = torch.arange(query.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[owner]
+    padded = query.new_zeros(len(rows), most, *query.shape[1:])
+    padded[owner, local] = query
+    q_pos = starts[:, None] + torch.arange(most, device=device)[None, :]
+    allowed = key_pos[None, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        allowed &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    allowed[:, :, 0] |= torch.arange(most, device=device)[None, :] >= counts[:, None]
+    attended = F.scaled_dot_product_attention(
+        padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None],
+        scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return attended.transpose(1, 2)[owner, local]

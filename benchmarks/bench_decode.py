@@ -1,0 +1,137 @@
+"""Decode throughput on the paged cache vs HF ``generate``, and the paged attention's bandwidth.
+
+Same random model for both (Qwen2.5-1.5B-shaped in bf16 on a GPU, a tiny one on a CPU), greedy,
+equal-length random prompts (no padding), EOS off, batch 1 / 16 / 64. Tokens per second count
+generated tokens over the whole call, prefill included, for both. ``generate`` is timed on the
+model before PagedModel wraps it. Then the attention kernel alone at decode, batch 64 × 8k
+context (1k on a CPU): K/V bytes read per second against the card's measured copy bandwidth.
+Writes ``decode.json`` and ``decode.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from motab.models import PagedModel, greedy_decode
+from motab_kernels import PagedKVCache, QueryLayout, paged_attention
+
+QWEN_1_5B = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+)  # fmt: skip
+TINY = dict(
+    vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096,
+)  # fmt: skip
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps):
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_rows(model, batches, prompt_len, new_tokens, device, reps):
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=g).to(device) for b in batches}
+    hf = {}
+    for b in batches:
+        run = lambda b=b: model.generate(prompts[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                         do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        run()  # warm-up
+        hf[b] = timed(run, device, reps)
+    paged = PagedModel(model, max_rows=max(batches), max_tokens=max(batches) * (prompt_len + new_tokens))
+    rows = []
+    for b in batches:
+        lists = prompts[b].tolist()
+        run = lambda lists=lists: greedy_decode(paged, lists, new_tokens)
+        run()  # warm-up (and Triton compilation)
+        ours = timed(run, device, reps)
+        rows.append(dict(batch=b, prompt=prompt_len, new_tokens=new_tokens, hf_tok_s=b * new_tokens / hf[b],
+                         paged_tok_s=b * new_tokens / ours, speedup=hf[b] / ours))  # fmt: skip
+        print(f"| {b} | {prompt_len} | {new_tokens} | {rows[-1]['hf_tok_s']:.1f} | {rows[-1]['paged_tok_s']:.1f} | "
+              f"{rows[-1]['speedup']:.2f} |", flush=True)  # fmt: skip
+    return rows
+
+
+def attention_bandwidth(config, rows, context, dtype, device, reps):
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    cache = PagedKVCache(1, kv_heads, head_dim, num_blocks=rows * context // 16 + rows, max_rows=rows,
+                         dtype=dtype, device=device)  # fmt: skip
+    cache.reserve(list(range(rows)), [context] * rows)
+    cache.key_cache[0].normal_()
+    cache.value_cache[0].normal_()
+    layout = QueryLayout.build(list(range(rows)), [context - 1] * rows, [1] * rows, heads // kv_heads, device)
+    query = torch.randn(rows, heads, head_dim, device=device, dtype=dtype)
+    run = lambda: paged_attention(query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout,
+                                  scale=head_dim**-0.5)  # fmt: skip
+    run()
+    seconds = timed(run, device, reps)
+    read = 2 * rows * context * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return seconds, read / seconds
+
+
+def copy_bandwidth(device, reps):
+    x = torch.empty(1 << 28, device=device, dtype=torch.float32)
+    return 2 * x.numel() * 4 / timed(lambda: x.clone(), device, reps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    config, dtype = (QWEN_1_5B, torch.bfloat16) if on_gpu else (TINY, torch.float32)
+    prompt_len, new_tokens, context = (128, 128, 8192) if on_gpu else (16, 16, 1024)
+    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**config), attn_implementation="sdpa", dtype=dtype)
+    model = model.to(device).eval()
+    print(f"# bench_decode on {card}, {date.today()}, {dtype}, {config['num_hidden_layers']} layers")
+    lines = ["| batch | prompt | new tokens | HF generate tok/s | paged tok/s | × |", "|---|---|---|---|---|---|"]
+    print("\n".join(lines))
+    rows = decode_rows(model, [1, 16, 64], prompt_len, new_tokens, device, args.reps)
+    seconds, bandwidth = attention_bandwidth(config, 64, context, dtype, device, max(args.reps, 10))
+    copy = copy_bandwidth(device, 10)
+    share = 100 * bandwidth / copy
+    note = (f"paged attention, decode, 64 rows × {context} context: {seconds * 1e6:.1f} µs, "
+            f"{bandwidth / 1e9:.1f} GB/s = {share:.0f}% of copy bandwidth ({copy / 1e9:.1f} GB/s)")  # fmt: skip
+    print(note)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(card=card, date=str(date.today()), torch=torch.__version__, dtype=str(dtype))
+    result = dict(meta=meta, rows=rows, attention_s=seconds, attention_Bps=bandwidth, copy_Bps=copy)
+    (out / "decode.json").write_text(json.dumps(result, indent=1))
+    table = lines + [
+        f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['hf_tok_s']:.1f} | {r['paged_tok_s']:.1f} | "
+        f"{r['speedup']:.2f} |"
+        for r in rows
+    ]
+    (out / "decode.md").write_text(f"bench_decode on {card}, {meta['date']}\n\n" + "\n".join(table) + f"\n\n{note}\n")
+
+
+if __name__ == "__main__":
+    main()
