@@ -13,8 +13,11 @@
 # divergence benchmark has no Liger row.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/out/gpu}
-mkdir -p "$out"
+# The device tool returns at most 8 files from $OUT: phases write to a work folder, which is then
+# packed whole into one archive beside the few files worth reading directly.
+final=${OUT:-benchmarks/out/gpu}
+out=$(mktemp -d)
+mkdir -p "$final"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -39,3 +42,9 @@ for phase in $phases; do
     *) echo "unknown phase $phase" ;;
   esac
 done
+cp "$out/env.txt" "$final/"
+cat "$out"/results.md "$out"/kv_truncate.md "$out"/decode.md 2>/dev/null > "$final/tables.md"
+cp "$out/tests.log" "$final/" 2>/dev/null
+cp "$out/resources.md" "$final/" 2>/dev/null
+tar czf "$final/gpu_check.tgz" -C "$out" .
+ls -la "$final"

@@ -11,6 +11,7 @@ Launches specialise pointers and sizes divisible by 16; the compile here assumes
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import tempfile
@@ -21,12 +22,19 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from motab_kernels import divergence  # noqa: E402
+from motab_kernels import divergence, paged_kv  # noqa: E402
+
+# The package exports the function paged_attention under the module's name.
+attention_module = importlib.import_module("motab_kernels.paged_attention")
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Integer arguments a real launch sees divisible by 16 (hidden sizes, strides, vocabularies
 # rounded by model authors); pointers are 16-byte aligned.
-ALIGNED = {"V", "DS", "DT", "stride_s", "stride_t", "stride_g", "stride_hs", "stride_ws", "stride_ht", "stride_wt"}
+ALIGNED = {
+    "V", "DS", "DT", "stride_s", "stride_t", "stride_g", "stride_hs", "stride_ws", "stride_ht", "stride_wt",
+    "stride_qt", "stride_qh", "stride_kslot", "stride_kh", "stride_vslot", "stride_vh", "stride_ot", "stride_oh",
+    "block_size", "head_dim",
+}  # fmt: skip
 
 ROW_SIGNATURE = {
     "S": "*fp32", "T": "*fp32", "G": "*bf16", "TARGET": "*i64", "ROW_SCALE": "*fp32", "DIV": "*fp32",
@@ -43,6 +51,20 @@ MONITOR_SIGNATURE = {
     "KIND": "constexpr", "HAS_TARGET": "constexpr", "HAS_BS": "constexpr", "HAS_BT": "constexpr",
     "S_HAS_CAP": "constexpr", "T_HAS_CAP": "constexpr", "DOT_FP32": "constexpr", "PRECISION": "constexpr",
     "BM": "constexpr", "BV": "constexpr", "BK": "constexpr",
+}  # fmt: skip
+
+
+ATTENTION_SIGNATURE = {
+    "Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BLOCK_TABLE": "*i32", "TILES": "*i32",
+    "POSITIONS": "*i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kslot": "i32", "stride_kh": "i32",
+    "stride_vslot": "i32", "stride_vh": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_table": "i32",
+    "scale": "fp32", "window": "i32", "head_dim": "i32", "block_size": "i32", "G": "constexpr",
+    "HAS_WINDOW": "constexpr", "DOT_FP32": "constexpr", "PRECISION": "constexpr", "BM": "constexpr",
+    "BN": "constexpr", "BD": "constexpr",
+}  # fmt: skip
+MOVE_SIGNATURE = {
+    "PLAN": "*i32", "BLOCK_TABLE": "*i32", "FREE_STACK": "*i32", "SEQ_LENS": "*i32", "stack_top": "i32",
+    "stride_table": "i32", "ALLOCATE": "constexpr", "BJ": "constexpr",
 }  # fmt: skip
 
 
@@ -104,6 +126,16 @@ def main(argv=None):
             )  # fmt: skip
             tiles = "×".join(str(config.kwargs[k]) for k in ("BM", "BV", "BK"))
             print(row("fused monitor", f"{name} bf16 {tiles}", config.num_warps, config.num_stages, r))
+    for group, head_dim, block_q in ((6, 128, 1), (6, 128, 16), (7, 128, 1), (4, 64, 16)):
+        block_m = max(16, 1 << (block_q * group - 1).bit_length())
+        constexprs = dict(G=group, HAS_WINDOW=False, DOT_FP32=False, PRECISION="tf32", BM=block_m, BN=64)
+        constexprs["BD"] = head_dim
+        warps = attention_module.attention_warps(block_m, head_dim)
+        r = resources(attention_module._paged_attention_kernel, ATTENTION_SIGNATURE, constexprs, warps, 3, args.arch)
+        print(row("paged attention", f"bf16 G={group} D={head_dim} queries/row={block_q}", warps, 3, r))
+    for allocate in (True, False):
+        r = resources(paged_kv._move_blocks_kernel, MOVE_SIGNATURE, dict(ALLOCATE=allocate, BJ=64), 4, 3, args.arch)
+        print(row("move blocks", "allocate" if allocate else "release", 4, 3, r))
 
 
 if __name__ == "__main__":

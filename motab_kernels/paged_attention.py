@@ -157,6 +157,12 @@ def _paged_attention_kernel(
     )
 
 
+def attention_warps(block_m: int, block_d: int) -> int:
+    """Warps per program: the fp32 accumulator and the score tile must fit in registers
+    (4 warps spill at 128 query rows × 128 dims on sm_90; see benchmarks/kernel_resources.py)."""
+    return 8 if block_m * block_d >= 128 * 128 else 4
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -196,6 +202,8 @@ def paged_attention(
     k_flat = key_cache.view(-1, n_kv_heads, head_dim)
     v_flat = value_cache.view(-1, n_kv_heads, head_dim)
     query = query if query.stride(-1) == 1 else query.contiguous()
+    block_m = max(_MIN_BLOCK_M, next_power_of_2(layout.block_q * group))
+    block_d = next_power_of_2(head_dim)
     _paged_attention_kernel[(layout.tiles.shape[0], n_kv_heads)](
         query, k_flat, v_flat, out, block_table, layout.tiles, layout.positions,
         query.stride(0), query.stride(1), k_flat.stride(0), k_flat.stride(1), v_flat.stride(0), v_flat.stride(1),
@@ -203,8 +211,7 @@ def paged_attention(
         scale, sliding_window or 0, head_dim, key_cache.shape[1],
         G=group, HAS_WINDOW=sliding_window is not None, DOT_FP32=triton_interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        BM=max(_MIN_BLOCK_M, next_power_of_2(layout.block_q * group)), BN=_BLOCK_N, BD=next_power_of_2(head_dim),
-        num_warps=4,
+        BM=block_m, BN=_BLOCK_N, BD=block_d, num_warps=attention_warps(block_m, block_d),
     )  # fmt: skip
     return out
 
