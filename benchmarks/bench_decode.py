@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from _timing import copy_bandwidth, median_seconds
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from motab.models import PagedModel, greedy_decode
@@ -33,22 +32,6 @@ TINY = dict(
 )  # fmt: skip
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, reps):
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def decode_rows(model, batches, prompt_len, new_tokens, device, reps):
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -58,14 +41,14 @@ def decode_rows(model, batches, prompt_len, new_tokens, device, reps):
         run = lambda b=b: model.generate(prompts[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                          do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
         run()  # warm-up
-        hf[b] = timed(run, device, reps)
+        hf[b] = median_seconds(run, device, reps, warmup=0)
     paged = PagedModel(model, max_rows=max(batches), max_tokens=max(batches) * (prompt_len + new_tokens))
     rows = []
     for b in batches:
         lists = prompts[b].tolist()
         run = lambda lists=lists: greedy_decode(paged, lists, new_tokens)
         run()  # warm-up (and Triton compilation)
-        ours = timed(run, device, reps)
+        ours = median_seconds(run, device, reps, warmup=0)
         rows.append(dict(batch=b, prompt=prompt_len, new_tokens=new_tokens, hf_tok_s=b * new_tokens / hf[b],
                          paged_tok_s=b * new_tokens / ours, speedup=hf[b] / ours))  # fmt: skip
         print(f"| {b} | {prompt_len} | {new_tokens} | {rows[-1]['hf_tok_s']:.1f} | {rows[-1]['paged_tok_s']:.1f} | "
@@ -86,14 +69,9 @@ def attention_bandwidth(config, rows, context, dtype, device, reps):
     run = lambda: paged_attention(query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout,
                                   scale=head_dim**-0.5)  # fmt: skip
     run()
-    seconds = timed(run, device, reps)
+    seconds = median_seconds(run, device, reps)
     read = 2 * rows * context * kv_heads * head_dim * torch.finfo(dtype).bits // 8
     return seconds, read / seconds
-
-
-def copy_bandwidth(device, reps):
-    x = torch.empty(1 << 28, device=device, dtype=torch.float32)
-    return 2 * x.numel() * 4 / timed(lambda: x.clone(), device, reps)
 
 
 def main(argv=None):
@@ -115,7 +93,7 @@ def main(argv=None):
     print("\n".join(lines))
     rows = decode_rows(model, [1, 16, 64], prompt_len, new_tokens, device, args.reps)
     seconds, bandwidth = attention_bandwidth(config, 64, context, dtype, device, max(args.reps, 10))
-    copy = copy_bandwidth(device, 10)
+    copy = copy_bandwidth(device)
     share = 100 * bandwidth / copy
     note = (f"paged attention, decode, 64 rows × {context} context: {seconds * 1e6:.1f} µs, "
             f"{bandwidth / 1e9:.1f} GB/s = {share:.0f}% of copy bandwidth ({copy / 1e9:.1f} GB/s)")  # fmt: skip

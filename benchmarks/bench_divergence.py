@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from _timing import copy_bandwidth, median_seconds
 
 from motab_kernels import divergence, fused_linear_divergence
 from motab_kernels.reference import per_token_divergence
@@ -77,30 +76,6 @@ def liger_loss_fn(kind, beta):
     return lambda hs, ws, ht, wt, target: module(hs, ws, ht, wt, target)
 
 
-def timer(device):
-    """Median seconds of ``fn`` over ``reps`` runs after ``warmup`` (CUDA events on a GPU)."""
-
-    def measure(fn, reps, warmup=2):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return measure
-
-
 def peak_extra_bytes(fn, device):
     """Peak bytes allocated while ``fn`` runs, beyond what was allocated before it (GPU only)."""
     if device.type != "cuda":
@@ -114,13 +89,6 @@ def peak_extra_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - before
 
 
-def copy_bandwidth(device, measure):
-    """Bytes per second of a large device copy, read + write counted."""
-    x = torch.empty(1 << 28, device=device, dtype=torch.float32)  # 1 GiB
-    seconds = measure(lambda: x.clone(), reps=10)
-    return 2 * x.numel() * x.element_size() / seconds
-
-
 def make_inputs(n, ds, dt, v, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -132,11 +100,11 @@ def make_inputs(n, ds, dt, v, dtype, device, seed=0):
     return (rand(n, ds), rand(v, ds, scale=ds**-0.5), rand(n, dt), rand(v, dt, scale=dt**-0.5), target.to(device))
 
 
-def gemm_floors(hs, ws, ht, wt, measure, reps, bandwidth):
+def gemm_floors(hs, ws, ht, wt, reps, bandwidth):
     """Seconds of the matmuls the op cannot avoid, at the same shapes: (forward, backward, weight read)."""
-    fwd = measure(lambda: (hs @ ws.T, ht @ wt.T), reps)
+    fwd = median_seconds(lambda: (hs @ ws.T, ht @ wt.T), hs.device, reps)
     grad_logits = torch.randn(hs.shape[0], ws.shape[0], device=hs.device, dtype=hs.dtype)
-    bwd = measure(lambda: (grad_logits @ ws, grad_logits.T @ hs), reps)
+    bwd = median_seconds(lambda: (grad_logits @ ws, grad_logits.T @ hs), hs.device, reps)
     weight_read = None if bandwidth is None else (ws.numel() + wt.numel()) * ws.element_size() / bandwidth
     return fwd, bwd, weight_read
 
@@ -173,9 +141,8 @@ def make_step(loss_fn, inputs, backward):
 
 
 def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, bandwidth):
-    measure = timer(device)
     hs, ws, ht, wt, target = make_inputs(n, ds, dt, v, dtype, device)
-    fwd_gemm, bwd_gemm, weight_read = gemm_floors(hs, ws, ht, wt, measure, reps, bandwidth)
+    fwd_gemm, bwd_gemm, weight_read = gemm_floors(hs, ws, ht, wt, reps, bandwidth)
     floors = {
         "fwd+bwd": fwd_gemm + bwd_gemm,
         "monitor": fwd_gemm if weight_read is None else max(fwd_gemm, weight_read),
@@ -189,7 +156,7 @@ def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, ba
             for name, loss_fn in loss_functions(impls, kind, beta, device, backward).items():
                 step = make_step(loss_fn, inputs, backward)
                 try:
-                    seconds = measure(step, reps)
+                    seconds = median_seconds(step, device, reps)
                     peak = peak_extra_bytes(step, device)
                 except torch.OutOfMemoryError:
                     seconds, peak = None, "OOM"
@@ -259,7 +226,7 @@ def main(argv=None):
         shapes = [(*map(int, s.split(",")), ("fwd+bwd", "monitor")) for s in args.shapes.split(";")]
     kinds = args.kinds.split(",")
     card = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
-    bandwidth = copy_bandwidth(device, timer(device)) if on_gpu else None
+    bandwidth = copy_bandwidth(device) if on_gpu else None
     print(f"# bench_divergence on {card}, {dtype}, {date.today()}")
     if bandwidth:
         print(f"# measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")

@@ -23,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _timing import sync
 
 from motab_kernels import PagedKVCache
 
@@ -41,11 +42,6 @@ def kv_bytes_per_token(model) -> int:
 def cuts(rows: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 17, (rows,), generator=g).tolist()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_paged(rows, context, model, device, reps):
