@@ -62,16 +62,16 @@ def register_paged_attention(original: str) -> str:
     """Registers (once) the paged attention wrapping ``original`` ("sdpa", "eager", ...) and its
     mask function; returns the name to put in ``config._attn_implementation``."""
     name = _PREFIX + original
-    if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+    if name in ALL_ATTENTION_FUNCTIONS:
         return name
-    original_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original)
+    original_mask = ALL_MASK_ATTENTION_FUNCTIONS.get(original)
     if original_mask is None:
         raise ValueError(f"attention implementation {original!r} has no mask function in transformers to fall back on")
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         paged = kwargs.pop(PAGED_KWARG, None)
         if paged is None:
-            fallback = ALL_ATTENTION_FUNCTIONS._global_mapping.get(original) or _eager_attention_of(module)
+            fallback = ALL_ATTENTION_FUNCTIONS.get(original) or _eager_attention_of(module)
             return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         for unsupported in ("softcap", "s_aux"):
             if kwargs.get(unsupported) is not None:
