@@ -31,9 +31,9 @@ FAMILIES = {
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62], [99]]
 
 
-def make_model(family, seed=0):
+def make_model(family, seed=0, attention="sdpa"):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation="sdpa").to(DEVICE).eval()
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attention).to(DEVICE).eval()
     model.generation_config.eos_token_id = None
     return model
 
@@ -104,13 +104,14 @@ def test_truncate_then_decode_equals_fresh_run(impl):
     assert pm.lengths(rows) == [len(prompts[0]) + 8, keep + 1, len(prompts[2]) + 8]
 
 
-def test_same_model_still_trains_and_generates():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_same_model_still_trains_and_generates(attention):
     """Without paged state the registered function falls back to the model's own attention, with
     the masks the original implementation would build (padding included)."""
-    model = make_model("llama", seed=3)
+    model = make_model("llama", seed=3, attention=attention)
     original = copy.deepcopy(model)
     paged(model, "torch")
-    assert model.config._attn_implementation.startswith("motab_paged_")
+    assert model.config._attn_implementation == "motab_paged_" + attention
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], device=DEVICE)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], device=DEVICE)
     for m in (model, original):
@@ -121,6 +122,9 @@ def test_same_model_still_trains_and_generates():
                                original(input_ids=ids, attention_mask=mask, labels=ids).loss)  # fmt: skip
     for p, q in zip(model.parameters(), original.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+    model.eval()
+    original.eval()
+    assert hf_greedy(model, PROMPTS[0], 6) == hf_greedy(original, PROMPTS[0], 6)
 
 
 def test_errors_leave_the_cache_as_it_was():
