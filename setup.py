@@ -17,7 +17,9 @@ setup(
     ],
     extras_require={
         # trl is the independent oracle for the divergences (GKDTrainer.generalized_jsd_loss).
-        "test": ["pytest>=8", "trl>=0.20", "ruff>=0.6"],
+        "test": ["pytest>=8", "trl>=0.20,<2", "ruff>=0.6"],
+        # The TRL drop-in (motab.integrations.trl); the range its tests cover.
+        "trl": ["trl>=0.20,<2"],
         "bench": ["liger-kernel>=0.5"],
         "flash": ["flash-attn>=2.6"],
     },

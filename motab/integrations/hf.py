@@ -1,0 +1,125 @@
+"""Distillation from a plain ``transformers.Trainer`` without building ``[tokens × vocab]`` logits.
+
+Both models run their usual forward (through any wrapper, so DDP/accelerate keep working) with
+``logits_to_keep`` set to no position: the LM head projects nothing, a forward hook on the
+decoder captures its final hidden states, and the fused op computes the divergence from those
+and the LM-head weights.
+
+    class MyTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = distillation_loss(model, self.teacher, inputs, kind="fkl", num_items_in_batch=num_items_in_batch)
+            return (out.loss, out) if return_outputs else out.loss
+
+or use ``DistillationTrainer(teacher_model=..., kind=..., ...)`` below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from motab_kernels import DivergenceOutput, fused_linear_divergence
+
+# The positions whose logits a forward computes: none.
+_NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP, accelerate and DeepSpeed wrappers
+        model = model.module
+    return model
+
+
+def final_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``model``'s final (normed) hidden states ``[B, L, D]`` and its LM head's weight and bias,
+    from a forward that computes no logits."""
+    inner = _unwrap(model)
+    decoder = inner.get_decoder()
+    head = inner.get_output_embeddings()
+    captured = []
+    hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
+    try:
+        output = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=_NO_POSITIONS.to(input_ids.device),
+            use_cache=False,
+        )
+    except TypeError as error:
+        raise TypeError(
+            f"{type(inner).__name__}.forward does not take logits_to_keep, which the fused distillation loss needs "
+            "to skip the LM head (transformers ≥ 4.50 causal LMs do)"
+        ) from error
+    finally:
+        hook.remove()
+    if output.logits is not None and output.logits.shape[-2] != 0:
+        raise RuntimeError(f"{type(inner).__name__} computed logits despite logits_to_keep=[]; refusing to go on")
+    return captured[-1], head.weight, getattr(head, "bias", None)
+
+
+def distillation_loss(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    inputs: dict[str, Any],
+    *,
+    kind: str = "fkl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> DivergenceOutput:
+    """The divergence between teacher and student on ``inputs`` (``input_ids``, ``labels`` and
+    optional ``attention_mask``), position i scoring the prediction of ``labels[i + 1]``.
+
+    The loss is summed over tokens whose label is not ``ignore_index`` and divided by their
+    number, or by ``num_items_in_batch`` when given (the Trainer passes the count over all
+    gradient-accumulation micro-batches). The teacher runs in eval mode without gradient.
+    """
+    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    attention_mask = inputs.get("attention_mask")
+    student_hidden, student_weight, student_bias = final_hidden_states(student, input_ids, attention_mask)
+    teacher.eval()
+    with torch.no_grad():
+        teacher_hidden, teacher_weight, teacher_bias = final_hidden_states(teacher, input_ids, attention_mask)
+    return fused_linear_divergence(
+        student_hidden[:, :-1],
+        student_weight,
+        teacher_hidden[:, :-1],
+        teacher_weight,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        target=labels[:, 1:],
+        ignore_index=ignore_index,
+        normalizer=num_items_in_batch,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        impl=impl,
+    )
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss is the fused divergence to ``teacher_model``.
+
+    ``kind``/``beta``/``temperature`` as in ``fused_linear_divergence``; everything else is the
+    Trainer's. ``return_outputs`` yields the ``DivergenceOutput`` (no logits exist).
+    """
+
+    def __init__(
+        self, *args, teacher_model: torch.nn.Module, kind: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
+        **kwargs,
+    ) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.teacher_model = teacher_model.to(self.args.device)
+        self.distillation = dict(kind=kind, beta=beta, temperature=temperature)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = distillation_loss(
+            model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch, **self.distillation
+        )
+        return (out.loss, out) if return_outputs else out.loss
