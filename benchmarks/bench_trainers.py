@@ -1,0 +1,128 @@
+"""A GKD loss step with and without the fused drop-in: peak memory and time.
+
+The step is what the drop-in changes: student forward, teacher forward (no gradient), the loss,
+and the student's backward; the optimizer is left out (identical in both). ``trl`` runs TRL's own
+``GKDTrainer.compute_loss`` (full logits of both models, ``generalized_jsd_loss``); ``fused``
+runs ``motab.integrations.hf.distillation_loss`` (what ``FusedGKDTrainer`` calls), same β, same
+batch. GPU: random Qwen2.5-1.5B-shaped student and 7B-shaped teacher in bf16; CPU: tiny models
+(labelled CPU). Writes ``trainers.json`` and ``trainers.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import date
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from _timing import median_seconds, sync  # noqa: E402
+
+from motab.integrations.hf import distillation_loss  # noqa: E402
+
+QWEN_VOCAB = 151936
+STUDENT_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+TEACHER_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+TINY_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)  # fmt: skip
+TINY_TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)  # fmt: skip
+
+
+def build(shape, vocab, dtype, device, seed):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **shape)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
+
+
+def trl_loss_fn(student, teacher, beta):
+    """TRL's compute_loss on the same models, or None where TRL is not installed."""
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:
+        try:
+            from trl import GKDTrainer
+        except ImportError:
+            return None
+    # compute_loss only reads these attributes of the trainer
+    host = SimpleNamespace(teacher_model=teacher, beta=beta, generalized_jsd_loss=GKDTrainer.generalized_jsd_loss)
+    return lambda inputs: GKDTrainer.compute_loss(host, student, inputs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--beta", type=float, default=0.5)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    vocab = QWEN_VOCAB if on_gpu else 4096
+    student = build(STUDENT_1_5B if on_gpu else TINY_STUDENT, vocab, dtype, device, seed=0).train()
+    teacher = build(TEACHER_7B if on_gpu else TINY_TEACHER, vocab, dtype, device, seed=1).eval()
+    batch, seq_len = args.batch or (4 if on_gpu else 4), args.seq_len or (2048 if on_gpu else 256)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
+    labels = ids.clone()
+    labels[:, : seq_len // 4] = -100  # the prompt carries no loss
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    losses = {
+        "trl": trl_loss_fn(student, teacher, args.beta),
+        "fused": lambda inputs: distillation_loss(student, teacher, inputs, kind="jsd", beta=args.beta).loss,
+    }
+    lines = [f"GKD loss step on {card}, {dtype}, batch {batch} × {seq_len} tokens, vocab {vocab}, {date.today()}", "",
+             "| loss | step ms | peak GiB | loss value |", "|---|---|---|---|"]  # fmt: skip
+    print("\n".join(lines))
+    rows = []
+    for name, loss_fn in losses.items():
+        if loss_fn is None:
+            print(f"# {name}: not installed, row skipped")
+            continue
+
+        def step(loss_fn=loss_fn):
+            student.zero_grad(set_to_none=True)
+            loss = loss_fn(inputs)
+            loss.backward()
+            return loss
+
+        try:
+            value = float(step().detach())
+            seconds = median_seconds(step, device, args.reps, warmup=1)
+            peak = None
+            if on_gpu:
+                student.zero_grad(set_to_none=True)
+                sync(device)
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                sync(device)
+                peak = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError:
+            value = seconds = peak = None
+            torch.cuda.empty_cache()
+        rows.append(dict(loss=name, ms=None if seconds is None else seconds * 1e3, peak_GiB=peak, value=value))
+        cells = [f"{x:.4g}" if isinstance(x, float) else "OOM" if value is None else "—" for x in
+                 (rows[-1]["ms"], peak, value)]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(card=card, date=str(date.today()), dtype=str(dtype), batch=batch, seq_len=seq_len, vocab=vocab)
+    (out / "trainers.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "trainers.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
