@@ -1,0 +1,180 @@
+"""The adaptive safety boundary: per row, decide token by token whether the student has strayed.
+
+State in, decisions out. The rollout engine hands each row's drafted scores (what the fused op
+computed for the draft) to ``scan``, which walks them in order: a token's boundary reflects the
+row's committed history plus the draft tokens before it, exactly as if the row were decided one
+token at a time. ``commit`` then adds the kept scores to the history and ``rewind`` takes them
+back when the engine backtracks further (step level).
+
+Scores (``MonitorConfig.score``), all "higher is worse":
+
+- ``fkl`` (default): KL(teacher ‖ student) at the position — how much of the teacher's mass the
+  student misses; ``rkl``: KL(student ‖ teacher); ``jsd``: TRL's generalized JSD(β). Divergences
+  are clamped at 0 (rounding can leave them slightly negative).
+- ``teacher_nll``: −log p_teacher(token), the teacher's surprise at the student's token.
+- ``teacher_rank``: the token's rank under the teacher; it strays when outside the teacher's
+  top ``skd_top_k`` (SKD's test), whatever the rule.
+
+Rules (``MonitorConfig.rule``), each floored at ``tau_min`` so that near-zero histories (a student
+that agrees with its teacher) do not make every small wobble a stray:
+
+- ``window`` (default, AdaSwitch's): stray when d > max(K · mean of the row's last L committed
+  scores, τ_min). K = 3, L = 32: a token three times as divergent as the last sentence or two.
+- ``ema``: max(mean + c·std, τ_min) with exponential moving mean and variance (decay α = 0.05,
+  c = 3: a three-sigma excursion over roughly the last 20 tokens).
+- ``fixed``: d > τ.
+- ``quantile``: max(q-quantile of all the row's committed scores, τ_min), q = 0.95.
+
+No decision is taken until the row has ``warmup`` committed scores (its boundary reads +inf):
+the opening tokens of a response are the least predictable and carry no history yet.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+SCORES = ("fkl", "rkl", "jsd", "teacher_nll", "teacher_rank")
+RULES = ("window", "ema", "fixed", "quantile")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """How scores are formed and compared; see the module docstring for the meaning of each."""
+
+    score: str = "fkl"
+    rule: str = "window"
+    beta: float = 0.5  # JSD mixture weight, for score="jsd"
+    window: int = 32  # L
+    window_factor: float = 3.0  # K
+    ema_decay: float = 0.05  # α
+    ema_std_factor: float = 3.0  # c
+    quantile: float = 0.95  # q
+    tau: float = 1.0  # the fixed boundary, in nats for divergences
+    tau_min: float = 0.5  # floor of the adaptive boundaries
+    warmup: int = 8
+    skd_top_k: int = 25
+    temperature: float = 1.0  # of both distributions when scoring (separate from sampling)
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"unknown monitor score {self.score!r}; expected one of {SCORES}")
+        if self.rule not in RULES:
+            raise ValueError(f"unknown boundary rule {self.rule!r}; expected one of {RULES}")
+        for name in ("window", "skd_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
+        if not 0.0 < self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1], got {self.ema_decay}")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ValueError(f"quantile must lie in [0, 1], got {self.quantile}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+    @property
+    def divergence_kind(self) -> str:
+        """The fused op's kind that yields the score (fkl when the score is not a divergence)."""
+        return self.score if self.score in ("fkl", "rkl", "jsd") else "fkl"
+
+
+@dataclass
+class _RowState:
+    history: list[float] = field(default_factory=list)  # committed scores, in order
+    ema_mean: float = 0.0
+    ema_var: float = 0.0
+    ordered: list[float] = field(default_factory=list)  # history, sorted (quantile rule)
+
+
+class Monitor:
+    """Per-row boundary state for ``num_rows`` rows."""
+
+    def __init__(self, config: MonitorConfig, num_rows: int) -> None:
+        self.config = config
+        self.rows = [_RowState() for _ in range(num_rows)]
+
+    # ---------------------------------------------------------------------------------------
+    def score(self, divergence: float, teacher_logprob: float, teacher_rank: int) -> float:
+        """The monitored score of one token from what the fused op returned for it."""
+        kind = self.config.score
+        if kind == "teacher_nll":
+            return -teacher_logprob
+        if kind == "teacher_rank":
+            return float(teacher_rank)
+        return max(divergence, 0.0)
+
+    def boundary(self, row: int) -> float:
+        """The boundary the row's next token is held to (+inf during warm-up)."""
+        return self._boundary(self.rows[row])
+
+    def scan(self, row: int, scores: list[float]) -> tuple[int, list[float]]:
+        """Index of the first stray among a draft's ``scores`` (``len(scores)`` if none) and the
+        boundary each examined token was held to. The row's state is not changed."""
+        state = _RowState(list(self.rows[row].history), self.rows[row].ema_mean, self.rows[row].ema_var,
+                          list(self.rows[row].ordered))  # fmt: skip
+        boundaries = []
+        for j, value in enumerate(scores):
+            limit = self._boundary(state)
+            boundaries.append(limit)
+            if value > limit:
+                return j, boundaries
+            self._add(state, value)
+        return len(scores), boundaries
+
+    def commit(self, row: int, scores: list[float]) -> None:
+        """Adds scores of tokens the row keeps to its history."""
+        for value in scores:
+            self._add(self.rows[row], value)
+
+    def rewind(self, row: int, keep: int) -> None:
+        """Keeps only the row's first ``keep`` committed scores (a deeper backtrack)."""
+        history = self.rows[row].history[:keep]
+        self.rows[row] = _RowState()
+        self.commit(row, history)
+
+    def reset(self, row: int) -> None:
+        self.rows[row] = _RowState()
+
+    def num_committed(self, row: int) -> int:
+        return len(self.rows[row].history)
+
+    # ---------------------------------------------------------------------------------------
+    def _boundary(self, state: _RowState) -> float:
+        c = self.config
+        if c.score == "teacher_rank":  # SKD's top-k test: rank ≥ k strays
+            return c.skd_top_k - 0.5 if len(state.history) >= c.warmup else math.inf
+        if len(state.history) < c.warmup:
+            return math.inf
+        if c.rule == "fixed":
+            return c.tau
+        if not state.history:
+            return c.tau_min
+        if c.rule == "window":
+            recent = state.history[-c.window :]
+            return max(c.window_factor * sum(recent) / len(recent), c.tau_min)
+        if c.rule == "ema":
+            return max(state.ema_mean + c.ema_std_factor * math.sqrt(state.ema_var), c.tau_min)
+        return max(_quantile(state.ordered, c.quantile), c.tau_min)
+
+    def _add(self, state: _RowState, value: float) -> None:
+        if state.history:
+            delta = value - state.ema_mean
+            alpha = self.config.ema_decay
+            state.ema_mean += alpha * delta
+            state.ema_var = (1.0 - alpha) * (state.ema_var + alpha * delta * delta)
+        else:
+            state.ema_mean, state.ema_var = value, 0.0
+        state.history.append(value)
+        bisect.insort(state.ordered, value)
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Linear-interpolation quantile of a sorted list (numpy's default method)."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
