@@ -1,0 +1,445 @@
+"""The MOTAB rollout: the student drafts, the teacher verifies in one forward, the fused op scores
+every drafted token, the monitor finds each row's first stray, and a row that strayed is cut back
+in place and corrected by the teacher before the student goes on. The baselines are modes of the
+same engine, so comparisons are fair.
+
+Alignment invariant (as in speculative decoding): for every row both caches hold the committed
+tokens but the last, which is *pending* (committed, not yet fed). The student drafts by feeding
+the pending token and its own draft one at a time; the teacher reads ``[pending, d1 … d(k−1)]``
+in one forward, which gives its distribution for each drafted token.
+
+After a stray the row keeps its safe prefix (``token`` level: everything before the first stray
+token; ``step`` level: up to the last step delimiter committed since the row's last intervention,
+else token level), both caches are truncated to it (the last kept token becomes pending again),
+the monitor forgets the scores past it, and the teacher feeds the pending token and writes its
+intervention (``intervention_len`` tokens, or until it ends a step); the student's cache then reads
+the intervention in one extend and the row goes on. Interventions of all rows ride in one batched
+teacher forward per token. After ``max_interventions`` a row runs unmonitored.
+
+Modes: ``motab``; ``on_policy`` (student writes, teacher only scores: GKD with λ=1);
+``off_policy`` (teacher writes every token); ``skd`` (a student token outside the teacher's top
+``skd_top_k`` is replaced by a teacher sample, no backtracking); ``adaswitch`` (the first stray
+hands the rest of the row to the teacher, no backtracking).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from motab.models import PagedModel
+from motab.monitor import Monitor, MonitorConfig
+from motab_kernels import fused_linear_divergence
+
+MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Temperature 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings {self}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Everything a rollout decides by; defaults are the MOTAB method's."""
+
+    mode: str = "motab"
+    max_new_tokens: int = 256
+    draft_len: int = 8
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    backtrack: str = "token"  # or "step"
+    delimiter_token_ids: tuple[int, ...] = ()  # step ends; from the tokenizer's "\n\n" tokens if empty
+    intervention: str = "tokens"  # or "step": the teacher writes until it ends a step
+    intervention_len: int = 16  # tokens, or the cap of a "step" intervention
+    max_interventions: int = 4
+    student_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    teacher_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    vocab_size: int | None = None  # score and sample over ids below this (the tokenizer's)
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown rollout mode {self.mode!r}; expected one of {MODES}")
+        if self.backtrack not in ("token", "step") or self.intervention not in ("tokens", "step"):
+            raise ValueError("backtrack must be 'token' or 'step'; intervention 'tokens' or 'step'")
+        for name in ("max_new_tokens", "draft_len", "intervention_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_interventions < 0:
+            raise ValueError(f"max_interventions must be ≥ 0, got {self.max_interventions}")
+
+
+@dataclass
+class Trajectory:
+    """One row's rollout. ``sources[i]`` says who wrote ``tokens[i]`` ("student" or "teacher");
+    ``scores``/``boundaries`` are the monitored score of a student token and the boundary it was
+    held to (NaN where none applied: teacher tokens, unmonitored or warm-up tokens have +inf)."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    boundaries: list[float] = field(default_factory=list)
+    discarded: list[dict] = field(default_factory=list)  # {"position", "tokens", "scores"} per backtrack
+    interventions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in tokens
+    counters: dict = field(default_factory=lambda: dict(drafted=0, backtracks=0, discarded_tokens=0))
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready (NaN and inf become None)."""
+        out = asdict(self)
+        for key in ("scores", "boundaries"):
+            out[key] = [None if not math.isfinite(x) else x for x in out[key]]
+        return out
+
+
+@dataclass
+class _Row:
+    index: int
+    trajectory: Trajectory
+    student_rng: torch.Generator
+    teacher_rng: torch.Generator
+    teacher_writes: bool = False  # off_policy, or adaswitch after its switch
+    interventions_used: int = 0
+    since_intervention: int = 0  # response index where the current student stretch starts
+    finished: bool = False
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.trajectory.prompt + self.trajectory.tokens
+
+
+def rollout(
+    student: PagedModel | torch.nn.Module,
+    teacher: PagedModel | torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    config: RolloutConfig = RolloutConfig(),
+    *,
+    seeds: Sequence[int] | None = None,
+    tokenizer=None,
+    teacher_tokenizer=None,
+) -> list[Trajectory]:
+    """Rolls out every prompt (token ids) under ``config``; ``seeds[i]`` (default ``i``) fixes
+    row i's sampling, whatever else is in the batch. HF models are wrapped in PagedModels whose
+    caches are sized up front (prompt + max_new_tokens + draft + intervention per row), so a
+    rollout cannot run out of cache midway."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    config = _with_tokenizer(config, tokenizer, teacher_tokenizer)
+    per_row = max(len(p) for p in prompts) + config.max_new_tokens + config.draft_len + config.intervention_len + 1
+    models = []
+    for model in (student, teacher):
+        if not isinstance(model, PagedModel):
+            model = PagedModel(model, max_rows=len(prompts), max_tokens=per_row * len(prompts),
+                               block_size=config.block_size, max_seq_len=per_row + config.block_size)  # fmt: skip
+        elif model.cache.max_rows < len(prompts):
+            raise ValueError(f"the PagedModel holds {model.cache.max_rows} rows, fewer than the {len(prompts)} prompts")
+        models.append(model)
+    return _Engine(*models, config, tokenizer).run(prompts, seeds or list(range(len(prompts))))
+
+
+def _with_tokenizer(config: RolloutConfig, tokenizer, teacher_tokenizer) -> RolloutConfig:
+    """Checks that the two tokenizers agree and fills what the config leaves to the tokenizer."""
+    if (
+        tokenizer is not None
+        and teacher_tokenizer is not None
+        and tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            f"student and teacher tokenizers differ (vocabularies of {len(tokenizer)} and {len(teacher_tokenizer)} "
+            "tokens): distillation token by token needs one tokenizer"
+        )
+    if tokenizer is None:
+        return config
+    updates = {}
+    if config.vocab_size is None:
+        updates["vocab_size"] = len(tokenizer)
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        updates["eos_token_ids"] = (tokenizer.eos_token_id,)
+    if not config.delimiter_token_ids:
+        updates["delimiter_token_ids"] = tuple(
+            i for token, i in tokenizer.get_vocab().items() if "\n\n" in tokenizer.convert_tokens_to_string([token])
+        )
+    return replace(config, **updates)
+
+
+class _Engine:
+    def __init__(self, student: PagedModel, teacher: PagedModel, config: RolloutConfig, tokenizer=None) -> None:
+        self.student, self.teacher, self.config = student, teacher, config
+        heads = (student.lm_head.weight.shape[0], teacher.lm_head.weight.shape[0])
+        if config.vocab_size is None and heads[0] != heads[1]:
+            raise ValueError(
+                f"vocabulary mismatch: student LM head has {heads[0]} entries, teacher {heads[1]}; pass the "
+                "tokenizer (or RolloutConfig.vocab_size) to score and sample over the shared ids only"
+            )
+        self.vocab = config.vocab_size or heads[0]
+        if self.vocab > min(heads):
+            raise ValueError(f"vocab_size {self.vocab} exceeds an LM head ({heads[0]} / {heads[1]} entries)")
+        monitor = config.monitor
+        if config.mode == "skd":
+            monitor = replace(monitor, score="teacher_rank", warmup=0)
+        elif config.mode == "adaswitch":
+            monitor = replace(monitor, rule="window")
+        self.monitor_config = monitor
+        self.delimiters = set(config.delimiter_token_ids)
+        self.eos = set(config.eos_token_ids)
+        self.tokenizer = tokenizer  # decodes the response for stop strings
+
+    # ---------------------------------------------------------------------------------------
+    def run(self, prompts, seeds) -> list[Trajectory]:
+        device = self.student.device
+        rows = [
+            _Row(i, Trajectory(list(p)), _generator(device, s), _generator(self.teacher.device, s + 1_000_003))
+            for i, (p, s) in enumerate(zip(prompts, seeds))
+        ]
+        self.monitor = Monitor(self.monitor_config, len(rows))
+        teacher_only = self.config.mode == "off_policy"
+        for row in rows:
+            row.teacher_writes = teacher_only
+        models = [self.teacher] if teacher_only else [self.student, self.teacher]
+        for model in models:
+            model.reset(range(len(rows)))
+            model.extend([r.index for r in rows], [r.sequence[:-1] for r in rows])  # all but the pending token
+        while True:
+            active = [r for r in rows if not r.finished]
+            if not active:
+                break
+            drafting = [r for r in active if not r.teacher_writes]
+            if drafting:
+                self._draft_round(drafting)
+            writing = [r for r in active if r.teacher_writes and not r.finished]
+            if writing:
+                self._teacher_round(writing)
+        return [r.trajectory for r in rows]
+
+    # ---------------------------------------------------------------------------------------
+    def _draft_round(self, rows: list[_Row]) -> None:
+        config = self.config
+        lengths = [min(config.draft_len, config.max_new_tokens - len(r.trajectory.tokens)) for r in rows]
+        drafts = [[] for _ in rows]
+        hidden = [[] for _ in rows]
+        feed = [[r.sequence[-1]] for r in rows]
+        for step in range(max(lengths)):
+            live = [i for i, n in enumerate(lengths) if n > step]
+            out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
+            logits = self.student.logits(out)[:, : self.vocab]
+            for j, i in enumerate(live):
+                token = _sample(logits[j], config.student_sampling, rows[i].student_rng)
+                drafts[i].append(token)
+                hidden[i].append(out[j])
+                feed[i] = [token]
+        for row, draft in zip(rows, drafts):
+            row.trajectory.counters["drafted"] += len(draft)
+        verify = self.teacher.extend([r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)])
+        stats = self._score(torch.stack([h for hs in hidden for h in hs]), verify, [t for d in drafts for t in d])
+        first = 0
+        interventions = []
+        for row, draft in zip(rows, drafts):
+            count = len(draft)
+            row_stats = {k: v[first : first + count] for k, v in stats.items()}
+            first += count
+            action = self._decide_and_commit(row, draft, row_stats)
+            if action is not None:
+                interventions.append((row, action))
+        if interventions:
+            self._intervene(interventions)
+
+    def _score(self, student_hidden, teacher_hidden, targets) -> dict[str, list[float]]:
+        monitor = self.monitor_config
+        student_bias, teacher_bias = (None if m.lm_head.bias is None else m.lm_head.bias[: self.vocab]
+                                      for m in (self.student, self.teacher))  # fmt: skip
+        with torch.no_grad():
+            out = fused_linear_divergence(
+                student_hidden,
+                self.student.lm_head.weight[: self.vocab],
+                teacher_hidden,
+                self.teacher.lm_head.weight[: self.vocab],
+                student_bias=student_bias,
+                teacher_bias=teacher_bias,
+                kind=monitor.divergence_kind,
+                beta=monitor.beta,
+                temperature=monitor.temperature,
+                target=torch.tensor(targets, device=student_hidden.device),
+                reduction="none",
+            )
+        return {
+            "divergence": out.per_token.tolist(),
+            "teacher_logprob": out.teacher_logprob.tolist(),
+            "teacher_rank": out.teacher_rank.tolist(),
+        }
+
+    def _decide_and_commit(self, row: _Row, draft: list[int], stats: dict) -> str | None:
+        """Commits the row's safe prefix of ``draft``; returns the intervention it needs, if any."""
+        config, traj = self.config, row.trajectory
+        scores = [self.monitor.score(d, lp, rk) for d, lp, rk in
+                  zip(stats["divergence"], stats["teacher_logprob"], stats["teacher_rank"])]  # fmt: skip
+        monitored = config.mode in ("motab", "skd", "adaswitch") and row.interventions_used < self._budget()
+        if monitored:
+            first, boundaries = self.monitor.scan(row.index, scores)
+        else:
+            first, boundaries = len(draft), [math.nan] * len(draft)
+        kept = draft[:first]
+        eos = next((i for i, t in enumerate(kept) if t in self.eos), None)
+        if eos is not None:
+            kept, first = kept[: eos + 1], eos + 1
+        start = len(traj.tokens)
+        self._append(row, kept, "student", scores[: len(kept)], boundaries[: len(kept)])
+        self.monitor.commit(row.index, scores[: len(kept)])
+        if self._finish_if_done(row):
+            self._release(row)
+            return None
+        if first == len(draft):  # no stray: the last draft token is pending, caches already aligned
+            return None
+        traj.discarded.append(dict(position=start + len(kept), tokens=draft[first:], scores=scores[first:]))
+        traj.counters["backtracks"] += 1
+        traj.counters["discarded_tokens"] += len(draft) - first
+        if config.mode == "motab" and config.backtrack == "step":
+            self._back_to_step(row)
+        self._truncate_to_pending(row)
+        if config.mode == "adaswitch":
+            row.teacher_writes = True
+            return None
+        return "replace" if config.mode == "skd" else "intervene"
+
+    def _back_to_step(self, row: _Row) -> None:
+        """Cuts the row further, to just after the last delimiter of its current student stretch."""
+        traj = row.trajectory
+        stretch = traj.tokens[row.since_intervention :]
+        cut = next((i for i in range(len(stretch) - 1, -1, -1) if stretch[i] in self.delimiters), None)
+        if cut is None:
+            return
+        keep = row.since_intervention + cut + 1
+        if keep == len(traj.tokens):
+            return
+        dropped = traj.tokens[keep:]
+        traj.discarded[-1]["position"] = keep
+        traj.discarded[-1]["tokens"] = dropped + traj.discarded[-1]["tokens"]
+        traj.discarded[-1]["scores"] = traj.scores[keep:] + traj.discarded[-1]["scores"]
+        traj.counters["discarded_tokens"] += len(dropped)
+        # every student token's score is in the monitor's history, no teacher token's is
+        scored_before = sum(1 for s in traj.sources[:keep] if s == "student")
+        for name in ("tokens", "sources", "scores", "boundaries"):
+            del getattr(traj, name)[keep:]
+        self.monitor.rewind(row.index, scored_before)
+
+    def _truncate_to_pending(self, row: _Row) -> None:
+        """Both caches back to the committed tokens but the last (the new pending token)."""
+        length = len(row.sequence) - 1
+        for model in (self.student, self.teacher):
+            model.truncate([row.index], [length])
+
+    def _release(self, row: _Row) -> None:
+        """A finished row gives its cache blocks back."""
+        for model in (self.student, self.teacher):
+            model.reset([row.index])
+
+    def _intervene(self, requests: list[tuple[_Row, str]]) -> None:
+        """The teacher writes for every requesting row at once, then the student reads it."""
+        config = self.config
+        written = {row.index: [] for row, _ in requests}
+        limits = {row.index: 1 if kind == "replace" else config.intervention_len for row, kind in requests}
+        live = [row for row, _ in requests]
+        feed = {row.index: [row.sequence[-1]] for row in live}
+        while live:
+            hidden = self.teacher.extend([r.index for r in live], [feed[r.index] for r in live])
+            logits = self.teacher.logits(hidden)[:, : self.vocab]
+            still = []
+            for j, row in enumerate(live):
+                token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
+                out = written[row.index]
+                out.append(token)
+                feed[row.index] = [token]
+                ends_step = config.intervention == "step" and token in self.delimiters
+                if not (token in self.eos or ends_step or len(out) >= limits[row.index]
+                        or len(row.trajectory.tokens) + len(out) >= config.max_new_tokens):  # fmt: skip
+                    still.append(row)
+            live = still
+        readers = []
+        for row, kind in requests:
+            tokens = written[row.index]
+            start = len(row.trajectory.tokens)
+            # the teacher fed the pending token and tokens[:-1]; the student reads the same
+            feed_student = [row.sequence[-1]] + tokens[:-1]
+            self._append(row, tokens, "teacher", [math.nan] * len(tokens), [math.nan] * len(tokens))
+            row.trajectory.interventions.append((start, start + len(tokens)))
+            if kind == "intervene":
+                row.interventions_used += 1
+            row.since_intervention = len(row.trajectory.tokens)
+            if self._finish_if_done(row):
+                self._release(row)
+            else:
+                readers.append((row, feed_student))
+        if readers:
+            self.student.extend([r.index for r, _ in readers], [f for _, f in readers])
+
+    def _teacher_round(self, rows: list[_Row]) -> None:
+        """Rows the teacher writes alone: up to ``draft_len`` tokens each, one batched step at a time."""
+        config = self.config
+        for _ in range(config.draft_len):
+            live = [r for r in rows if not r.finished]
+            if not live:
+                return
+            hidden = self.teacher.extend([r.index for r in live], [[r.sequence[-1]] for r in live])
+            logits = self.teacher.logits(hidden)[:, : self.vocab]
+            for j, row in enumerate(live):
+                token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
+                self._append(row, [token], "teacher", [math.nan], [math.nan])
+                if self._finish_if_done(row):
+                    self._release(row)
+
+    # ---------------------------------------------------------------------------------------
+    def _budget(self) -> float:
+        return math.inf if self.config.mode == "skd" else self.config.max_interventions
+
+    def _append(self, row: _Row, tokens, source, scores, boundaries) -> None:
+        traj = row.trajectory
+        traj.tokens += tokens
+        traj.sources += [source] * len(tokens)
+        traj.scores += list(scores)
+        traj.boundaries += list(boundaries)
+
+    def _finish_if_done(self, row: _Row) -> bool:
+        traj = row.trajectory
+        if traj.tokens and traj.tokens[-1] in self.eos:
+            traj.finish_reason = "eos"
+        elif len(traj.tokens) >= self.config.max_new_tokens:
+            traj.finish_reason = "length"
+        elif self.config.stop_strings and self.tokenizer is not None:
+            text = self.tokenizer.decode(traj.tokens)
+            if any(s in text for s in self.config.stop_strings):
+                traj.finish_reason = "stop"
+        row.finished = traj.finish_reason is not None
+        return row.finished
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
+    """One token from ``logits`` [V] with the row's own generator."""
+    if sampling.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(ordered, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(ordered, -1) >= sampling.top_p  # keep the smallest prefix reaching p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))

@@ -1,0 +1,217 @@
+"""The rollout engine on tiny random models. Disagreements are planted in the teacher's weights
+(its LM-head row for one token), never by patching scores."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from motab import engine as engine_module
+from motab.engine import RolloutConfig, SamplingConfig, rollout
+from motab.models import PagedModel
+from motab.monitor import RULES, MonitorConfig
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GREEDY = SamplingConfig(temperature=0.0)
+# The teacher's surprise at the student's token: large exactly where the student writes the
+# token whose LM-head row the teacher has wrong, near the student's own surprise elsewhere.
+NLL = MonitorConfig(score="teacher_nll", warmup=0)
+PROMPTS = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15]]
+
+
+def model(seed, hidden=64):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=101, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.4,
+                         tie_word_embeddings=False)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
+
+
+def hf_greedy(m, prefix, n):
+    out = m.generate(torch.tensor([prefix], device=DEVICE), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                     pad_token_id=0)  # fmt: skip
+    return out[0, len(prefix) :].tolist()
+
+
+def planted_teacher(student, token, hidden, strength=30.0):
+    """The student's twin, except that its LM-head row for ``token`` is pushed away from the
+    final hidden state ``hidden``: the teacher rules the token out where the student writes it."""
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher.lm_head.weight[token] -= strength * hidden / hidden.square().sum()
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def student():
+    return model(0)
+
+
+def test_infinite_boundary_is_on_policy(student):
+    teacher = model(1)
+    sampling = dict(student_sampling=SamplingConfig(temperature=1.0, top_k=40), max_new_tokens=24, draft_len=5)
+    on_policy = rollout(student, teacher, PROMPTS, RolloutConfig(mode="on_policy", **sampling))
+    never = MonitorConfig(rule="fixed", tau=math.inf, warmup=0)
+    motab = rollout(student, teacher, PROMPTS, RolloutConfig(mode="motab", monitor=never, **sampling))
+    for a, b in zip(on_policy, motab):
+        assert a.tokens == b.tokens and not b.interventions and b.counters["backtracks"] == 0
+    assert len({t for traj in motab for t in traj.tokens}) > 10
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_teacher_equal_to_student_never_intervenes(student, rule):
+    twin = copy.deepcopy(student)
+    config = RolloutConfig(monitor=MonitorConfig(rule=rule, warmup=0), max_new_tokens=24, draft_len=4)
+    for trajectory in rollout(student, twin, PROMPTS, config):
+        assert not trajectory.interventions and set(trajectory.sources) == {"student"}
+        assert max(trajectory.scores) < 1e-4
+
+
+def planted_case(student, prompt, earliest=3):
+    """The student's greedy continuation, a position p, the token X it writes there (its first
+    occurrence) and a teacher planted against X at p: p is chosen where the planted teacher's
+    surprise at the student's tokens stands out most from the positions before it."""
+    greedy = hf_greedy(student, prompt, 30)
+    sequence = torch.tensor([prompt + greedy], device=DEVICE)
+    with torch.no_grad():
+        hidden = student.model(sequence).last_hidden_state[0, len(prompt) - 1 :]
+    targets = torch.tensor(greedy, device=DEVICE)
+
+    def surprise(teacher):
+        with torch.no_grad():
+            logprobs = teacher(sequence).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        return -logprobs[torch.arange(len(greedy), device=DEVICE), targets]
+
+    best = None
+    for p in range(earliest, 20):
+        if greedy[p] in greedy[:p]:
+            continue
+        teacher = planted_teacher(student, greedy[p], hidden[p])
+        nll = surprise(teacher)
+        contrast = float(nll[p] / nll[:p].max())
+        if best is None or contrast > best[0]:
+            best = (contrast, p, teacher)
+    _, p, teacher = best
+    return greedy, greedy[p], p, teacher
+
+
+def check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm):
+    """After every round, each live row's caches hold its committed tokens but the pending one:
+    feeding the pending token gives the hidden state a fresh forward over the sequence gives."""
+    checked = []
+    original = engine_module._Engine._draft_round
+
+    def draft_round(self, rows):
+        original(self, rows)
+        for row in rows:
+            if row.finished:
+                continue
+            sequence = row.sequence
+            for pm in (student_pm, teacher_pm):
+                assert pm.lengths([row.index]) == [len(sequence) - 1]
+                hidden = pm.extend([row.index], [[sequence[-1]]])[0]
+                fresh = pm.model.model(torch.tensor([sequence], device=DEVICE)).last_hidden_state[0, -1]
+                torch.testing.assert_close(hidden, fresh, rtol=1e-4, atol=1e-4)
+                pm.truncate([row.index], [len(sequence) - 1])
+            checked.append(row.index)
+
+    monkeypatch.setattr(engine_module._Engine, "_draft_round", draft_round)
+    return checked
+
+
+def test_token_level_backtrack_and_intervention(student, monkeypatch):
+    prompt = PROMPTS[0]
+    greedy, token, p, teacher = planted_case(student, prompt)
+    scores = rollout(student, teacher, [prompt], RolloutConfig(mode="on_policy", student_sampling=GREEDY,
+                                                                 monitor=NLL, max_new_tokens=p + 1))[0].scores  # fmt: skip
+    assert scores[p] > 3 * max(scores[:p])  # the plant shows up where the student writes the token
+    tau = (scores[p] + max(scores[:p])) / 2
+    config = RolloutConfig(mode="motab", monitor=replace(NLL, rule="fixed", tau=tau), draft_len=4,
+                           intervention_len=3, max_interventions=1, max_new_tokens=p + 8, student_sampling=GREEDY,
+                           teacher_sampling=GREEDY)  # fmt: skip
+    student_pm = PagedModel(student, max_rows=1, max_tokens=256, block_size=4)
+    teacher_pm = PagedModel(teacher, max_rows=1, max_tokens=256, block_size=4)
+    checked = check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm)
+    traj = rollout(student_pm, teacher_pm, [prompt], config)[0]
+    assert checked
+    assert traj.tokens[:p] == greedy[:p] and traj.sources[:p] == ["student"] * p
+    assert traj.discarded[0]["position"] == p and traj.discarded[0]["tokens"][0] == token
+    assert traj.interventions == [(p, p + 3)]
+    assert traj.tokens[p : p + 3] == hf_greedy(teacher, prompt + greedy[:p], 3)
+    # the student resumes from the corrected prefix
+    resumed = hf_greedy(student, prompt + traj.tokens[: p + 3], 1)
+    assert traj.sources[p + 3] == "student" and traj.tokens[p + 3] == resumed[0]
+    json.dumps(traj.to_dict())
+
+
+def test_step_level_backtrack_lands_after_the_delimiter(student):
+    prompt = PROMPTS[2]
+    greedy, token, p, teacher = planted_case(student, prompt, earliest=5)
+    delimiter = next(t for t in greedy[1:p] if t != token)
+    q = max(i for i in range(p) if greedy[i] == delimiter)
+    scores = rollout(student, teacher, [prompt], RolloutConfig(mode="on_policy", student_sampling=GREEDY,
+                                                                 monitor=NLL, max_new_tokens=p + 1))[0].scores  # fmt: skip
+    assert scores[p] > 3 * max(scores[:p])
+    tau = (scores[p] + max(scores[:p])) / 2
+    config = RolloutConfig(mode="motab", monitor=replace(NLL, rule="fixed", tau=tau), draft_len=3,
+                           backtrack="step", delimiter_token_ids=(delimiter,), intervention_len=2, max_interventions=1,
+                           max_new_tokens=p + 6, student_sampling=GREEDY, teacher_sampling=GREEDY)  # fmt: skip
+    traj = rollout(student, teacher, [prompt], config)[0]
+    assert traj.tokens[: q + 1] == greedy[: q + 1] and traj.tokens[q] == delimiter
+    assert traj.discarded[0]["position"] == q + 1
+    assert traj.discarded[0]["tokens"][: p - q - 1] == greedy[q + 1 : p]
+    assert traj.interventions[0][0] == q + 1
+    assert traj.tokens[q + 1 : q + 3] == hf_greedy(teacher, prompt + greedy[: q + 1], 2)
+
+
+def test_skd_replaces_one_token_and_adaswitch_hands_over(student):
+    prompt = PROMPTS[0]
+    greedy, token, p, teacher = planted_case(student, prompt)
+    common = dict(student_sampling=GREEDY, teacher_sampling=GREEDY, max_new_tokens=p + 6, draft_len=4)
+    skd = rollout(student, teacher, [prompt], RolloutConfig(mode="skd", monitor=MonitorConfig(skd_top_k=5), **common))[
+        0
+    ]
+    assert skd.tokens[:p] == greedy[:p] and skd.sources[p] == "teacher"
+    assert skd.tokens[p] == hf_greedy(teacher, prompt + greedy[:p], 1)[0] and skd.sources[p + 1] == "student"
+    ada = rollout(student, teacher, [prompt], RolloutConfig(mode="adaswitch", monitor=MonitorConfig(warmup=0, tau_min=0.0,
+                                                            window_factor=2.0), **common))[0]  # fmt: skip
+    switch = ada.sources.index("teacher")
+    assert switch <= p and set(ada.sources[switch:]) == {"teacher"} and not ada.interventions
+    assert ada.tokens[switch:] == hf_greedy(teacher, prompt + ada.tokens[:switch], len(ada.tokens) - switch)
+
+
+def test_off_policy_is_the_teacher_sampling_alone(student):
+    teacher = model(2)
+    config = RolloutConfig(mode="off_policy", teacher_sampling=GREEDY, max_new_tokens=12, draft_len=5)
+    for prompt, traj in zip(PROMPTS, rollout(student, teacher, PROMPTS, config)):
+        assert traj.tokens == hf_greedy(teacher, prompt, 12) and set(traj.sources) == {"teacher"}
+
+
+def test_a_row_does_not_depend_on_the_rest_of_the_batch(student):
+    teacher = model(3)
+    config = RolloutConfig(monitor=MonitorConfig(rule="fixed", tau=0.8, warmup=2), max_new_tokens=20, draft_len=4,
+                           intervention_len=2)  # fmt: skip
+    batch = rollout(student, teacher, PROMPTS, config, seeds=[7, 8, 9])
+    alone = rollout(student, teacher, [PROMPTS[1]], config, seeds=[8])
+    assert batch[1].tokens == alone[0].tokens and batch[1].sources == alone[0].sources
+    assert any(t.interventions for t in batch)  # the comparison covers backtracking too
+
+
+def test_bad_configs_and_inputs(student):
+    with pytest.raises(ValueError, match="unknown rollout mode"):
+        RolloutConfig(mode="gkd")
+    with pytest.raises(ValueError, match="draft_len"):
+        RolloutConfig(draft_len=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        rollout(student, student, [[]])
+    other = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=103, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=4,
+                                                         num_key_value_heads=2)).to(DEVICE)  # fmt: skip
+    with pytest.raises(ValueError, match="vocabulary mismatch: student LM head has 101 entries, teacher 103"):
+        rollout(student, other, PROMPTS)
