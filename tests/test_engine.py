@@ -101,6 +101,11 @@ def planted_case(student, prompt, earliest=3):
     return greedy, greedy[p], p, teacher
 
 
+def on_policy_scores(student, teacher, prompt, n):
+    config = RolloutConfig(mode="on_policy", student_sampling=GREEDY, monitor=NLL, max_new_tokens=n)
+    return rollout(student, teacher, [prompt], config)[0].scores
+
+
 def check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm):
     """After every round, each live row's caches hold its committed tokens but the pending one:
     feeding the pending token gives the hidden state a fresh forward over the sequence gives."""
@@ -128,8 +133,7 @@ def check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm):
 def test_token_level_backtrack_and_intervention(student, monkeypatch):
     prompt = PROMPTS[0]
     greedy, token, p, teacher = planted_case(student, prompt)
-    scores = rollout(student, teacher, [prompt], RolloutConfig(mode="on_policy", student_sampling=GREEDY,
-                                                                 monitor=NLL, max_new_tokens=p + 1))[0].scores  # fmt: skip
+    scores = on_policy_scores(student, teacher, prompt, p + 1)
     assert scores[p] > 3 * max(scores[:p])  # the plant shows up where the student writes the token
     tau = (scores[p] + max(scores[:p])) / 2
     config = RolloutConfig(mode="motab", monitor=replace(NLL, rule="fixed", tau=tau), draft_len=4,
@@ -155,8 +159,7 @@ def test_step_level_backtrack_lands_after_the_delimiter(student):
     greedy, token, p, teacher = planted_case(student, prompt, earliest=5)
     delimiter = next(t for t in greedy[1:p] if t != token)
     q = max(i for i in range(p) if greedy[i] == delimiter)
-    scores = rollout(student, teacher, [prompt], RolloutConfig(mode="on_policy", student_sampling=GREEDY,
-                                                                 monitor=NLL, max_new_tokens=p + 1))[0].scores  # fmt: skip
+    scores = on_policy_scores(student, teacher, prompt, p + 1)
     assert scores[p] > 3 * max(scores[:p])
     tau = (scores[p] + max(scores[:p])) / 2
     config = RolloutConfig(mode="motab", monitor=replace(NLL, rule="fixed", tau=tau), draft_len=3,
@@ -179,8 +182,8 @@ def test_skd_replaces_one_token_and_adaswitch_hands_over(student):
     ]
     assert skd.tokens[:p] == greedy[:p] and skd.sources[p] == "teacher"
     assert skd.tokens[p] == hf_greedy(teacher, prompt + greedy[:p], 1)[0] and skd.sources[p + 1] == "student"
-    ada = rollout(student, teacher, [prompt], RolloutConfig(mode="adaswitch", monitor=MonitorConfig(warmup=0, tau_min=0.0,
-                                                            window_factor=2.0), **common))[0]  # fmt: skip
+    switch_early = MonitorConfig(warmup=0, tau_min=0.0, window_factor=2.0)
+    ada = rollout(student, teacher, [prompt], RolloutConfig(mode="adaswitch", monitor=switch_early, **common))[0]
     switch = ada.sources.index("teacher")
     assert switch <= p and set(ada.sources[switch:]) == {"teacher"} and not ada.interventions
     assert ada.tokens[switch:] == hf_greedy(teacher, prompt + ada.tokens[:switch], len(ada.tokens) - switch)
