@@ -24,7 +24,9 @@ hands the rest of the row to the teacher, no backtracking).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -131,11 +133,15 @@ def rollout(
     seeds: Sequence[int] | None = None,
     tokenizer=None,
     teacher_tokenizer=None,
+    timings: dict[str, float] | None = None,
 ) -> list[Trajectory]:
     """Rolls out every prompt (token ids) under ``config``; ``seeds[i]`` (default ``i``) fixes
     row i's sampling, whatever else is in the batch. HF models are wrapped in PagedModels whose
     caches are sized up front (prompt + max_new_tokens + draft + intervention per row), so a
-    rollout cannot run out of cache midway."""
+    rollout cannot run out of cache midway. ``tokenizer`` (and the teacher's, to compare) fills
+    the vocabulary size, EOS, step delimiters and stop strings. A ``timings`` dict receives
+    seconds per phase (prefill, student_decode, teacher_verify, fused_op, monitor, truncation,
+    intervention, teacher_decode); measuring synchronises the device, so time throughput without it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     config = _with_tokenizer(config, tokenizer, teacher_tokenizer)
@@ -148,7 +154,7 @@ def rollout(
         elif model.cache.max_rows < len(prompts):
             raise ValueError(f"the PagedModel holds {model.cache.max_rows} rows, fewer than the {len(prompts)} prompts")
         models.append(model)
-    return _Engine(*models, config, tokenizer).run(prompts, seeds or list(range(len(prompts))))
+    return _Engine(*models, config, tokenizer, timings).run(prompts, seeds or list(range(len(prompts))))
 
 
 def _with_tokenizer(config: RolloutConfig, tokenizer, teacher_tokenizer) -> RolloutConfig:
@@ -177,8 +183,11 @@ def _with_tokenizer(config: RolloutConfig, tokenizer, teacher_tokenizer) -> Roll
 
 
 class _Engine:
-    def __init__(self, student: PagedModel, teacher: PagedModel, config: RolloutConfig, tokenizer=None) -> None:
+    def __init__(self, student: PagedModel, teacher: PagedModel, config: RolloutConfig, tokenizer=None,
+                 timings: dict[str, float] | None = None) -> None:  # fmt: skip
         self.student, self.teacher, self.config = student, teacher, config
+        self.timings = timings
+        self._phases: list[str] = []  # open timing phases, innermost last
         heads = (student.lm_head.weight.shape[0], teacher.lm_head.weight.shape[0])
         if config.vocab_size is None and heads[0] != heads[1]:
             raise ValueError(
@@ -210,9 +219,10 @@ class _Engine:
         for row in rows:
             row.teacher_writes = teacher_only
         models = [self.teacher] if teacher_only else [self.student, self.teacher]
-        for model in models:
-            model.reset(range(len(rows)))
-            model.extend([r.index for r in rows], [r.sequence[:-1] for r in rows])  # all but the pending token
+        with self._phase("prefill"):
+            for model in models:
+                model.reset(range(len(rows)))
+                model.extend([r.index for r in rows], [r.sequence[:-1] for r in rows])  # all but the pending token
         while True:
             active = [r for r in rows if not r.finished]
             if not active:
@@ -232,30 +242,37 @@ class _Engine:
         drafts = [[] for _ in rows]
         hidden = [[] for _ in rows]
         feed = [[r.sequence[-1]] for r in rows]
-        for step in range(max(lengths)):
-            live = [i for i, n in enumerate(lengths) if n > step]
-            out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
-            logits = self.student.logits(out)[:, : self.vocab]
-            for j, i in enumerate(live):
-                token = _sample(logits[j], config.student_sampling, rows[i].student_rng)
-                drafts[i].append(token)
-                hidden[i].append(out[j])
-                feed[i] = [token]
+        with self._phase("student_decode"):
+            for step in range(max(lengths)):
+                live = [i for i, n in enumerate(lengths) if n > step]
+                out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
+                logits = self.student.logits(out)[:, : self.vocab]
+                for j, i in enumerate(live):
+                    token = _sample(logits[j], config.student_sampling, rows[i].student_rng)
+                    drafts[i].append(token)
+                    hidden[i].append(out[j])
+                    feed[i] = [token]
         for row, draft in zip(rows, drafts):
             row.trajectory.counters["drafted"] += len(draft)
-        verify = self.teacher.extend([r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)])
-        stats = self._score(torch.stack([h for hs in hidden for h in hs]), verify, [t for d in drafts for t in d])
+        with self._phase("teacher_verify"):
+            verify = self.teacher.extend(
+                [r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)]
+            )
+        with self._phase("fused_op"):
+            stats = self._score(torch.stack([h for hs in hidden for h in hs]), verify, [t for d in drafts for t in d])
         first = 0
         interventions = []
-        for row, draft in zip(rows, drafts):
-            count = len(draft)
-            row_stats = {k: v[first : first + count] for k, v in stats.items()}
-            first += count
-            action = self._decide_and_commit(row, draft, row_stats)
-            if action is not None:
-                interventions.append((row, action))
+        with self._phase("monitor"):
+            for row, draft in zip(rows, drafts):
+                count = len(draft)
+                row_stats = {k: v[first : first + count] for k, v in stats.items()}
+                first += count
+                action = self._decide_and_commit(row, draft, row_stats)
+                if action is not None:
+                    interventions.append((row, action))
         if interventions:
-            self._intervene(interventions)
+            with self._phase("intervention"):
+                self._intervene(interventions)
 
     def _score(self, student_hidden, teacher_hidden, targets) -> dict[str, list[float]]:
         monitor = self.monitor_config
@@ -338,8 +355,9 @@ class _Engine:
     def _truncate_to_pending(self, row: _Row) -> None:
         """Both caches back to the committed tokens but the last (the new pending token)."""
         length = len(row.sequence) - 1
-        for model in (self.student, self.teacher):
-            model.truncate([row.index], [length])
+        with self._phase("truncation"):
+            for model in (self.student, self.teacher):
+                model.truncate([row.index], [length])
 
     def _release(self, row: _Row) -> None:
         """A finished row gives its cache blocks back."""
@@ -392,7 +410,8 @@ class _Engine:
             live = [r for r in rows if not r.finished]
             if not live:
                 return
-            hidden = self.teacher.extend([r.index for r in live], [[r.sequence[-1]] for r in live])
+            with self._phase("teacher_decode"):
+                hidden = self.teacher.extend([r.index for r in live], [[r.sequence[-1]] for r in live])
             logits = self.teacher.logits(hidden)[:, : self.vocab]
             for j, row in enumerate(live):
                 token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
@@ -401,6 +420,25 @@ class _Engine:
                     self._release(row)
 
     # ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Adds the wall time of the block to ``timings[name]`` (device synchronised) when timing."""
+        if self.timings is None:
+            yield
+            return
+        _synchronize(self.student.device)
+        start = time.perf_counter()
+        self._phases.append(name)
+        try:
+            yield
+        finally:
+            _synchronize(self.student.device)
+            elapsed = time.perf_counter() - start
+            self._phases.pop()
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed
+            if self._phases:  # a phase nested in another counts once: its parent's time excludes it
+                self.timings[self._phases[-1]] = self.timings.get(self._phases[-1], 0.0) - elapsed
+
     def _budget(self) -> float:
         return math.inf if self.config.mode == "skd" else self.config.max_interventions
 
@@ -423,6 +461,11 @@ class _Engine:
                 traj.finish_reason = "stop"
         row.finished = traj.finish_reason is not None
         return row.finished
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

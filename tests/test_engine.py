@@ -25,9 +25,9 @@ NLL = MonitorConfig(score="teacher_nll", warmup=0)
 PROMPTS = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15]]
 
 
-def model(seed, hidden=64):
+def model(seed, hidden=64, vocab=101):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=101, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.4,
                          tie_word_embeddings=False)  # fmt: skip
     return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
@@ -213,8 +213,77 @@ def test_bad_configs_and_inputs(student):
         RolloutConfig(draft_len=0)
     with pytest.raises(ValueError, match="at least one token"):
         rollout(student, student, [[]])
-    other = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=103, hidden_size=32, intermediate_size=64,
-                                                         num_hidden_layers=1, num_attention_heads=4,
-                                                         num_key_value_heads=2)).to(DEVICE)  # fmt: skip
+    other = model(6, hidden=32, vocab=103)
     with pytest.raises(ValueError, match="vocabulary mismatch: student LM head has 101 entries, teacher 103"):
         rollout(student, other, PROMPTS)
+
+
+def test_budget_exhausted_means_unmonitored(student):
+    prompt = PROMPTS[0]
+    greedy, _, p, teacher = planted_case(student, prompt)
+    scores = on_policy_scores(student, teacher, prompt, p + 1)
+    tau = (scores[p] + max(scores[:p])) / 2
+    config = RolloutConfig(monitor=replace(NLL, rule="fixed", tau=tau), max_interventions=0, max_new_tokens=p + 4,
+                           student_sampling=GREEDY, draft_len=4)  # fmt: skip
+    traj = rollout(student, teacher, [prompt], config)[0]
+    assert traj.tokens == greedy[: p + 4] and not traj.interventions and traj.counters["backtracks"] == 0
+    assert traj.scores[p] == pytest.approx(scores[p], rel=1e-4)  # still scored, never acted on
+
+
+def test_step_intervention_stops_at_the_teacher_delimiter(student):
+    prompt = PROMPTS[0]
+    greedy, _, p, teacher = planted_case(student, prompt)
+    teacher_text = hf_greedy(teacher, prompt + greedy[:p], 12)
+    delimiter = teacher_text[2]
+    scores = on_policy_scores(student, teacher, prompt, p + 1)
+    tau = (scores[p] + max(scores[:p])) / 2
+    config = RolloutConfig(monitor=replace(NLL, rule="fixed", tau=tau), intervention="step", intervention_len=10,
+                           delimiter_token_ids=(delimiter,), max_interventions=1, max_new_tokens=p + 12,
+                           student_sampling=GREEDY, teacher_sampling=GREEDY)  # fmt: skip
+    traj = rollout(student, teacher, [prompt], config)[0]
+    end = teacher_text.index(delimiter) + 1
+    assert traj.interventions[0] == (p, p + end) and traj.tokens[p : p + end] == teacher_text[:end]
+
+
+def test_eos_and_length_finish_rows(student):
+    teacher = model(4)
+    free = rollout(student, teacher, PROMPTS, RolloutConfig(mode="on_policy", student_sampling=GREEDY,
+                                                            max_new_tokens=10))  # fmt: skip
+    eos = free[0].tokens[3]
+    stopped = rollout(student, teacher, PROMPTS, RolloutConfig(mode="on_policy", student_sampling=GREEDY,
+                                                               max_new_tokens=10, eos_token_ids=(eos,)))  # fmt: skip
+    first = stopped[0]
+    assert first.tokens == free[0].tokens[: free[0].tokens.index(eos) + 1] and first.finish_reason == "eos"
+    assert all(t.finish_reason in ("eos", "length") for t in stopped)
+    assert all(len(t.tokens) == 10 for t in stopped if t.finish_reason == "length")
+
+
+def test_padded_lm_heads_sample_within_the_tokenizer_vocabulary(student):
+    padded = model(5, vocab=128)  # an LM head padded past the 101-token vocabulary
+    config = RolloutConfig(vocab_size=101, max_new_tokens=16, monitor=MonitorConfig(rule="fixed", tau=1.0, warmup=0))
+    for traj in rollout(student, padded, PROMPTS, config):
+        assert max(traj.tokens) < 101 and len(traj.tokens) == 16
+
+
+def test_tokenizers_must_agree(student):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def word_tokenizer(size):
+        level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0"))
+        level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=level, unk_token="t0")
+
+    with pytest.raises(ValueError, match=r"tokenizers differ \(vocabularies of 101 and 99 tokens\)"):
+        rollout(student, student, PROMPTS, tokenizer=word_tokenizer(101), teacher_tokenizer=word_tokenizer(99))
+
+
+def test_sampling_filters_and_seeds():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0], device=DEVICE)
+    rng = lambda seed: torch.Generator(device=DEVICE).manual_seed(seed)  # noqa: E731
+    assert engine_module._sample(logits, SamplingConfig(top_k=1), rng(0)) == 1
+    assert engine_module._sample(logits, SamplingConfig(top_p=0.01), rng(0)) == 1
+    draws = {engine_module._sample(logits, SamplingConfig(top_k=2), rng(s)) for s in range(40)}
+    assert draws == {1, 2}
+    same = [engine_module._sample(logits, SamplingConfig(temperature=2.0), rng(3)) for _ in range(2)]
+    assert same[0] == same[1]
