@@ -1,0 +1,137 @@
+"""Rollout throughput: MOTAB and the baselines in our engine vs the way TRL's GKD does it.
+
+Committed tokens per second of wall time for ``motab``, ``on_policy`` and ``off_policy`` in the
+paged engine, and for the GKD way: HF ``generate`` samples the student's completions, then one
+teacher forward over the result scores them (full logits). Same random models (Qwen2.5-1.5B-shaped
+student and 7B-shaped teacher in bf16 on a GPU, tiny ones on a CPU), same prompts, batch 1/16/64.
+Random models have no natural stray rate, so ``motab`` runs a fixed boundary τ set to the
+``--stray-rate`` quantile of the scores an on-policy pass produced; the measured intervention rate
+is reported. A separately timed ``motab`` run gives the time breakdown (each phase synchronised).
+Writes ``rollout.json`` and ``rollout.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+from _timing import sync
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from motab.engine import RolloutConfig, SamplingConfig, rollout
+from motab.models import PagedModel
+from motab.monitor import MonitorConfig
+
+QWEN_VOCAB = 151936
+STUDENT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+               num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+TEACHER = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+TINY_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)  # fmt: skip
+TINY_TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)  # fmt: skip
+
+
+def build(shape, vocab, dtype, device, seed):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **shape)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+
+
+def gkd_way(student, teacher, prompts, new_tokens, sampling):
+    """TRL GKD's on-policy step: generate with the student, then one teacher forward (full logits)."""
+    ids = torch.tensor(prompts, device=student.device)
+    out = student.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                           temperature=sampling.temperature, top_k=0, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    with torch.no_grad():
+        teacher(input_ids=out).logits.float()
+    return out.shape[0] * new_tokens
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--stray-rate", type=float, default=0.02, help="share of drafted tokens above τ")
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    vocab = QWEN_VOCAB if on_gpu else 1000
+    prompt_len, new_tokens = (64, 128) if on_gpu else (8, 24)
+    student = build(STUDENT if on_gpu else TINY_STUDENT, vocab, dtype, device, seed=0)
+    teacher = build(TEACHER if on_gpu else TINY_TEACHER, vocab, dtype, device, seed=1)
+    batches = [int(b) for b in args.batches.split(",")]
+    g = torch.Generator().manual_seed(0)
+    all_prompts = torch.randint(0, vocab, (max(batches), prompt_len), generator=g).tolist()
+    sampling = SamplingConfig(temperature=1.0)
+    base = RolloutConfig(max_new_tokens=new_tokens, draft_len=8, intervention_len=8, max_interventions=4,
+                         student_sampling=sampling, teacher_sampling=sampling)  # fmt: skip
+    capacity = max(batches) * (prompt_len + new_tokens + 32)
+    paged = [PagedModel(m, max_rows=max(batches), max_tokens=capacity, max_seq_len=prompt_len + new_tokens + 64)
+             for m in (student, teacher)]  # fmt: skip
+
+    # τ at the requested quantile of on-policy scores (random models have no natural stray rate)
+    warm = rollout(*paged, all_prompts[:16], replace(base, mode="on_policy"))
+    scores = sorted(s for t in warm for s in t.scores if math.isfinite(s))
+    tau = scores[min(len(scores) - 1, int((1 - args.stray_rate) * len(scores)))]
+    monitor = MonitorConfig(rule="fixed", tau=tau, warmup=0)
+    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    lines = [f"bench_rollout on {card}, {dtype}, {date.today()}: prompt {prompt_len}, {new_tokens} new tokens, "
+             f"draft 8, τ = {tau:.3g} (the {1 - args.stray_rate:.0%} quantile of on-policy fkl)", "",
+             "| batch | way | tok/s | interventions per 100 tokens | × GKD way |", "|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(lines))
+    rows = []
+    for b in batches:
+        prompts = all_prompts[:b]
+        gkd_way(student, teacher, prompts[:1], 4, sampling)  # warm-up
+        tokens, seconds = timed(
+            lambda prompts=prompts: gkd_way(student, teacher, prompts, new_tokens, sampling), device
+        )
+        reference = tokens / seconds
+        results = [("GKD way (HF generate + teacher forward)", reference, None)]
+        for mode in ("motab", "on_policy", "off_policy"):
+            config = replace(base, mode=mode, monitor=monitor)
+            trajectories, seconds = timed(lambda c=config, p=prompts: rollout(*paged, p, c), device)
+            committed = sum(len(t.tokens) for t in trajectories)
+            interventions = sum(len(t.interventions) for t in trajectories)
+            results.append((f"engine {mode}", committed / seconds, 100 * interventions / committed))
+        for name, rate, intervention_rate in results:
+            rows.append(dict(batch=b, way=name, tokens_per_s=rate, interventions_per_100=intervention_rate,
+                             speedup=rate / reference))  # fmt: skip
+            shown = "—" if intervention_rate is None else f"{intervention_rate:.2f}"
+            lines.append(f"| {b} | {name} | {rate:.1f} | {shown} | {rate / reference:.2f} |")
+            print(lines[-1], flush=True)
+    timings = {}
+    b = max(batches)
+    _, total = timed(lambda: rollout(*paged, all_prompts[:b], replace(base, monitor=monitor), timings=timings), device)
+    timings["host and other"] = total - sum(timings.values())
+    lines += ["", f"motab time breakdown at batch {b} (phases synchronised; {total:.2f} s in all):", "",
+              "| phase | s | share |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.3f} | {100 * v / total:.1f}% |" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])]
+    print("\n".join(lines[-len(timings) - 4 :]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(card=card, date=str(date.today()), dtype=str(dtype), tau=tau, prompt=prompt_len, new_tokens=new_tokens)
+    (out / "rollout.json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=timings), indent=1))
+    (out / "rollout.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
