@@ -34,7 +34,7 @@ import torch
 
 from motab.models import PagedModel
 from motab.monitor import Monitor, MonitorConfig
-from motab_kernels import fused_linear_divergence
+from motab_kernels import OutOfBlocksError, fused_linear_divergence
 
 MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch")
 
@@ -71,6 +71,7 @@ class RolloutConfig:
     stop_strings: tuple[str, ...] = ()
     vocab_size: int | None = None  # score and sample over ids below this (the tokenizer's)
     block_size: int = 16
+    keep_teacher_hidden: bool = False  # Trajectory.teacher_hidden: training can skip a teacher forward
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,10 +100,14 @@ class Trajectory:
     interventions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in tokens
     counters: dict = field(default_factory=lambda: dict(drafted=0, backtracks=0, discarded_tokens=0))
     finish_reason: str | None = None
+    # [len(tokens), teacher hidden] final hidden states whose LM-head output predicted each token
+    # (with keep_teacher_hidden): the teacher side of the distillation loss, already computed.
+    teacher_hidden: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready (NaN and inf become None)."""
-        out = asdict(self)
+        """JSON-ready (NaN and inf become None; teacher_hidden is left out)."""
+        out = asdict(replace(self, teacher_hidden=None))
+        del out["teacher_hidden"]
         for key in ("scores", "boundaries"):
             out[key] = [None if not math.isfinite(x) else x for x in out[key]]
         return out
@@ -115,6 +120,7 @@ class _Row:
     student_rng: torch.Generator
     teacher_rng: torch.Generator
     teacher_writes: bool = False  # off_policy, or adaswitch after its switch
+    hidden: list[torch.Tensor] = field(default_factory=list)  # teacher hidden per committed token
     interventions_used: int = 0
     since_intervention: int = 0  # response index where the current student stretch starts
     finished: bool = False
@@ -151,10 +157,25 @@ def rollout(
         if not isinstance(model, PagedModel):
             model = PagedModel(model, max_rows=len(prompts), max_tokens=per_row * len(prompts),
                                block_size=config.block_size, max_seq_len=per_row + config.block_size)  # fmt: skip
-        elif model.cache.max_rows < len(prompts):
-            raise ValueError(f"the PagedModel holds {model.cache.max_rows} rows, fewer than the {len(prompts)} prompts")
+        else:
+            _check_capacity(model, prompts, per_row - max(len(p) for p in prompts))
         models.append(model)
     return _Engine(*models, config, tokenizer, timings).run(prompts, seeds or list(range(len(prompts))))
+
+
+def _check_capacity(model: PagedModel, prompts, extra: int) -> None:
+    """A caller's PagedModel must hold the whole rollout: refuse before anything starts."""
+    cache = model.cache
+    if cache.max_rows < len(prompts):
+        raise ValueError(f"the PagedModel holds {cache.max_rows} rows, fewer than the {len(prompts)} prompts")
+    size = cache.block_size
+    need = sum(-(-(len(p) + extra) // size) for p in prompts)
+    free = cache.num_free_blocks + sum(-(-n // size) for n in cache.lengths(list(range(len(prompts)))))
+    if need > free:
+        raise OutOfBlocksError(
+            f"this rollout may need {need} cache blocks (prompts + max_new_tokens + draft + intervention per row) "
+            f"but the PagedModel can free only {free}; nothing was started"
+        )
 
 
 def _with_tokenizer(config: RolloutConfig, tokenizer, teacher_tokenizer) -> RolloutConfig:
@@ -233,6 +254,9 @@ class _Engine:
             writing = [r for r in active if r.teacher_writes and not r.finished]
             if writing:
                 self._teacher_round(writing)
+        if self.config.keep_teacher_hidden:
+            for row in rows:
+                row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
         return [r.trajectory for r in rows]
 
     # ---------------------------------------------------------------------------------------
@@ -258,24 +282,44 @@ class _Engine:
             verify = self.teacher.extend(
                 [r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)]
             )
+        by_op = [self._decided_by_op(r) for r in rows]
+        thresholds = [self.monitor.boundary(r.index) if op else math.inf for r, op in zip(rows, by_op)]
         with self._phase("fused_op"):
-            stats = self._score(torch.stack([h for hs in hidden for h in hs]), verify, [t for d in drafts for t in d])
+            stats, first_stray = self._score(
+                torch.stack([h for hs in hidden for h in hs]), verify, [t for d in drafts for t in d],
+                [tau for tau, d in zip(thresholds, drafts) for _ in d], [len(d) for d in drafts],
+            )  # fmt: skip
         first = 0
         interventions = []
         with self._phase("monitor"):
-            for row, draft in zip(rows, drafts):
+            for i, (row, draft) in enumerate(zip(rows, drafts)):
                 count = len(draft)
                 row_stats = {k: v[first : first + count] for k, v in stats.items()}
+                decided = (first_stray[i], thresholds[i]) if by_op[i] else None
+                action = self._decide_and_commit(row, draft, row_stats, verify[first : first + count], decided)
                 first += count
-                action = self._decide_and_commit(row, draft, row_stats)
                 if action is not None:
                     interventions.append((row, action))
         if interventions:
             with self._phase("intervention"):
                 self._intervene(interventions)
 
-    def _score(self, student_hidden, teacher_hidden, targets) -> dict[str, list[float]]:
+    def _decided_by_op(self, row: _Row) -> bool:
+        """Whether the fused op's threshold comparison decides this row's draft (exactly)."""
+        m = self.monitor_config
+        if m.score not in ("fkl", "rkl", "jsd") or not self._monitored(row):
+            return False
+        if m.frozen_per_draft:
+            return True
+        return m.rule == "fixed" and self.monitor.num_committed(row.index) >= m.warmup
+
+    def _monitored(self, row: _Row) -> bool:
+        return self.config.mode in ("motab", "skd", "adaswitch") and row.interventions_used < self._budget()
+
+    def _score(self, student_hidden, teacher_hidden, targets, thresholds, lengths):
+        """Per-token statistics of the drafts and, per row, the op's first stray for ``thresholds``."""
         monitor = self.monitor_config
+        device = student_hidden.device
         student_bias, teacher_bias = (None if m.lm_head.bias is None else m.lm_head.bias[: self.vocab]
                                       for m in (self.student, self.teacher))  # fmt: skip
         with torch.no_grad():
@@ -289,22 +333,27 @@ class _Engine:
                 kind=monitor.divergence_kind,
                 beta=monitor.beta,
                 temperature=monitor.temperature,
-                target=torch.tensor(targets, device=student_hidden.device),
+                target=torch.tensor(targets, device=device),
                 reduction="none",
+                threshold=torch.tensor(thresholds, device=device, dtype=torch.float32),
+                seq_len=lengths,
             )
-        return {
+        stats = {
             "divergence": out.per_token.tolist(),
             "teacher_logprob": out.teacher_logprob.tolist(),
             "teacher_rank": out.teacher_rank.tolist(),
         }
+        return stats, out.first_stray.tolist()
 
-    def _decide_and_commit(self, row: _Row, draft: list[int], stats: dict) -> str | None:
-        """Commits the row's safe prefix of ``draft``; returns the intervention it needs, if any."""
+    def _decide_and_commit(self, row: _Row, draft: list[int], stats: dict, teacher_hidden, decided) -> str | None:
+        """Commits the row's safe prefix of ``draft``; returns the intervention it needs, if any.
+        ``decided`` is (first stray, boundary) when the fused op compared already."""
         config, traj = self.config, row.trajectory
         scores = [self.monitor.score(d, lp, rk) for d, lp, rk in
                   zip(stats["divergence"], stats["teacher_logprob"], stats["teacher_rank"])]  # fmt: skip
-        monitored = config.mode in ("motab", "skd", "adaswitch") and row.interventions_used < self._budget()
-        if monitored:
+        if decided is not None:
+            first, boundaries = decided[0], [decided[1]] * len(draft)
+        elif self._monitored(row):
             first, boundaries = self.monitor.scan(row.index, scores)
         else:
             first, boundaries = len(draft), [math.nan] * len(draft)
@@ -313,7 +362,7 @@ class _Engine:
         if eos is not None:
             kept, first = kept[: eos + 1], eos + 1
         start = len(traj.tokens)
-        self._append(row, kept, "student", scores[: len(kept)], boundaries[: len(kept)])
+        self._append(row, kept, "student", scores[: len(kept)], boundaries[: len(kept)], teacher_hidden[: len(kept)])
         self.monitor.commit(row.index, scores[: len(kept)])
         if self._finish_if_done(row):
             self._release(row)
@@ -350,6 +399,7 @@ class _Engine:
         scored_before = sum(1 for s in traj.sources[:keep] if s == "student")
         for name in ("tokens", "sources", "scores", "boundaries"):
             del getattr(traj, name)[keep:]
+        del row.hidden[keep:]
         self.monitor.rewind(row.index, scored_before)
 
     def _truncate_to_pending(self, row: _Row) -> None:
@@ -368,6 +418,7 @@ class _Engine:
         """The teacher writes for every requesting row at once, then the student reads it."""
         config = self.config
         written = {row.index: [] for row, _ in requests}
+        states = {row.index: [] for row, _ in requests}  # the teacher hidden behind each written token
         limits = {row.index: 1 if kind == "replace" else config.intervention_len for row, kind in requests}
         live = [row for row, _ in requests]
         feed = {row.index: [row.sequence[-1]] for row in live}
@@ -379,6 +430,7 @@ class _Engine:
                 token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
                 out = written[row.index]
                 out.append(token)
+                states[row.index].append(hidden[j])
                 feed[row.index] = [token]
                 ends_step = config.intervention == "step" and token in self.delimiters
                 if not (token in self.eos or ends_step or len(out) >= limits[row.index]
@@ -391,7 +443,8 @@ class _Engine:
             start = len(row.trajectory.tokens)
             # the teacher fed the pending token and tokens[:-1]; the student reads the same
             feed_student = [row.sequence[-1]] + tokens[:-1]
-            self._append(row, tokens, "teacher", [math.nan] * len(tokens), [math.nan] * len(tokens))
+            nan = [math.nan] * len(tokens)
+            self._append(row, tokens, "teacher", nan, nan, states[row.index])
             row.trajectory.interventions.append((start, start + len(tokens)))
             if kind == "intervene":
                 row.interventions_used += 1
@@ -415,7 +468,7 @@ class _Engine:
             logits = self.teacher.logits(hidden)[:, : self.vocab]
             for j, row in enumerate(live):
                 token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
-                self._append(row, [token], "teacher", [math.nan], [math.nan])
+                self._append(row, [token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
                 if self._finish_if_done(row):
                     self._release(row)
 
@@ -442,8 +495,10 @@ class _Engine:
     def _budget(self) -> float:
         return math.inf if self.config.mode == "skd" else self.config.max_interventions
 
-    def _append(self, row: _Row, tokens, source, scores, boundaries) -> None:
+    def _append(self, row: _Row, tokens, source, scores, boundaries, teacher_hidden) -> None:
         traj = row.trajectory
+        if self.config.keep_teacher_hidden:
+            row.hidden += list(teacher_hidden)
         traj.tokens += tokens
         traj.sources += [source] * len(tokens)
         traj.scores += list(scores)

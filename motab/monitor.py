@@ -27,6 +27,10 @@ that agrees with its teacher) do not make every small wobble a stray:
 
 No decision is taken until the row has ``warmup`` committed scores (its boundary reads +inf):
 the opening tokens of a response are the least predictable and carry no history yet.
+
+For divergence scores under the ``fixed`` rule, and for any rule with ``frozen_per_draft``, the
+engine lets the fused op compare scores with the boundary in the same pass (exact for a fixed
+boundary); otherwise it calls ``scan``, a k-step loop per row.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class MonitorConfig:
     warmup: int = 8
     skd_top_k: int = 25
     temperature: float = 1.0  # of both distributions when scoring (separate from sampling)
+    # Hold every token of a draft to the boundary the row had when the draft began (decided by the
+    # fused op's own threshold comparison); by default the boundary moves token by token.
+    frozen_per_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:

@@ -16,6 +16,7 @@ from motab import engine as engine_module
 from motab.engine import RolloutConfig, SamplingConfig, rollout
 from motab.models import PagedModel
 from motab.monitor import RULES, MonitorConfig
+from motab_kernels import OutOfBlocksError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -287,3 +288,43 @@ def test_sampling_filters_and_seeds():
     assert draws == {1, 2}
     same = [engine_module._sample(logits, SamplingConfig(temperature=2.0), rng(3)) for _ in range(2)]
     assert same[0] == same[1]
+
+
+def test_fixed_rule_decided_by_the_op_equals_the_scan(student, monkeypatch):
+    teacher = model(7)
+    config = RolloutConfig(monitor=MonitorConfig(rule="fixed", tau=0.6, warmup=3), max_new_tokens=24, draft_len=5,
+                           intervention_len=2)  # fmt: skip
+    by_op_calls = []
+    original = engine_module._Engine._decided_by_op
+    monkeypatch.setattr(engine_module._Engine, "_decided_by_op",
+                        lambda self, row: by_op_calls.append(original(self, row)) or by_op_calls[-1])  # fmt: skip
+    with_op = rollout(student, teacher, PROMPTS, config)
+    assert any(by_op_calls) and any(t.interventions for t in with_op)
+    monkeypatch.setattr(engine_module._Engine, "_decided_by_op", lambda self, row: False)
+    with_scan = rollout(student, teacher, PROMPTS, config)
+    for a, b in zip(with_op, with_scan):
+        assert a.tokens == b.tokens and a.sources == b.sources and a.interventions == b.interventions
+
+
+@pytest.mark.parametrize("mode", ["motab", "off_policy"])
+def test_kept_teacher_hidden_states_are_the_teachers_own(student, mode):
+    prompt = PROMPTS[0]
+    greedy, _, p, teacher = planted_case(student, prompt)
+    scores = on_policy_scores(student, teacher, prompt, p + 1)
+    config = RolloutConfig(mode=mode, monitor=replace(NLL, rule="fixed", tau=(scores[p] + max(scores[:p])) / 2),
+                           backtrack="step", delimiter_token_ids=(greedy[1],), keep_teacher_hidden=True,
+                           max_new_tokens=p + 6, draft_len=4, intervention_len=2)  # fmt: skip
+    traj = rollout(student, teacher, [prompt], config)[0]
+    assert traj.teacher_hidden.shape == (len(traj.tokens), 64)
+    sequence = torch.tensor([prompt + traj.tokens], device=DEVICE)
+    with torch.no_grad():
+        fresh = teacher.model(sequence).last_hidden_state[0, len(prompt) - 1 : -1]
+    torch.testing.assert_close(traj.teacher_hidden, fresh, rtol=1e-4, atol=1e-4)
+    assert "teacher_hidden" not in traj.to_dict()
+
+
+def test_a_cache_too_small_is_refused_before_anything_starts(student):
+    small = PagedModel(model(8), max_rows=3, max_tokens=40, block_size=4)
+    with pytest.raises(OutOfBlocksError, match="nothing was started"):
+        rollout(student, small, PROMPTS, RolloutConfig(max_new_tokens=64))
+    assert small.lengths([0, 1, 2]) == [0, 0, 0]
