@@ -16,20 +16,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _models import QWEN2_5_1_5B, QWEN_VOCAB, TINY_STUDENT, random_lm
 from _timing import copy_bandwidth, median_seconds
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from motab.models import PagedModel, greedy_decode
 from motab_kernels import PagedKVCache, QueryLayout, paged_attention
-
-QWEN_1_5B = dict(
-    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-    num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-)  # fmt: skip
-TINY = dict(
-    vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=4096,
-)  # fmt: skip
 
 
 def decode_rows(model, batches, prompt_len, new_tokens, device, reps):
@@ -82,12 +73,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    config, dtype = (QWEN_1_5B, torch.bfloat16) if on_gpu else (TINY, torch.float32)
+    shape, dtype = (QWEN2_5_1_5B, torch.bfloat16) if on_gpu else (TINY_STUDENT, torch.float32)
+    config = dict(shape, vocab_size=QWEN_VOCAB if on_gpu else 1000)
     prompt_len, new_tokens, context = (128, 128, 8192) if on_gpu else (16, 16, 1024)
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**config), attn_implementation="sdpa", dtype=dtype)
-    model = model.to(device).eval()
+    model = random_lm(shape, config["vocab_size"], dtype, device, seed=0)
     print(f"# bench_decode on {card}, {date.today()}, {dtype}, {config['num_hidden_layers']} layers")
     lines = ["| batch | prompt | new tokens | HF generate tok/s | paged tok/s | × |", "|---|---|---|---|---|---|"]
     print("\n".join(lines))

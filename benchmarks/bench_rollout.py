@@ -21,28 +21,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from _models import student_and_teacher
 from _timing import sync
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from motab.engine import RolloutConfig, SamplingConfig, rollout
 from motab.models import PagedModel
 from motab.monitor import MonitorConfig
-
-QWEN_VOCAB = 151936
-STUDENT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-               num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-TEACHER = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
-TINY_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)  # fmt: skip
-TINY_TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)  # fmt: skip
-
-
-def build(shape, vocab, dtype, device, seed):
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **shape)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
 
 
 def gkd_way(student, teacher, prompts, new_tokens, sampling):
@@ -72,11 +56,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    vocab = QWEN_VOCAB if on_gpu else 1000
     prompt_len, new_tokens = (64, 128) if on_gpu else (8, 24)
-    student = build(STUDENT if on_gpu else TINY_STUDENT, vocab, dtype, device, seed=0)
-    teacher = build(TEACHER if on_gpu else TINY_TEACHER, vocab, dtype, device, seed=1)
+    student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
     batches = [int(b) for b in args.batches.split(",")]
     g = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(0, vocab, (max(batches), prompt_len), generator=g).tolist()

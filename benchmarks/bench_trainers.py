@@ -18,29 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from _models import student_and_teacher  # noqa: E402
 from _timing import median_seconds, sync  # noqa: E402
 
 from motab.integrations.hf import distillation_loss  # noqa: E402
-
-QWEN_VOCAB = 151936
-STUDENT_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                    num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-TEACHER_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
-TINY_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)  # fmt: skip
-TINY_TEACHER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2)  # fmt: skip
-
-
-def build(shape, vocab, dtype, device, seed):
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **shape)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device)
 
 
 def trl_loss_fn(student, teacher, beta):
@@ -68,10 +52,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    vocab = QWEN_VOCAB if on_gpu else 4096
-    student = build(STUDENT_1_5B if on_gpu else TINY_STUDENT, vocab, dtype, device, seed=0).train()
-    teacher = build(TEACHER_7B if on_gpu else TINY_TEACHER, vocab, dtype, device, seed=1).eval()
+    student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=4096)
+    student.train()
     batch, seq_len = args.batch or (4 if on_gpu else 4), args.seq_len or (2048 if on_gpu else 256)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)

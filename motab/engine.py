@@ -232,6 +232,7 @@ class _Engine:
     def run(self, prompts, seeds) -> list[Trajectory]:
         device = self.student.device
         rows = [
+            # the teacher samples from its own stream, offset from the student's by a large prime
             _Row(i, Trajectory(list(p)), _generator(device, s), _generator(self.teacher.device, s + 1_000_003))
             for i, (p, s) in enumerate(zip(prompts, seeds))
         ]
