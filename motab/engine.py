@@ -117,8 +117,9 @@ class Trajectory:
 class _Row:
     index: int
     trajectory: Trajectory
-    student_rng: torch.Generator
-    teacher_rng: torch.Generator
+    seed: int
+    student_draws: int = 0  # tokens this row's student stream has sampled (the RNG counter)
+    teacher_draws: int = 0
     teacher_writes: bool = False  # off_policy, or adaswitch after its switch
     hidden: list[torch.Tensor] = field(default_factory=list)  # teacher hidden per committed token
     interventions_used: int = 0
@@ -230,12 +231,7 @@ class _Engine:
 
     # ---------------------------------------------------------------------------------------
     def run(self, prompts, seeds) -> list[Trajectory]:
-        device = self.student.device
-        rows = [
-            # the teacher samples from its own stream, offset from the student's by a large prime
-            _Row(i, Trajectory(list(p)), _generator(device, s), _generator(self.teacher.device, s + 1_000_003))
-            for i, (p, s) in enumerate(zip(prompts, seeds))
-        ]
+        rows = [_Row(i, Trajectory(list(p)), s) for i, (p, s) in enumerate(zip(prompts, seeds))]
         self.monitor = Monitor(self.monitor_config, len(rows))
         teacher_only = self.config.mode == "off_policy"
         for row in rows:
@@ -272,8 +268,8 @@ class _Engine:
                 live = [i for i, n in enumerate(lengths) if n > step]
                 out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
                 logits = self.student.logits(out)[:, : self.vocab]
-                for j, i in enumerate(live):
-                    token = _sample(logits[j], config.student_sampling, rows[i].student_rng)
+                tokens = self._sample(logits, [rows[i] for i in live], teacher=False)
+                for j, (i, token) in enumerate(zip(live, tokens)):
                     drafts[i].append(token)
                     hidden[i].append(out[j])
                     feed[i] = [token]
@@ -427,8 +423,7 @@ class _Engine:
             hidden = self.teacher.extend([r.index for r in live], [feed[r.index] for r in live])
             logits = self.teacher.logits(hidden)[:, : self.vocab]
             still = []
-            for j, row in enumerate(live):
-                token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
+            for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
                 out = written[row.index]
                 out.append(token)
                 states[row.index].append(hidden[j])
@@ -467,8 +462,7 @@ class _Engine:
             with self._phase("teacher_decode"):
                 hidden = self.teacher.extend([r.index for r in live], [[r.sequence[-1]] for r in live])
             logits = self.teacher.logits(hidden)[:, : self.vocab]
-            for j, row in enumerate(live):
-                token = _sample(logits[j], config.teacher_sampling, row.teacher_rng)
+            for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
                 self._append(row, [token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
                 if self._finish_if_done(row):
                     self._release(row)
@@ -492,6 +486,19 @@ class _Engine:
             self.timings[name] = self.timings.get(name, 0.0) + elapsed
             if self._phases:  # a phase nested in another counts once: its parent's time excludes it
                 self.timings[self._phases[-1]] = self.timings.get(self._phases[-1], 0.0) - elapsed
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], teacher: bool) -> list[int]:
+        """One token per row, all rows in one batched draw; each row's draw depends only on its
+        seed and its own counter, so a row samples the same whatever else is in the batch."""
+        seeds = [(r.seed * 2 + int(teacher)) for r in rows]  # the student's and teacher's streams differ
+        counters = [r.teacher_draws if teacher else r.student_draws for r in rows]
+        for r in rows:
+            if teacher:
+                r.teacher_draws += 1
+            else:
+                r.student_draws += 1
+        sampling = self.config.teacher_sampling if teacher else self.config.student_sampling
+        return sample_tokens(logits, sampling, seeds, counters).tolist()
 
     def _budget(self) -> float:
         return math.inf if self.config.mode == "skd" else self.config.max_interventions
@@ -524,21 +531,45 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+# splitmix64's constants, as signed 64-bit integers (torch has no uint64 arithmetic).
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX_2 = -7723592293110705685  # 0x94D049BB133111EB
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
-    """One token from ``logits`` [V] with the row's own generator."""
+def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _uniforms(seeds: torch.Tensor, counters: torch.Tensor, width: int) -> torch.Tensor:
+    """``[rows, width]`` uniforms in (0, 1): splitmix64 of (seed, counter, column), counter-based so
+    that a row's numbers depend on nothing but its own seed and counter."""
+    columns = torch.arange(width, device=seeds.device, dtype=torch.int64)
+    x = (seeds * _GOLDEN + counters)[:, None] * _GOLDEN + columns[None, :]
+    x = (x ^ _logical_shift_right(x, 30)) * _MIX_1
+    x = (x ^ _logical_shift_right(x, 27)) * _MIX_2
+    x = x ^ _logical_shift_right(x, 31)
+    return (_logical_shift_right(x, 11).to(torch.float64) + 0.5) / float(1 << 53)  # 53 random bits
+
+
+def sample_tokens(
+    logits: torch.Tensor, sampling: SamplingConfig, seeds: Sequence[int], counters: Sequence[int]
+) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, V]: softmax(logits / T) restricted to the top-k and
+    top-p sets, drawn by the Gumbel-max trick with per-row counter-based noise (temperature 0 is
+    greedy)."""
     if sampling.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     logits = logits.float() / sampling.temperature
     if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     if sampling.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(ordered, -1).cumsum(-1)
-        drop = cumulative - torch.softmax(ordered, -1) >= sampling.top_p  # keep the smallest prefix reaching p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ordered, -1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # keep the smallest prefix reaching p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
+    device = logits.device
+    uniforms = _uniforms(torch.tensor(seeds, device=device), torch.tensor(counters, device=device), logits.shape[-1])
+    gumbel = -torch.log(-torch.log(uniforms)).to(logits.dtype)
+    return (logits + gumbel).argmax(-1)

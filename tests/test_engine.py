@@ -279,15 +279,25 @@ def test_tokenizers_must_agree(student):
         rollout(student, student, PROMPTS, tokenizer=word_tokenizer(101), teacher_tokenizer=word_tokenizer(99))
 
 
-def test_sampling_filters_and_seeds():
-    logits = torch.tensor([0.0, 3.0, 2.9, -1.0], device=DEVICE)
-    rng = lambda seed: torch.Generator(device=DEVICE).manual_seed(seed)  # noqa: E731
-    assert engine_module._sample(logits, SamplingConfig(top_k=1), rng(0)) == 1
-    assert engine_module._sample(logits, SamplingConfig(top_p=0.01), rng(0)) == 1
-    draws = {engine_module._sample(logits, SamplingConfig(top_k=2), rng(s)) for s in range(40)}
-    assert draws == {1, 2}
-    same = [engine_module._sample(logits, SamplingConfig(temperature=2.0), rng(3)) for _ in range(2)]
-    assert same[0] == same[1]
+def test_sampling_filters_seeds_and_distribution():
+    sample = engine_module.sample_tokens
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]] * 3, device=DEVICE)
+    assert sample(logits, SamplingConfig(top_k=1), [0, 1, 2], [0, 0, 0]).tolist() == [1, 1, 1]
+    assert sample(logits, SamplingConfig(top_p=0.01), [0, 1, 2], [5, 6, 7]).tolist() == [1, 1, 1]
+    assert sample(logits, SamplingConfig(temperature=0.0), [0, 1, 2], [0, 0, 0]).tolist() == [1, 1, 1]
+    top2 = sample(logits[:1].expand(400, 4), SamplingConfig(top_k=2), list(range(400)), [0] * 400)
+    assert set(top2.tolist()) == {1, 2}
+    # a row's draw depends on its seed and counter only, not on the other rows
+    one = sample(logits[:1], SamplingConfig(), [11], [4])
+    many = sample(torch.randn(5, 4, device=DEVICE).index_copy(0, torch.tensor([3], device=DEVICE), logits[:1]),
+                  SamplingConfig(), [1, 2, 3, 11, 5], [0, 0, 0, 4, 0])  # fmt: skip
+    assert many[3] == one[0]
+    # frequencies follow softmax(logits / T) (20k draws: 4 standard errors)
+    n, temperature = 20000, 1.5
+    draws = sample(logits[:1].expand(n, 4), SamplingConfig(temperature=temperature), [7] * n, list(range(n)))
+    frequency = torch.bincount(draws, minlength=4).double() / n
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    assert torch.all((frequency - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-9)
 
 
 def test_fixed_rule_decided_by_the_op_equals_the_scan(student, monkeypatch):
