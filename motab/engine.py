@@ -132,7 +132,7 @@ class _Row:
 
 
 def rollout(
-    student: PagedModel | torch.nn.Module,
+    student: PagedModel | torch.nn.Module | None,
     teacher: PagedModel | torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     config: RolloutConfig = RolloutConfig(),
@@ -151,17 +151,24 @@ def rollout(
     intervention, teacher_decode); measuring synchronises the device, so time throughput without it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if student is None and config.mode != "off_policy":
+        raise ValueError(f"mode {config.mode!r} needs a student model (only off_policy runs the teacher alone)")
     config = _with_tokenizer(config, tokenizer, teacher_tokenizer)
     per_row = max(len(p) for p in prompts) + config.max_new_tokens + config.draft_len + config.intervention_len + 1
     models = []
-    for model in (student, teacher):
-        if not isinstance(model, PagedModel):
+    for model in (teacher, student):
+        if model is None:  # off_policy without a student: the teacher's cache stands in, unused
+            model = models[0]
+        elif not isinstance(model, PagedModel):
             model = PagedModel(model, max_rows=len(prompts), max_tokens=per_row * len(prompts),
                                block_size=config.block_size, max_seq_len=per_row + config.block_size)  # fmt: skip
         else:
             _check_capacity(model, prompts, per_row - max(len(p) for p in prompts))
         models.append(model)
-    return _Engine(*models, config, tokenizer, timings).run(prompts, seeds or list(range(len(prompts))))
+    teacher_model, student_model = models
+    return _Engine(student_model, teacher_model, config, tokenizer, timings).run(
+        prompts, seeds or list(range(len(prompts)))
+    )
 
 
 def _check_capacity(model: PagedModel, prompts, extra: int) -> None:

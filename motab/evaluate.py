@@ -1,0 +1,121 @@
+"""Accuracy on a benchmark of problems with final answers written as ``\\boxed{...}``.
+
+``extract_boxed`` takes the last ``\\boxed{}`` (or ``\\fbox{}``) of a completion, braces balanced;
+``normalize_answer`` and ``answers_match`` compare it with the reference: integers and decimals
+by value (``1,000`` = ``1000`` = ``1000.0``), fractions by value (``\\frac{6}{8}`` = ``3/4`` =
+``0.75``), and otherwise text after removing ``$``, spaces, ``\\text{}``, ``\\left``/``\\right``, a
+leading ``x =`` and a trailing period. ``evaluate`` samples n completions per problem with the
+paged engine (the model writes alone, as ``off_policy``) and reports pass@1 as the mean accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from motab.engine import RolloutConfig, SamplingConfig, rollout
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` in ``text`` (nested braces kept), or None."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i].strip()
+    return None
+
+
+def normalize_answer(answer: str) -> str:
+    """A canonical text for ``answer`` (see the module docstring)."""
+    s = answer.strip().strip("$").strip()
+    s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(left|right|displaystyle|,|;|!| )", "", s)
+    s = re.sub(r"^[a-zA-Z]\s*=", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    value = _as_number(s)
+    if value is not None:
+        return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    return s
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    return predicted is not None and normalize_answer(predicted) == normalize_answer(reference)
+
+
+def _as_number(s: str) -> Fraction | None:
+    """Exact value of an integer, decimal or (parenthesised) fraction, with 1,000-style commas."""
+    plain = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
+    fraction = re.fullmatch(r"\(?([-+]?[\d.]+)\)?/\(?([-+]?[\d.]+)\)?", plain)
+    try:
+        if fraction:
+            return Fraction(fraction.group(1)) / Fraction(fraction.group(2))
+        if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", plain):
+            return Fraction(plain)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # pass@1: mean over problems of the share of correct samples
+    per_problem: list[dict]
+
+
+def evaluate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    *,
+    samples: int = 1,
+    max_new_tokens: int = 512,
+    sampling: SamplingConfig = GREEDY,
+    batch_size: int = 32,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+) -> EvalResult:
+    """Generates ``samples`` completions per prompt (token ids) with the paged engine and grades
+    their last ``\\boxed{}`` against ``answers``. With ``out_dir``: ``problems.jsonl`` (one line
+    per problem: completions, extracted answers, correctness) and ``summary.json``."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if samples < 1:
+        raise ValueError(f"samples must be ≥ 1, got {samples}")
+    config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(samples)]
+    completions: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        seeds = [seed + i * samples + k for i, k in batch]
+        trajectories = rollout(None, model, [prompts[i] for i, _ in batch], config, seeds=seeds, tokenizer=tokenizer)
+        for (i, _), trajectory in zip(batch, trajectories):
+            completions[i].append(tokenizer.decode(trajectory.tokens, skip_special_tokens=True))
+    per_problem = []
+    for i, answer in enumerate(answers):
+        extracted = [extract_boxed(c) for c in completions[i]]
+        correct = [answers_match(e, answer) for e in extracted]
+        per_problem.append(dict(index=i, answer=answer, completions=completions[i], extracted=extracted,
+                                correct=correct, accuracy=sum(correct) / len(correct)))  # fmt: skip
+    accuracy = sum(p["accuracy"] for p in per_problem) / max(len(per_problem), 1)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "problems.jsonl", "w", encoding="utf-8") as f:
+            for problem in per_problem:
+                f.write(json.dumps(problem) + "\n")
+        summary = dict(accuracy=accuracy, problems=len(per_problem), samples=samples, max_new_tokens=max_new_tokens)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return EvalResult(accuracy, per_problem)

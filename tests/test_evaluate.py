@@ -1,0 +1,93 @@
+"""Answer extraction and normalisation, and evaluate()'s grading, files and generation path."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+from motab import evaluate as evaluate_module
+from motab.engine import Trajectory
+from motab.evaluate import answers_match, evaluate, extract_boxed, normalize_answer
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"so \boxed{42}.", "42"),
+        (r"\boxed{1} then \boxed{\frac{3}{4}}", r"\frac{3}{4}"),
+        (r"\boxed{ \{1, 2\} }", r"\{1, 2\}"),
+        (r"answer: \boxed{x^{2}+1}", "x^{2}+1"),
+        (r"\fbox{7}", "7"),
+        ("no box here", None),
+        (r"\boxed{unclosed", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "predicted,reference,same",
+    [
+        ("1,000", "1000", True),
+        ("1000.0", "1000", True),
+        (r"\frac{6}{8}", "3/4", True),
+        (r"\dfrac{3}{4}", "0.75", True),
+        ("$x = 5$", "5", True),
+        (r"\text{ 12 }", "12", True),
+        (r"\left( 1, 2 \right)", "(1,2)", True),
+        ("-3", "3", False),
+        ("1/0", "1/0", True),  # not a number: compared as text
+        ("7", "8", False),
+    ],
+)
+def test_answers_match(predicted, reference, same):
+    assert answers_match(predicted, reference) is same
+    assert answers_match(None, reference) is False
+
+
+def test_normalize_is_canonical():
+    assert normalize_answer("  0.50 ") == normalize_answer(r"\frac{1}{2}") == "1/2"
+
+
+def test_grading_aggregation_and_files(tmp_path, monkeypatch):
+    """Two problems × two samples with planted completions: pass@1 is the mean share correct."""
+    words = ["\\boxed{", "}", "3/4", "0.75", "5", "7", "so"]
+    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="so"))
+    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="so")
+    planted = {0: ["so \\boxed{ 0.75 }", "\\boxed{ 5 }"], 1: ["\\boxed{ 7 }", "\\boxed{ 7 }"]}
+
+    def fake_rollout(student, teacher, prompts, config, seeds, tokenizer):
+        assert student is None and config.mode == "off_policy"
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            problem, sample = divmod(seed, 2)
+            out.append(Trajectory(list(prompt), tokens=tokenizer.encode(planted[problem][sample])))
+        return out
+
+    monkeypatch.setattr(evaluate_module, "rollout", fake_rollout)
+    result = evaluate("model", tokenizer, [[0], [1]], ["3/4", "7"], samples=2, batch_size=3, out_dir=tmp_path)
+    assert [p["correct"] for p in result.per_problem] == [[True, False], [True, True]]
+    assert result.accuracy == pytest.approx(0.75)
+    lines = (tmp_path / "problems.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["extracted"] == ["0.75", "5"]
+    assert json.loads((tmp_path / "summary.json").read_text())["accuracy"] == pytest.approx(0.75)
+
+
+def test_generation_path_runs_on_a_tiny_model(tmp_path):
+    words = [f"w{i}" for i in range(60)]
+    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="w0")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=60, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=4,
+                                                         num_key_value_heads=2)).eval()  # fmt: skip
+    result = evaluate(model, tokenizer, [[1, 2], [3]], ["1", "2"], samples=2, max_new_tokens=5, out_dir=tmp_path)
+    assert result.accuracy == 0.0  # random words hold no \boxed answer
+    assert all(len(p["completions"]) == 2 for p in result.per_problem)
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        evaluate(model, tokenizer, [[1], [2]], ["1"])
