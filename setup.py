@@ -14,6 +14,8 @@ setup(
         "triton>=3.2",
         "numpy>=1.26",
         "transformers>=4.56",
+        # data sets on disk (Parquet, saved datasets directories) for the pipeline
+        "datasets>=3.0",
     ],
     extras_require={
         # trl is the independent oracle for the divergences (GKDTrainer.generalized_jsd_loss).
