@@ -1,0 +1,132 @@
+"""The training loop on tiny random models: it learns, accumulation is exact, resume is exact."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from motab.data import Problem
+from motab.engine import RolloutConfig
+from motab.monitor import MonitorConfig
+from motab.trainer import DistillationTrainer, TrainConfig
+
+
+def tiny(seed, hidden, layers, tied=False):
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         tie_word_embeddings=tied)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+PROBLEMS = [Problem(f"p{i}", [1 + i, 2 + i, 3 + i], str(i), None) for i in range(6)]
+ROLLOUT = RolloutConfig(max_new_tokens=12, draft_len=4, intervention_len=2, keep_teacher_hidden=True,
+                        monitor=MonitorConfig(rule="fixed", tau=0.5, warmup=2))  # fmt: skip
+
+
+def config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), steps=4, prompts_per_step=4, micro_batch=2, rollout=ROLLOUT,
+                learning_rate=1e-3, warmup_steps=1, save_every=2)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def trainer(tmp_path, student=None, teacher=None, **kw):
+    return DistillationTrainer(student or tiny(0, 32, 1), teacher or tiny(1, 64, 2), None, PROBLEMS,
+                               config(tmp_path, **kw))  # fmt: skip
+
+
+def fixed_batch_loss(run):
+    """The distillation loss on one fixed set of problems' trajectories, without a gradient step."""
+    grads_before = [p.grad for p in run.student.parameters()]
+    problems = run.step_problems(0)
+    run.student.train()
+    from motab.engine import rollout
+    from motab.losses import trajectory_targets
+
+    torch.manual_seed(0)
+    trajectories = rollout(*run.paged, [p.prompt_ids for p in problems], replace(ROLLOUT, mode="off_policy"),
+                           seeds=list(range(len(problems))))  # fmt: skip
+    examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
+    loss = run._micro_step(examples, trajectories, normalizer=sum(len(t.tokens) for t in trajectories))
+    run.optimizer.zero_grad(set_to_none=True)
+    assert all(g is None for g in grads_before)
+    return loss
+
+
+def test_training_reduces_the_loss_and_logs(tmp_path):
+    run = trainer(tmp_path, steps=12, learning_rate=3e-3, save_every=100)
+    before = fixed_batch_loss(run)
+    history = run.train(progress=False)
+    after = fixed_batch_loss(run)
+    assert after < 0.8 * before, (before, after)
+    assert len(history) == 12 and all(h["loss_tokens"] > 0 for h in history)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and '"interventions_per_100"' in lines[0]
+    assert (tmp_path / "latest").read_text() == "checkpoint-12"
+    assert (tmp_path / "checkpoint-12" / "student" / "model.safetensors").exists()
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    student, teacher = tiny(0, 32, 1), tiny(1, 64, 2)
+    runs = [trainer(tmp_path / str(m), copy.deepcopy(student), teacher, steps=1, micro_batch=m, max_grad_norm=0.0)
+            for m in (1, 2, 4)]  # fmt: skip
+    for run in runs:
+        run.train(progress=False)
+    reference = dict(runs[-1].student.named_parameters())
+    for run in runs[:-1]:
+        for name, p in run.student.named_parameters():
+            torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resume_equals_an_uninterrupted_run(tmp_path, tied):
+    student, teacher = tiny(0, 32, 1, tied=tied), tiny(1, 64, 2)
+    whole = trainer(tmp_path / "whole", copy.deepcopy(student), teacher)
+    whole.train(progress=False)
+    first = trainer(tmp_path / "split", copy.deepcopy(student), teacher, save_every=100)
+    stop_after(first, 2)
+    with pytest.raises(KeyboardInterrupt):  # the run is interrupted; Ctrl-C saves checkpoint-2
+        first.train(progress=False)
+    second = trainer(tmp_path / "split", copy.deepcopy(student), teacher)  # fresh weights, resumed below
+    second.train(resume=True, progress=False)
+    assert second.step == 4
+    for (name, a), b in zip(whole.student.named_parameters(), second.student.parameters()):
+        assert torch.equal(a, b), name
+
+
+def stop_after(run, steps):
+    """Makes ``run`` receive a Ctrl-C once it has finished ``steps`` steps."""
+    original = run.train_step
+
+    def step():
+        if run.step >= steps:
+            raise KeyboardInterrupt
+        return original()
+
+    run.train_step = step
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    run = trainer(tmp_path, save_every=100)
+    stop_after(run, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run.train(progress=False)
+    assert (tmp_path / "latest").read_text() == "checkpoint-1"
+
+
+def test_bad_configs(tmp_path):
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        TrainConfig(prompts_per_step=6, micro_batch=4)
+    with pytest.raises(ValueError, match="steps must be"):
+        TrainConfig(steps=0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        trainer(tmp_path).train(resume=True, progress=False)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        other = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=70, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=1, num_attention_heads=4,
+                                                             num_key_value_heads=2))  # fmt: skip
+        trainer(tmp_path, teacher=other).train(progress=False)
