@@ -16,7 +16,11 @@ setup(
         "transformers>=4.56",
         # data sets on disk (Parquet, saved datasets directories) for the pipeline
         "datasets>=3.0",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",  # the PNG renderings of rollouts and reports
     ],
+    entry_points={"console_scripts": ["motab=motab.cli:main"]},
     extras_require={
         # trl is the independent oracle for the divergences (GKDTrainer.generalized_jsd_loss).
         "test": ["pytest>=8", "trl>=0.20,<2", "ruff>=0.6"],

@@ -1,0 +1,320 @@
+"""The ``motab`` command: ``train``, ``rollout`` and ``eval``.
+
+    motab train --config run.yaml                 # distil (MOTAB or a baseline); resumable
+    motab rollout --student S --teacher T --data problems.jsonl --out trajectories.jsonl --render rollout.png
+    motab eval --model M --data test.jsonl --out eval/
+
+Models and tokenizers load from a local folder or a Hugging Face hub id that is already in the
+local cache: nothing is downloaded (``huggingface-cli download ID`` fetches one first). A YAML
+config has top-level ``student``, ``teacher``, ``data`` (and optionally ``field_map``,
+``max_prompt_tokens``, ``device``, ``dtype``) plus sections ``train`` (TrainConfig), ``rollout``
+(RolloutConfig), ``monitor`` (MonitorConfig), ``student_sampling`` and ``teacher_sampling``;
+``--set section.key=value`` overrides any of them. The resolved configuration is printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import yaml
+
+TOP_LEVEL = {"student", "teacher", "data", "field_map", "max_prompt_tokens", "device", "dtype"}
+SECTIONS = {"train", "rollout", "monitor", "student_sampling", "teacher_sampling"}
+
+
+class ConfigError(ValueError):
+    """A configuration the command cannot run; the message says what to change."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"motab {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="motab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="distil a student from a teacher (MOTAB or a baseline)",
+                                description="Distils the student from the teacher on the data set's prompts. "
+                                "Checkpoints go to train.output_dir; --resume continues from the latest.")  # fmt: skip
+    train.add_argument("--config", help="YAML file (see `motab --help`)")
+    _model_arguments(train)
+    train.add_argument("--output-dir", help="where checkpoints and metrics.jsonl go")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.set_defaults(run=run_train)
+
+    roll = commands.add_parser(
+        "rollout",
+        help="roll out prompts and save the trajectories",
+        description="Writes one JSON line per trajectory; --render draws one as a PNG.",
+    )
+    roll.add_argument("--config", help="YAML file (see `motab --help`)")
+    _model_arguments(roll)
+    roll.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
+    roll.add_argument("--limit", type=int, default=16, help="prompts to roll out (default 16)")
+    roll.add_argument("--out", required=True, help="trajectories JSONL")
+    roll.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
+    roll.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
+    roll.set_defaults(run=run_rollout)
+
+    evaluate = commands.add_parser("eval", help="accuracy of a model on a benchmark with \\boxed{} answers")
+    evaluate.add_argument("--model", required=True, help="local folder or cached hub id")
+    evaluate.add_argument("--data", required=True, help="JSONL / Parquet / datasets folder with answers")
+    evaluate.add_argument("--field-map", default="auto", help="auto, limo or acereason")
+    evaluate.add_argument("--samples", type=int, default=1, help="samples per problem (pass@1 is their mean)")
+    evaluate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    evaluate.add_argument("--max-new-tokens", type=int, default=512)
+    evaluate.add_argument("--limit", type=int, help="first N problems only")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
+    evaluate.set_defaults(run=run_eval)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--student", help="local folder or cached hub id")
+    parser.add_argument("--teacher", help="local folder or cached hub id")
+    parser.add_argument("--data", help="JSONL / Parquet / datasets folder")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+# ------------------------------------------------------------------------------------------------
+def resolve_config(args) -> dict:
+    """The YAML file, then flags, then --set overrides; every key checked."""
+    raw = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"config {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping of options")
+    unknown = set(raw) - TOP_LEVEL - SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown config keys {sorted(unknown)}; expected {sorted(TOP_LEVEL | SECTIONS)}")
+    for key in ("student", "teacher", "data", "device"):
+        if getattr(args, key, None):
+            raw[key] = getattr(args, key)
+    if getattr(args, "output_dir", None):
+        raw.setdefault("train", {})["output_dir"] = args.output_dir
+    if getattr(args, "steps", None):
+        raw.setdefault("train", {})["steps"] = args.steps
+    if getattr(args, "mode", None):
+        raw.setdefault("rollout", {})["mode"] = args.mode
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not (equals and name and section in SECTIONS):
+            raise ConfigError(f"--set takes SECTION.KEY=VALUE with SECTION in {sorted(SECTIONS)}, got {item!r}")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    for key in ("student", "teacher", "data"):
+        if key not in raw:
+            raise ConfigError(f"no {key} given (config key or --{key})")
+    return raw
+
+
+def build_configs(raw: dict):
+    """(TrainConfig, RolloutConfig) from a resolved raw config."""
+    from motab.engine import RolloutConfig, SamplingConfig
+    from motab.monitor import MonitorConfig
+    from motab.trainer import TrainConfig
+
+    def make(cls, section):
+        values = dict(raw.get(section) or {})
+        allowed = {f.name for f in fields(cls)}
+        bad = set(values) - allowed
+        if bad:
+            raise ConfigError(f"unknown {section} options {sorted(bad)}; expected some of {sorted(allowed)}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{section}: {error}") from error
+
+    monitor = make(MonitorConfig, "monitor")
+    rollout_values = dict(raw.get("rollout") or {})
+    rollout = make(RolloutConfig, "rollout")
+    rollout = replace(rollout, monitor=monitor, student_sampling=make(SamplingConfig, "student_sampling"),
+                      teacher_sampling=make(SamplingConfig, "teacher_sampling"))  # fmt: skip
+    if "keep_teacher_hidden" not in rollout_values:
+        rollout = replace(rollout, keep_teacher_hidden=True)  # the trainer reuses them
+    return replace(make(TrainConfig, "train"), rollout=rollout), rollout
+
+
+def load_model(name: str, dtype, device):
+    """A causal LM from disk (a folder or a cached hub id): never a download, never a hang."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        tokenizer = _generic_tokenizer(name) or AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot load {name!r} from disk ({str(error).splitlines()[0]}). Pass a local folder, or download the "
+            f"weights first: huggingface-cli download {name}"
+        ) from error
+    return model.to(device), tokenizer
+
+
+def _generic_tokenizer(folder: str):
+    """A tokenizer saved as a plain ``tokenizers`` one (as motab's own toy tokenizer is), loaded as
+    such: AutoTokenizer would pick the model family's tokenizer class from config.json instead."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = Path(folder) / "tokenizer_config.json"
+    if not config.exists():
+        return None
+    declared = json.loads(config.read_text()).get("tokenizer_class")
+    if declared not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return None
+    return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+
+
+def _setup(raw):
+    import torch
+
+    from motab.data import load_problems
+
+    device = torch.device(raw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, raw.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32"))
+    student, tokenizer = load_model(raw["student"], dtype, device)
+    teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device)
+    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ConfigError(
+            f"student and teacher tokenizers differ (vocabularies of {len(tokenizer)} and {len(teacher_tokenizer)} "
+            "tokens): distillation token by token needs one tokenizer"
+        )
+    try:
+        problems, skipped = load_problems(raw["data"], tokenizer, field_map=raw.get("field_map", "auto"),
+                                          max_prompt_tokens=raw.get("max_prompt_tokens"))  # fmt: skip
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if skipped:
+        print(f"skipped {skipped} prompts longer than max_prompt_tokens={raw.get('max_prompt_tokens')}")
+    return student, teacher, tokenizer, problems
+
+
+def _with_tokenizer_defaults(rollout, tokenizer):
+    if rollout.vocab_size is None:
+        rollout = replace(rollout, vocab_size=len(tokenizer))
+    if not rollout.eos_token_ids and tokenizer.eos_token_id is not None:
+        rollout = replace(rollout, eos_token_ids=(tokenizer.eos_token_id,))
+    return rollout
+
+
+def run_train(args) -> int:
+    from motab.trainer import DistillationTrainer
+
+    raw = resolve_config(args)
+    train, rollout = build_configs(raw)
+    print("resolved config:\n" + yaml.safe_dump(_printable(raw, train), sort_keys=False))
+    student, teacher, tokenizer, problems = _setup(raw)
+    train = replace(train, rollout=_with_tokenizer_defaults(train.rollout, tokenizer))
+    trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
+    try:
+        trainer.train(resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"interrupted: saved {train.output_dir}/checkpoint-{trainer.step}; continue with --resume")
+        return 130
+    print(f"done: {train.output_dir}/checkpoint-{trainer.step}")
+    return 0
+
+
+def run_rollout(args) -> int:
+    from motab.engine import rollout as run
+
+    raw = resolve_config(args)
+    _, rollout = build_configs(raw)
+    student, teacher, tokenizer, problems = _setup(raw)
+    rollout = replace(_with_tokenizer_defaults(rollout, tokenizer), keep_teacher_hidden=False)
+    prompts = [p.prompt_ids for p in problems[: args.limit]]
+    trajectories = run(student, teacher, prompts, rollout, tokenizer=tokenizer)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for trajectory in trajectories:
+            record = trajectory.to_dict() | {"text": tokenizer.decode(trajectory.tokens)}
+            f.write(json.dumps(record) + "\n")
+    print(f"wrote {len(trajectories)} trajectories to {out}")
+    if args.render:
+        render_trajectory(trajectories[0], args.render)
+        print(f"rendered the first one to {args.render}")
+    return 0
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from motab.data import load_problems
+    from motab.engine import SamplingConfig
+    from motab.evaluate import evaluate
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(args.model, dtype, device)
+    try:
+        problems, _ = load_problems(args.data, tokenizer, field_map=args.field_map, limit=args.limit)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if any(p.answer is None for p in problems):
+        raise ConfigError(f"{args.data} has no answer field: eval needs reference answers")
+    result = evaluate(model, tokenizer, [p.prompt_ids for p in problems], [p.answer for p in problems],
+                      samples=args.samples, max_new_tokens=args.max_new_tokens,
+                      sampling=SamplingConfig(temperature=args.temperature), out_dir=args.out)  # fmt: skip
+    print(f"accuracy (pass@1 over {args.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
+    return 0
+
+
+def render_trajectory(trajectory, path: str | Path) -> None:
+    """PNG of one trajectory: each token's score and boundary, teacher tokens shaded, the positions
+    where a backtrack cut the row marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import math
+
+    import matplotlib.pyplot as plt
+
+    positions = list(range(len(trajectory.tokens)))
+    scores = [s if math.isfinite(s) else float("nan") for s in trajectory.scores]
+    limits = [b if math.isfinite(b) else float("nan") for b in trajectory.boundaries]
+    fig, ax = plt.subplots(figsize=(max(8, len(positions) / 12), 3.5))
+    ax.plot(positions, scores, ".-", lw=1, label="score")
+    ax.step(positions, limits, where="mid", color="tab:orange", lw=1, label="boundary")
+    for start, end in trajectory.interventions:
+        ax.axvspan(start - 0.5, end - 0.5, color="tab:green", alpha=0.2)
+    for span in trajectory.discarded:
+        ax.axvline(span["position"] - 0.5, color="tab:red", lw=1, ls="--")
+    ax.set_xlabel("response token")
+    ax.set_ylabel("score")
+    ax.set_title("student tokens (dots), teacher interventions (green), backtracks (red)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _printable(raw: dict, train) -> dict:
+    shown = {k: v for k, v in raw.items() if k in TOP_LEVEL}
+    values = asdict(train)
+    shown["train"] = {k: v for k, v in values.items() if k != "rollout"}
+    shown["rollout"] = values["rollout"]
+    return json.loads(json.dumps(shown, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
