@@ -216,17 +216,37 @@ def _with_tokenizer_defaults(rollout, tokenizer):
     return rollout
 
 
+def _init_distributed(raw: dict) -> int:
+    """Joins the process group when launched by torchrun / accelerate launch; returns the rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.get_rank() if dist.is_initialized() else 0
+    cuda = torch.cuda.is_available() and raw.get("device", "cuda") != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        raw["device"] = f"cuda:{local}"
+    return dist.get_rank()
+
+
 def run_train(args) -> int:
     from motab.trainer import DistillationTrainer
 
     raw = resolve_config(args)
     train, rollout = build_configs(raw)
-    print("resolved config:\n" + yaml.safe_dump(_printable(raw, train), sort_keys=False))
+    rank = _init_distributed(raw)
+    if rank == 0:
+        print("resolved config:\n" + yaml.safe_dump(_printable(raw, train), sort_keys=False))
     student, teacher, tokenizer, problems = _setup(raw)
     train = replace(train, rollout=_with_tokenizer_defaults(train.rollout, tokenizer))
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
     try:
-        trainer.train(resume=args.resume)
+        trainer.train(resume=args.resume, progress=rank == 0)
     except KeyboardInterrupt:
         print(f"interrupted: saved {train.output_dir}/checkpoint-{trainer.step}; continue with --resume")
         return 130

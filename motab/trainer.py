@@ -12,6 +12,12 @@ baseline), then trains on prompt + trajectory in micro-batches of ``micro_batch`
   batch;
 - then gradient clipping, AdamW, warm-up + cosine schedule.
 
+Data parallel: launched with ``torchrun`` / ``accelerate launch`` (the CLI sets up the process
+group), each rank rolls out and trains on its share of the step's prompts; gradients are averaged
+by DDP and the loss is normalised by the loss tokens over all ranks, so N ranks compute the same
+step as one. FSDP / ZeRO-3 are not supported: the fused op needs each rank to hold the whole
+LM-head weight (DDP does).
+
 Every ``save_every`` steps (and on Ctrl-C) a checkpoint is written atomically (a temporary folder
 renamed into place): the student (``save_pretrained``, safetensors), optimizer, scheduler, RNG
 states and the step. ``resume=True`` continues from the latest checkpoint to the same parameters an
@@ -20,6 +26,7 @@ uninterrupted run reaches (bit for bit on CPU). Metrics go to ``metrics.jsonl``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from motab.data import Problem
 from motab.engine import RolloutConfig, rollout
@@ -84,6 +92,14 @@ class DistillationTrainer:
             student, teacher, tokenizer, problems, config,
         )  # fmt: skip
         self.device = next(student.parameters()).device
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if config.prompts_per_step % (self.world * config.micro_batch):
+            raise ValueError(
+                f"prompts_per_step ({config.prompts_per_step}) must split evenly into {self.world} rank(s) × "
+                f"micro_batch ({config.micro_batch})"
+            )
+        self.per_rank = config.prompts_per_step // self.world
         self.teacher.eval().requires_grad_(False)
         self.loss_fn = TrajectoryDistillationLoss(
             kind=config.loss_kind, beta=config.loss_beta, temperature=config.loss_temperature,
@@ -103,13 +119,18 @@ class DistillationTrainer:
         self.paged = [
             PagedModel(
                 m,
-                max_rows=config.prompts_per_step,
-                max_tokens=per_row * config.prompts_per_step,
+                max_rows=self.per_rank,
+                max_tokens=per_row * self.per_rank,
                 block_size=rc.block_size,
                 max_seq_len=per_row + rc.block_size,
             )  # fmt: skip
             for m in (student, teacher)
         ]
+        # the forward that trains: through DDP when data parallel (gradients averaged over ranks)
+        self.train_model = student
+        if self.world > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
         self.step = 0
         self.out = Path(config.output_dir)
 
@@ -160,19 +181,27 @@ class DistillationTrainer:
     def train_step(self) -> dict:
         config = self.config
         start = time.perf_counter()
-        problems = self.step_problems(self.step)
-        seeds = [config.seed * 1_000_003 + self.step * config.prompts_per_step + i for i in range(len(problems))]
+        mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        problems = self.step_problems(self.step)[mine]
+        seeds = [config.seed * 1_000_003 + self.step * config.prompts_per_step + i
+                 for i in range(config.prompts_per_step)][mine]  # fmt: skip
         self.student.eval()
         with torch.no_grad():
             trajectories = rollout(*self.paged, [p.prompt_ids for p in problems], config.rollout, seeds=seeds)
         self.student.train()
         examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
         weights_by_source = {1: config.student_token_weight, 2: config.teacher_token_weight}
-        total = sum(1 for _, _, codes in examples for c in codes if weights_by_source.get(c, 0) > 0)
+        counted = sum(1 for _, _, codes in examples for c in codes if weights_by_source.get(c, 0) > 0)
+        total = int(self._all_ranks(counted))
         loss_sum = 0.0
-        for first in range(0, len(examples), config.micro_batch):
+        starts = range(0, len(examples), config.micro_batch)
+        for first in starts:
             batch = slice(first, first + config.micro_batch)
-            loss_sum += self._micro_step(examples[batch], trajectories[batch], max(total, 1))
+            # gradients are all-reduced once, after the last micro-batch
+            sync = first == starts[-1] or self.world == 1
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                loss_sum += self._micro_step(examples[batch], trajectories[batch], max(total, 1))
+        loss_sum = self._all_ranks(loss_sum)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
         self.optimizer.step()
@@ -194,8 +223,18 @@ class DistillationTrainer:
             tokens_per_s=tokens / (time.perf_counter() - start),
         )
 
+    def _all_ranks(self, value: float) -> float:
+        """Sum of ``value`` over the ranks (the value itself on one process)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor(float(value), device=self.device, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.item()
+
     def _micro_step(self, examples, trajectories, normalizer: int) -> float:
-        """Forward and backward of a micro-batch; its loss is already divided by the step's count."""
+        """Forward and backward of a micro-batch; its loss is already divided by the step's count
+        over all ranks. DDP averages gradients over the ranks where the sum is wanted, so the
+        backward runs on world_size × the loss."""
         width = max(len(ids) for ids, _, _ in examples)
         pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows], device=self.device)  # noqa: E731
         ids = pad([e[0] for e in examples], 0)
@@ -204,12 +243,12 @@ class DistillationTrainer:
         mask = pad([[1] * len(e[0]) for e in examples], 0)
         loss_positions = codes != NO_LOSS
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_hidden, student_head, _ = final_hidden_states(self.student, ids, mask)
+            student_hidden, student_head, _ = final_hidden_states(self.train_model, ids, mask)
             teacher_hidden = self._teacher_hidden(ids, mask, loss_positions, trajectories)
             teacher_head = self.teacher.get_output_embeddings().weight
             out = self.loss_fn(student_hidden[loss_positions], student_head, teacher_hidden, teacher_head,
                                targets[loss_positions], codes[loss_positions], normalizer=normalizer)  # fmt: skip
-        out.loss.backward()
+        (out.loss * self.world).backward()
         return float(out.loss.detach())
 
     def _teacher_hidden(self, ids, mask, loss_positions, trajectories) -> torch.Tensor:
@@ -224,8 +263,11 @@ class DistillationTrainer:
 
     # ---------------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Writes checkpoint-<step> atomically and points ``latest`` at it."""
+        """Writes checkpoint-<step> atomically and points ``latest`` at it (rank 0 only)."""
         final = self.out / f"checkpoint-{self.step}"
+        if self.rank != 0:
+            dist.barrier()
+            return final
         temporary = self.out / f".checkpoint-{self.step}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -250,6 +292,8 @@ class DistillationTrainer:
         pointer = self.out / ".latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, self.out / "latest")
+        if self.world > 1:
+            dist.barrier()
         return final
 
     def load_latest(self) -> None:
