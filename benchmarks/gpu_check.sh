@@ -6,7 +6,7 @@
 #   device:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
 #            run(command="bash benchmarks/gpu_check.sh decode kv", ...)   # only some phases
 #
-# Phases: tests, divergence, kv, decode, trainers, rollout, resources (default: all, in that order). Each has its own
+# Phases: tests, divergence, kv, decode, trainers, rollout, train, resources (default: all, in order). Each has its own
 # time limit so one slow phase cannot eat the call. The device image has torch, triton and
 # transformers; the project runs from the tree and pip never resolves anything there. Without the
 # wheels the TRL-oracle tests skip (their float64 reference is checked against TRL in CI) and the
@@ -23,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-phases=${*:-tests divergence kv decode trainers rollout resources}
+phases=${*:-tests divergence kv decode trainers rollout train resources}
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -40,12 +40,13 @@ for phase in $phases; do
     decode) timeout 150 python3 benchmarks/bench_decode.py --out "$out" 2>&1 | tee "$out/bench_decode.log" ;;
     trainers) timeout 150 python3 benchmarks/bench_trainers.py --out "$out" 2>&1 | tee "$out/bench_trainers.log" ;;
     rollout) timeout 240 python3 benchmarks/bench_rollout.py --out "$out" 2>&1 | tee "$out/bench_rollout.log" ;;
+    train) timeout 200 python3 benchmarks/bench_train_step.py --out "$out" 2>&1 | tee "$out/bench_train.log" ;;
     resources) timeout 60 python3 benchmarks/kernel_resources.py 2>&1 | tee "$out/resources.md" | tail -20 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
 cp "$out/env.txt" "$final/"
-cat "$out"/results.md "$out"/kv_truncate.md "$out"/decode.md "$out"/trainers.md "$out"/rollout.md 2>/dev/null \
+cat "$out"/results.md "$out"/kv_truncate.md "$out"/decode.md "$out"/trainers.md "$out"/rollout.md "$out"/train_step.md 2>/dev/null \
   > "$final/tables.md"
 cp "$out/tests.log" "$final/" 2>/dev/null
 cp "$out/resources.md" "$final/" 2>/dev/null

@@ -1,0 +1,80 @@
+"""One ``motab train`` step end to end: rollout, both models' hidden states, fused loss, backward,
+optimizer step. Wall time per step, trained tokens per second and peak memory.
+
+GPU: random Qwen2.5-1.5B-shaped student and 7B-shaped teacher in bf16 (autocast), MOTAB rollout
+with a fixed boundary; CPU: tiny models (labelled CPU). Writes ``train_step.json`` and
+``train_step.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from _models import student_and_teacher
+from _timing import sync
+
+from motab.data import Problem
+from motab.engine import RolloutConfig
+from motab.monitor import MonitorConfig
+from motab.trainer import DistillationTrainer, TrainConfig
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
+    prompt_len, new_tokens, prompts, micro = (256, 512, 16, 4) if on_gpu else (8, 24, 8, 4)
+    g = torch.Generator().manual_seed(0)
+    problems = [Problem(str(i), torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), None, None)
+                for i in range(64)]  # fmt: skip
+    rollout = RolloutConfig(max_new_tokens=new_tokens, draft_len=8, intervention_len=8, keep_teacher_hidden=True,
+                            monitor=MonitorConfig(rule="fixed", tau=2.0, warmup=8))  # fmt: skip
+    config = TrainConfig(output_dir="/tmp/motab-bench-train", steps=args.steps + 1, prompts_per_step=prompts,
+                         micro_batch=micro, rollout=rollout, learning_rate=1e-6, gradient_checkpointing=on_gpu,
+                         save_every=10_000)  # fmt: skip
+    trainer = DistillationTrainer(student, teacher, None, problems, config)
+    trainer.train_step()  # warm-up: compilation, allocator
+    times, tokens, peaks = [], [], []
+    for _ in range(args.steps):
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        start = time.perf_counter()
+        metrics = trainer.train_step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        tokens.append(metrics["student_tokens"] + metrics["teacher_tokens"])
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None)
+    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    step_s = statistics.median(times)
+    row = dict(card=card, date=str(date.today()), dtype=str(dtype), prompts_per_step=prompts, prompt=prompt_len,
+               new_tokens=new_tokens, step_s=step_s, tokens_per_s=statistics.median(tokens) / step_s,
+               peak_GiB=max(peaks) if on_gpu else None)  # fmt: skip
+    peak = "—" if row["peak_GiB"] is None else f"{row['peak_GiB']:.1f}"
+    lines = [
+        f"motab train step on {card}, {dtype}, {date.today()}",
+        "",
+        "| prompts/step | prompt | new tokens | step s | trained tokens/s | peak GiB |",
+        "|---|---|---|---|---|---|",
+        f"| {prompts} | {prompt_len} | {new_tokens} | {step_s:.2f} | {row['tokens_per_s']:.1f} | {peak} |",
+    ]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step.json").write_text(json.dumps(row, indent=1))
+    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
