@@ -6,7 +6,10 @@
 #   device:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
 #            run(command="bash benchmarks/gpu_check.sh decode kv", ...)   # only some phases
 #
-# Phases: tests, divergence, kv, decode, trainers, rollout, train, resources (default: all, in order). Each has its own
+# Phases: tests, divergence, kv, decode, trainers, rollout, train, resources (default: all, in order).
+# Their time limits add up to more than one call's 10 minutes: with a 15-minute device budget, run
+# `tests divergence kv` first (the kernels' targets), then `decode rollout train` in a second call
+# if time is left; `trainers` and `resources` are the cheapest to drop. Each has its own
 # time limit so one slow phase cannot eat the call. The device image has torch, triton and
 # transformers; the project runs from the tree and pip never resolves anything there. Without the
 # wheels the TRL-oracle tests skip (their float64 reference is checked against TRL in CI) and the
