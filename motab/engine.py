@@ -362,9 +362,9 @@ class _Engine:
         else:
             first, boundaries = len(draft), [math.nan] * len(draft)
         kept = draft[:first]
-        eos = next((i for i, t in enumerate(kept) if t in self.eos), None)
-        if eos is not None:
-            kept, first = kept[: eos + 1], eos + 1
+        end = next((i for i in range(len(kept)) if kept[i] in self.eos or self._stops(row, kept[: i + 1])), None)
+        if end is not None:  # EOS or a stop string ends the row inside the kept prefix
+            kept, first = kept[: end + 1], end + 1
         start = len(traj.tokens)
         self._append(row, kept, "student", scores[: len(kept)], boundaries[: len(kept)], teacher_hidden[: len(kept)])
         self.monitor.commit(row.index, scores[: len(kept)])
@@ -437,7 +437,8 @@ class _Engine:
                 feed[row.index] = [token]
                 ends_step = config.intervention == "step" and token in self.delimiters
                 if not (token in self.eos or ends_step or len(out) >= limits[row.index]
-                        or len(row.trajectory.tokens) + len(out) >= config.max_new_tokens):  # fmt: skip
+                        or len(row.trajectory.tokens) + len(out) >= config.max_new_tokens
+                        or self._stops(row, out)):  # fmt: skip
                     still.append(row)
             live = still
         readers = []
@@ -519,16 +520,21 @@ class _Engine:
         traj.scores += list(scores)
         traj.boundaries += list(boundaries)
 
+    def _stops(self, row: _Row, new_tokens: list[int]) -> bool:
+        """Whether the response with ``new_tokens`` appended contains a stop string."""
+        if not (self.config.stop_strings and self.tokenizer is not None):
+            return False
+        text = self.tokenizer.decode(row.trajectory.tokens + new_tokens)
+        return any(stop in text for stop in self.config.stop_strings)
+
     def _finish_if_done(self, row: _Row) -> bool:
         traj = row.trajectory
         if traj.tokens and traj.tokens[-1] in self.eos:
             traj.finish_reason = "eos"
+        elif self._stops(row, []):
+            traj.finish_reason = "stop"
         elif len(traj.tokens) >= self.config.max_new_tokens:
             traj.finish_reason = "length"
-        elif self.config.stop_strings and self.tokenizer is not None:
-            text = self.tokenizer.decode(traj.tokens)
-            if any(s in text for s in self.config.stop_strings):
-                traj.finish_reason = "stop"
         row.finished = traj.finish_reason is not None
         return row.finished
 

@@ -338,3 +338,19 @@ def test_a_cache_too_small_is_refused_before_anything_starts(student):
     with pytest.raises(OutOfBlocksError, match="nothing was started"):
         rollout(student, small, PROMPTS, RolloutConfig(max_new_tokens=64))
     assert small.lengths([0, 1, 2]) == [0, 0, 0]
+
+
+def test_stop_strings_end_a_row(student):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    level = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(101)}, unk_token="<0>"))
+    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="<0>")
+    teacher = model(9)
+    base = RolloutConfig(mode="on_policy", student_sampling=GREEDY, max_new_tokens=12)
+    free = rollout(student, teacher, PROMPTS[:1], base, tokenizer=tokenizer)[0]
+    stop = free.tokens[4]
+    stopped = rollout(student, teacher, PROMPTS[:1], replace(base, stop_strings=(f"<{stop}>",)), tokenizer=tokenizer)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.tokens == free.tokens[: free.tokens.index(stop) + 1]
