@@ -1,0 +1,84 @@
+"""Chains of single-digit arithmetic (mod 10) over named variables: a reasoning task with steps
+and a checkable answer, small enough for a teacher of a few million parameters.
+
+A problem defines some variables and a chain of operations, then asks for the last one::
+
+    a=3 b=7 c=a+b d=c*a ?d
+
+and its solution works one operation per step, steps separated by the step delimiter (a blank
+line, as in the engine's default), ending in the answer after ``#``::
+
+    c=3+7=0
+
+    d=0*3=0
+
+    #0
+
+Every value is a digit (all arithmetic is mod 10). ``generate_split`` draws a split with a fixed
+seed per split name, so train, validation and test never change and never overlap by
+construction (each split has its own seed). ``steps`` is the difficulty knob.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+STEP_DELIMITER = "\n\n"
+OPERATIONS = {"+": lambda x, y: (x + y) % 10, "-": lambda x, y: (x - y) % 10, "*": lambda x, y: (x * y) % 10}
+VARIABLES = "abcdefghijkl"
+SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
+_ANSWER = re.compile(r"#(\d)")
+
+
+@dataclass(frozen=True)
+class ToyProblem:
+    prompt: str
+    solution: str
+    answer: str
+
+
+def make_problem(rng: random.Random, steps: int, inputs: int = 2) -> ToyProblem:
+    """One problem with ``inputs`` given digits and ``steps`` operations."""
+    if not 1 <= steps <= len(VARIABLES) - inputs:
+        raise ValueError(f"steps must lie in [1, {len(VARIABLES) - inputs}], got {steps}")
+    values = {}
+    given = []
+    for name in VARIABLES[:inputs]:
+        values[name] = rng.randrange(10)
+        given.append(f"{name}={values[name]}")
+    operations, lines = [], []
+    for name in VARIABLES[inputs : inputs + steps]:
+        known = list(values)
+        # each step uses the latest value (a real chain) and one other variable (x−x would be trivial)
+        left, right = known[-1], rng.choice(known[:-1])
+        if rng.random() < 0.5:
+            left, right = right, left
+        symbol = rng.choice(list(OPERATIONS))
+        values[name] = OPERATIONS[symbol](values[left], values[right])
+        operations.append(f"{name}={left}{symbol}{right}")
+        lines.append(f"{name}={values[left]}{symbol}{values[right]}={values[name]}")
+    target = VARIABLES[inputs + steps - 1]
+    prompt = " ".join(given + operations) + f" ?{target}\n"
+    answer = str(values[target])
+    return ToyProblem(prompt, STEP_DELIMITER.join(lines + [f"#{answer}"]), answer)
+
+
+def generate_split(split: str, count: int, steps: tuple[int, int] = (2, 5)) -> list[ToyProblem]:
+    """``count`` problems of a split ("train", "validation" or "test"), always the same ones."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
+    rng = random.Random(SPLIT_SEEDS[split])
+    return [make_problem(rng, rng.randint(*steps)) for _ in range(count)]
+
+
+def extract_answer(completion: str) -> str | None:
+    """The digit after the first ``#`` of a completion, or None."""
+    match = _ANSWER.search(completion)
+    return match.group(1) if match else None
+
+
+def is_correct(completion: str, problem: ToyProblem) -> bool:
+    """Exact match of the extracted answer with the problem's."""
+    return extract_answer(completion) == problem.answer

@@ -1,0 +1,64 @@
+"""The toy task: generator, splits, grader and tokenizer."""
+
+import random
+
+import pytest
+
+from motab.toy.task import STEP_DELIMITER, extract_answer, generate_split, is_correct, make_problem
+from motab.toy.tokenizer import build_tokenizer
+
+
+def evaluate_prompt(prompt: str) -> dict[str, int]:
+    """An independent interpreter of the prompt's definitions (mod 10)."""
+    values = {}
+    for statement in prompt.split("?")[0].split():
+        name, expression = statement.split("=")
+        if expression.isdigit():
+            values[name] = int(expression)
+        else:
+            left, symbol, right = expression[0], expression[1], expression[2]
+            x, y = values[left], values[right]
+            values[name] = {"+": x + y, "-": x - y, "*": x * y}[symbol] % 10
+    return values
+
+
+def test_solutions_are_correct_and_stepwise():
+    for problem in generate_split("validation", 200):
+        target = problem.prompt.strip().split("?")[1]
+        assert str(evaluate_prompt(problem.prompt)[target]) == problem.answer
+        steps = problem.solution.split(STEP_DELIMITER)
+        assert steps[-1] == f"#{problem.answer}" and len(steps) >= 3
+        assert is_correct(problem.solution, problem)
+
+
+def test_splits_are_fixed_and_the_knob_sets_the_steps():
+    assert generate_split("test", 50) == generate_split("test", 50)
+    assert generate_split("test", 50) != generate_split("train", 50)
+    for steps in (1, 4, 7):
+        problem = make_problem(random.Random(0), steps)
+        assert problem.solution.count(STEP_DELIMITER) == steps
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_split("dev", 3)
+    with pytest.raises(ValueError, match="steps must lie"):
+        make_problem(random.Random(0), 20)
+
+
+def test_answers_are_varied():
+    answers = {p.answer for p in generate_split("train", 300)}
+    assert len(answers) == 10
+
+
+def test_grader():
+    problem = make_problem(random.Random(1), 2)
+    assert extract_answer("c=1+2=3\n\n#7 and more") == "7"
+    assert extract_answer("no answer") is None
+    assert not is_correct("#" + str((int(problem.answer) + 1) % 10), problem)
+
+
+def test_tokenizer_round_trip_and_delimiter_token():
+    tokenizer = build_tokenizer()
+    for problem in generate_split("train", 20):
+        text = problem.prompt + problem.solution
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(tokenizer("=0\n\n#")["input_ids"]) == ["=", "0", "\n\n", "#"]
