@@ -3,6 +3,7 @@
     motab train --config run.yaml                 # distil (MOTAB or a baseline); resumable
     motab rollout --student S --teacher T --data problems.jsonl --out trajectories.jsonl --render rollout.png
     motab eval --model M --data test.jsonl --out eval/
+    motab demo                                    # the toy task, on a CPU, in minutes
 
 Models and tokenizers load from a local folder or a Hugging Face hub id that is already in the
 local cache: nothing is downloaded (``huggingface-cli download ID`` fetches one first). A YAML
@@ -71,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
     roll.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
     roll.set_defaults(run=run_rollout)
+
+    demo = commands.add_parser(
+        "demo",
+        help="MOTAB and its baselines on the toy task, with the shipped teacher (CPU, minutes)",
+        description="Distils a small student from the shipped toy teacher with off_policy, on_policy, skd, "
+        "adaswitch and motab at the same budget, evaluates each on the held-out test split and writes a report.",
+    )
+    demo.add_argument("--out", default="motab-demo", help="report folder (default motab-demo)")
+    demo.add_argument("--seeds", type=int, default=1, help="seeds per method; the table shows mean ± std")
+    demo.add_argument("--steps", type=int, help="training steps per method")
+    demo.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(run=run_demo)
 
     evaluate = commands.add_parser("eval", help="accuracy of a model on a benchmark with \\boxed{} answers")
     evaluate.add_argument("--model", required=True, help="local folder or cached hub id")
@@ -296,6 +310,16 @@ def run_eval(args) -> int:
                       samples=args.samples, max_new_tokens=args.max_new_tokens,
                       sampling=SamplingConfig(temperature=args.temperature), out_dir=args.out)  # fmt: skip
     print(f"accuracy (pass@1 over {args.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
+    return 0
+
+
+def run_demo(args) -> int:
+    from motab.demo import run_demo as demo
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {args.seeds}")
+    demo(args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, device=args.device)
+    print(f"report: {args.out}/results.json, accuracy.png, rollout.png")
     return 0
 
 
