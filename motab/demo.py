@@ -45,8 +45,9 @@ class DemoSize:
     decay_problems: int
 
 
-FULL = DemoSize(steps=40, prompts_per_step=16, warm_steps=150, warm_problems=400, validation=100, test=300,
-                eval_every=10, decay_problems=100)  # fmt: skip
+# The default fills about 8 of the 10 minutes a 2-core CPU is allowed for one seed.
+FULL = DemoSize(steps=150, prompts_per_step=32, warm_steps=300, warm_problems=1000, validation=100, test=300,
+                eval_every=25, decay_problems=100)  # fmt: skip
 QUICK = DemoSize(steps=3, prompts_per_step=8, warm_steps=20, warm_problems=100, validation=16, test=32, eval_every=3,
                  decay_problems=16)  # fmt: skip
 
