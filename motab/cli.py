@@ -202,16 +202,16 @@ def _setup(raw):
     import torch
 
     from motab.data import load_problems
+    from motab.engine import check_same_tokenizer
 
     device = torch.device(raw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, raw.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32"))
     student, tokenizer = load_model(raw["student"], dtype, device)
     teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device)
-    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ConfigError(
-            f"student and teacher tokenizers differ (vocabularies of {len(tokenizer)} and {len(teacher_tokenizer)} "
-            "tokens): distillation token by token needs one tokenizer"
-        )
+    try:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     try:
         problems, skipped = load_problems(raw["data"], tokenizer, field_map=raw.get("field_map", "auto"),
                                           max_prompt_tokens=raw.get("max_prompt_tokens"))  # fmt: skip
@@ -220,14 +220,6 @@ def _setup(raw):
     if skipped:
         print(f"skipped {skipped} prompts longer than max_prompt_tokens={raw.get('max_prompt_tokens')}")
     return student, teacher, tokenizer, problems
-
-
-def _with_tokenizer_defaults(rollout, tokenizer):
-    if rollout.vocab_size is None:
-        rollout = replace(rollout, vocab_size=len(tokenizer))
-    if not rollout.eos_token_ids and tokenizer.eos_token_id is not None:
-        rollout = replace(rollout, eos_token_ids=(tokenizer.eos_token_id,))
-    return rollout
 
 
 def _init_distributed(raw: dict) -> int:
@@ -249,6 +241,7 @@ def _init_distributed(raw: dict) -> int:
 
 
 def run_train(args) -> int:
+    from motab.engine import with_tokenizer_defaults
     from motab.trainer import DistillationTrainer
 
     raw = resolve_config(args)
@@ -257,7 +250,7 @@ def run_train(args) -> int:
     if rank == 0:
         print("resolved config:\n" + yaml.safe_dump(_printable(raw, train), sort_keys=False))
     student, teacher, tokenizer, problems = _setup(raw)
-    train = replace(train, rollout=_with_tokenizer_defaults(train.rollout, tokenizer))
+    train = replace(train, rollout=with_tokenizer_defaults(train.rollout, tokenizer))
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
     try:
         trainer.train(resume=args.resume, progress=rank == 0)
@@ -270,11 +263,12 @@ def run_train(args) -> int:
 
 def run_rollout(args) -> int:
     from motab.engine import rollout as run
+    from motab.engine import with_tokenizer_defaults
 
     raw = resolve_config(args)
     _, rollout = build_configs(raw)
     student, teacher, tokenizer, problems = _setup(raw)
-    rollout = replace(_with_tokenizer_defaults(rollout, tokenizer), keep_teacher_hidden=False)
+    rollout = replace(with_tokenizer_defaults(rollout, tokenizer), keep_teacher_hidden=False)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
     trajectories = run(student, teacher, prompts, rollout, tokenizer=tokenizer)
     out = Path(args.out)

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from motab.data import Problem
-from motab.engine import RolloutConfig, SamplingConfig, rollout
+from motab.engine import RolloutConfig, SamplingConfig, rollout, with_tokenizer_defaults
 from motab.monitor import MonitorConfig
 from motab.toy.task import generate_split, is_correct
 from motab.toy.train_teacher import greedy_accuracy, supervised_train, toy_model
@@ -74,7 +74,7 @@ def _problems(tokenizer, toy_problems):
 
 def rollout_config(tokenizer, mode: str) -> RolloutConfig:
     """The methods' shared settings; only ``mode`` differs between them."""
-    return RolloutConfig(
+    config = RolloutConfig(
         mode=mode,
         max_new_tokens=96,
         draft_len=4,
@@ -85,11 +85,9 @@ def rollout_config(tokenizer, mode: str) -> RolloutConfig:
         monitor=MonitorConfig(score="fkl", rule="window", window=16, window_factor=3.0, tau_min=0.3, warmup=4),
         student_sampling=SamplingConfig(temperature=1.0),
         teacher_sampling=SamplingConfig(temperature=0.0),
-        eos_token_ids=(tokenizer.eos_token_id,),
-        delimiter_token_ids=(tokenizer.convert_tokens_to_ids("\n\n"),),
-        vocab_size=len(tokenizer),
         keep_teacher_hidden=True,
     )
+    return with_tokenizer_defaults(config, tokenizer)
 
 
 def teacher_decay(student, teacher, tokenizer, problems, lengths=(0, 4, 8, 16, 24)) -> dict[int, float]:

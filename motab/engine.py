@@ -153,7 +153,10 @@ def rollout(
         raise ValueError("every prompt needs at least one token")
     if student is None and config.mode != "off_policy":
         raise ValueError(f"mode {config.mode!r} needs a student model (only off_policy runs the teacher alone)")
-    config = _with_tokenizer(config, tokenizer, teacher_tokenizer)
+    if tokenizer is not None and teacher_tokenizer is not None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
+    if tokenizer is not None:
+        config = with_tokenizer_defaults(config, tokenizer)
     per_row = max(len(p) for p in prompts) + config.max_new_tokens + config.draft_len + config.intervention_len + 1
     models = []
     for model in (teacher, student):
@@ -186,19 +189,18 @@ def _check_capacity(model: PagedModel, prompts, extra: int) -> None:
         )
 
 
-def _with_tokenizer(config: RolloutConfig, tokenizer, teacher_tokenizer) -> RolloutConfig:
-    """Checks that the two tokenizers agree and fills what the config leaves to the tokenizer."""
-    if (
-        tokenizer is not None
-        and teacher_tokenizer is not None
-        and tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
-    ):
+def check_same_tokenizer(tokenizer, teacher_tokenizer) -> None:
+    """Refuses two tokenizers with different vocabularies, naming both sizes."""
+    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(
             f"student and teacher tokenizers differ (vocabularies of {len(tokenizer)} and {len(teacher_tokenizer)} "
             "tokens): distillation token by token needs one tokenizer"
         )
-    if tokenizer is None:
-        return config
+
+
+def with_tokenizer_defaults(config: RolloutConfig, tokenizer) -> RolloutConfig:
+    """Fills what ``config`` leaves to the tokenizer: the vocabulary size, EOS and the step
+    delimiters (every token whose text holds a blank line)."""
     updates = {}
     if config.vocab_size is None:
         updates["vocab_size"] = len(tokenizer)
