@@ -23,6 +23,7 @@ from pathlib import Path
 
 from motab.data import Problem
 from motab.engine import RolloutConfig, SamplingConfig, rollout, with_tokenizer_defaults
+from motab.evaluate import generate
 from motab.monitor import MonitorConfig
 from motab.toy.task import generate_split, is_correct
 from motab.toy.train_teacher import greedy_accuracy, supervised_train, toy_model
@@ -91,16 +92,15 @@ def rollout_config(tokenizer, mode: str) -> RolloutConfig:
 
 
 def teacher_decay(student, teacher, tokenizer, problems, lengths=(0, 4, 8, 16, 24)) -> dict[int, float]:
-    """Teacher accuracy when it continues from the student's first L greedy tokens."""
-    greedy = replace(rollout_config(tokenizer, "off_policy"), teacher_sampling=SamplingConfig(0.0),
-                     keep_teacher_hidden=False)  # fmt: skip
+    """Teacher accuracy when it continues (greedily) from the student's first L greedy tokens."""
+    max_new_tokens = rollout_config(tokenizer, "off_policy").max_new_tokens
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-    student_text = rollout(None, student, prompts, greedy, tokenizer=tokenizer)
+    student_text = generate(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
     accuracy = {}
     for length in lengths:
-        prefixed = [prompt + t.tokens[:length] for prompt, t in zip(prompts, student_text)]
-        continued = rollout(None, teacher, prefixed, greedy, tokenizer=tokenizer)
-        texts = [tokenizer.decode(t.tokens[:length] + c.tokens) for t, c in zip(student_text, continued)]
+        prefixed = [prompt + tokens[:length] for prompt, tokens in zip(prompts, student_text)]
+        continued = generate(teacher, tokenizer, prefixed, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+        texts = [tokenizer.decode(s[:length] + c) for s, c in zip(student_text, continued)]
         accuracy[length] = sum(is_correct(text, p) for text, p in zip(texts, problems)) / len(problems)
     return accuracy
 

@@ -157,21 +157,34 @@ def rollout(
         check_same_tokenizer(tokenizer, teacher_tokenizer)
     if tokenizer is not None:
         config = with_tokenizer_defaults(config, tokenizer)
-    per_row = max(len(p) for p in prompts) + config.max_new_tokens + config.draft_len + config.intervention_len + 1
+    longest = max(len(p) for p in prompts)
     models = []
     for model in (teacher, student):
         if model is None:  # off_policy without a student: the teacher's cache stands in, unused
             model = models[0]
         elif not isinstance(model, PagedModel):
-            model = PagedModel(model, max_rows=len(prompts), max_tokens=per_row * len(prompts),
-                               block_size=config.block_size, max_seq_len=per_row + config.block_size)  # fmt: skip
+            model = paged_for_rollouts(model, len(prompts), longest, config)
         else:
-            _check_capacity(model, prompts, per_row - max(len(p) for p in prompts))
+            _check_capacity(model, prompts, _tokens_per_row(0, config))
         models.append(model)
     teacher_model, student_model = models
     return _Engine(student_model, teacher_model, config, tokenizer, timings).run(
         prompts, seeds or list(range(len(prompts)))
     )
+
+
+def _tokens_per_row(prompt_len: int, config: RolloutConfig) -> int:
+    """The most tokens a row's cache can hold during a rollout: prompt, response, a draft past
+    the committed tokens and an intervention."""
+    return prompt_len + config.max_new_tokens + config.draft_len + config.intervention_len + 1
+
+
+def paged_for_rollouts(model: torch.nn.Module, rows: int, longest_prompt: int, config: RolloutConfig) -> PagedModel:
+    """A PagedModel whose cache holds ``rows`` rollouts of prompts up to ``longest_prompt`` tokens
+    under ``config``: create it once and pass it to every ``rollout`` call that fits."""
+    per_row = _tokens_per_row(longest_prompt, config)
+    return PagedModel(model, max_rows=rows, max_tokens=per_row * rows, block_size=config.block_size,
+                      max_seq_len=per_row + config.block_size)  # fmt: skip
 
 
 def _check_capacity(model: PagedModel, prompts, extra: int) -> None:

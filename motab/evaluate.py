@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from motab.engine import RolloutConfig, SamplingConfig, rollout
+from motab.engine import RolloutConfig, SamplingConfig, paged_for_rollouts, rollout
+from motab.models import PagedModel
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -68,6 +69,31 @@ def _as_number(s: str) -> Fraction | None:
     return None
 
 
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """The token ids ``model`` writes alone after each prompt (the paged engine's ``off_policy``),
+    ``batch_size`` rows at a time on one cache allocated once; ``seeds[i]`` fixes prompt i's
+    sampling (default: i)."""
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
+    if not isinstance(model, PagedModel):
+        model = paged_for_rollouts(model, min(batch_size, len(prompts)), max(map(len, prompts)), config)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = slice(start, start + batch_size)
+        trajectories = rollout(None, model, prompts[batch], config, seeds=seeds[batch], tokenizer=tokenizer)
+        out += [t.tokens for t in trajectories]
+    return out
+
+
 @dataclass
 class EvalResult:
     accuracy: float  # pass@1: mean over problems of the share of correct samples
@@ -94,15 +120,13 @@ def evaluate(
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if samples < 1:
         raise ValueError(f"samples must be ≥ 1, got {samples}")
-    config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples)]
+    seeds = [seed + i * samples + k for i, k in jobs]
+    written = generate(model, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens=max_new_tokens,
+                       sampling=sampling, seeds=seeds, batch_size=batch_size)  # fmt: skip
     completions: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start : start + batch_size]
-        seeds = [seed + i * samples + k for i, k in batch]
-        trajectories = rollout(None, model, [prompts[i] for i, _ in batch], config, seeds=seeds, tokenizer=tokenizer)
-        for (i, _), trajectory in zip(batch, trajectories):
-            completions[i].append(tokenizer.decode(trajectory.tokens, skip_special_tokens=True))
+    for (i, _), tokens in zip(jobs, written):
+        completions[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
     per_problem = []
     for i, answer in enumerate(answers):
         extracted = [extract_boxed(c) for c in completions[i]]

@@ -41,10 +41,9 @@ import torch
 import torch.distributed as dist
 
 from motab.data import Problem
-from motab.engine import RolloutConfig, rollout
+from motab.engine import RolloutConfig, paged_for_rollouts, rollout
 from motab.integrations.hf import final_hidden_states
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
-from motab.models import PagedModel
 
 
 @dataclass
@@ -114,18 +113,7 @@ class DistillationTrainer:
             student.gradient_checkpointing_enable()
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         longest = max(len(p.prompt_ids) for p in problems)
-        rc = config.rollout
-        per_row = longest + rc.max_new_tokens + rc.draft_len + rc.intervention_len + 1
-        self.paged = [
-            PagedModel(
-                m,
-                max_rows=self.per_rank,
-                max_tokens=per_row * self.per_rank,
-                block_size=rc.block_size,
-                max_seq_len=per_row + rc.block_size,
-            )  # fmt: skip
-            for m in (student, teacher)
-        ]
+        self.paged = [paged_for_rollouts(m, self.per_rank, longest, config.rollout) for m in (student, teacher)]
         # the forward that trains: through DDP when data parallel (gradients averaged over ranks)
         self.train_model = student
         if self.world > 1:

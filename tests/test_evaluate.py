@@ -69,6 +69,7 @@ def test_grading_aggregation_and_files(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(evaluate_module, "rollout", fake_rollout)
+    monkeypatch.setattr(evaluate_module, "paged_for_rollouts", lambda model, *args: model)
     result = evaluate("model", tokenizer, [[0], [1]], ["3/4", "7"], samples=2, batch_size=3, out_dir=tmp_path)
     assert [p["correct"] for p in result.per_problem] == [[True, False], [True, True]]
     assert result.accuracy == pytest.approx(0.75)

@@ -74,16 +74,11 @@ def supervised_train(model, tokenizer, problems, *, steps, batch_size, lr, seed,
 
 def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 96) -> float:
     """Share of problems whose greedy completion (paged engine, the model alone) is correct."""
-    from motab.engine import RolloutConfig, SamplingConfig, rollout
+    from motab.evaluate import generate
 
-    config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=SamplingConfig(0.0))
-    correct = 0
-    for start in range(0, len(problems), 64):
-        batch = problems[start : start + 64]
-        prompts = [tokenizer(p.prompt)["input_ids"] for p in batch]
-        for problem, trajectory in zip(batch, rollout(None, model, prompts, config, tokenizer=tokenizer)):
-            correct += is_correct(tokenizer.decode(trajectory.tokens), problem)
-    return correct / len(problems)
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+    written = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=64)
+    return sum(is_correct(tokenizer.decode(tokens), p) for tokens, p in zip(written, problems)) / len(problems)
 
 
 def main(argv=None):
