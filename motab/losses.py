@@ -70,6 +70,17 @@ class TrajectoryDistillationLoss(nn.Module):
                                                 chunk_size=chunk_size, reduction="mean")  # fmt: skip
         self.student_weight, self.teacher_weight = student_weight, teacher_weight
 
+    def position_weights(self, sources: torch.Tensor) -> torch.Tensor:
+        """The weight of each position from its source code (0 where no loss applies)."""
+        weights = torch.zeros(sources.shape, device=sources.device, dtype=torch.float32)
+        weights = weights.masked_fill(sources == STUDENT, self.student_weight)
+        return weights.masked_fill(sources == TEACHER, self.teacher_weight)
+
+    def count(self, sources: torch.Tensor) -> int:
+        """How many positions carry a loss: the default denominator, and the one to sum over
+        micro-batches (and ranks) for ``normalizer``."""
+        return int((self.position_weights(sources) > 0).sum())
+
     def forward(
         self,
         student_hidden: torch.Tensor,
@@ -85,9 +96,7 @@ class TrajectoryDistillationLoss(nn.Module):
         ``NO_LOSS``). Returns the fused op's output; its ``loss`` is the value to backpropagate."""
         if sources.shape != targets.shape:
             raise ValueError(f"sources {tuple(sources.shape)} and targets {tuple(targets.shape)} differ in shape")
-        weights = torch.zeros(sources.shape, device=sources.device, dtype=torch.float32)
-        weights = weights.masked_fill(sources == STUDENT, self.student_weight)
-        weights = weights.masked_fill(sources == TEACHER, self.teacher_weight)
+        weights = self.position_weights(sources)
         counted = weights > 0
         return self.divergence(
             student_hidden,

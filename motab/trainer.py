@@ -178,8 +178,7 @@ class DistillationTrainer:
             trajectories = rollout(*self.paged, [p.prompt_ids for p in problems], config.rollout, seeds=seeds)
         self.student.train()
         examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
-        weights_by_source = {1: config.student_token_weight, 2: config.teacher_token_weight}
-        counted = sum(1 for _, _, codes in examples for c in codes if weights_by_source.get(c, 0) > 0)
+        counted = sum(self.loss_fn.count(torch.tensor(codes)) for _, _, codes in examples)
         total = int(self._all_ranks(counted))
         loss_sum = 0.0
         starts = range(0, len(examples), config.micro_batch)
