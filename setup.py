@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["motab_kernels", "motab_kernels.*", "motab", "motab.*"]),
     # the toy task's teacher (weights, config, tokenizer, training record) ships inside the package
-    package_data={"motab.toy": ["assets/teacher/*"]},
+    package_data={"motab.toy": ["assets/teacher/*", "assets/tuning.json"]},
     install_requires=[
         # torch first on a fresh machine (see README): a bare "torch" here would pull a CUDA build.
         "torch>=2.6",

@@ -14,6 +14,7 @@ warm-started student's first L tokens (the reversed exposure bias MOTAB addresse
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import statistics
 import time
@@ -21,11 +22,12 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from motab.data import Problem
-from motab.engine import RolloutConfig, SamplingConfig, rollout, with_tokenizer_defaults
+from motab.engine import rollout, with_tokenizer_defaults
 from motab.evaluate import generate
-from motab.monitor import MonitorConfig
-from motab.toy.task import generate_split, is_correct
+from motab.toy.task import generate_split, is_correct, operand_checks
 from motab.toy.train_teacher import greedy_accuracy, supervised_train, toy_model
 from motab.trainer import DistillationTrainer, TrainConfig
 
@@ -42,15 +44,62 @@ class DemoSize:
     warm_problems: int
     validation: int
     test: int
-    eval_every: int
     decay_problems: int
 
 
-# The default fills about 8 of the 10 minutes a 2-core CPU is allowed for one seed.
-FULL = DemoSize(steps=150, prompts_per_step=32, warm_steps=300, warm_problems=1000, validation=100, test=300,
-                eval_every=25, decay_problems=100)  # fmt: skip
-QUICK = DemoSize(steps=3, prompts_per_step=8, warm_steps=20, warm_problems=100, validation=16, test=32, eval_every=3,
+# The default takes about 7 of the 10 minutes a 2-core CPU is allowed for one seed. The warm start
+# (1500 steps on a 2000-problem slice) brings the student to about 45 % so that its own samples
+# mean something; 200 steps of distillation per method is what the remaining minutes buy.
+FULL = DemoSize(steps=200, prompts_per_step=32, warm_steps=1500, warm_problems=2000, validation=300, test=500,
+                decay_problems=100)  # fmt: skip
+QUICK = DemoSize(steps=3, prompts_per_step=8, warm_steps=20, warm_problems=100, validation=16, test=32,
                  decay_problems=16)  # fmt: skip
+WARM_LEARNING_RATE = 3e-3
+
+# What every method shares, as sections of ``motab train``'s configuration; only the rollout mode
+# and each method's tuned options (``tuned_options``) differ.
+SHARED_OPTIONS = {
+    "train": dict(learning_rate=1e-3, warmup_steps=2, loss_kind="fkl"),
+    "rollout": dict(max_new_tokens=96, draft_len=4, backtrack="step", intervention="step", intervention_len=24,
+                    max_interventions=4, keep_teacher_hidden=True),
+    "monitor": dict(score="fkl", rule="window", window=16, window_factor=3.0, tau_min=0.3, warmup=4),
+    "student_sampling": dict(temperature=1.0),
+    "teacher_sampling": dict(temperature=0.0),
+}  # fmt: skip
+
+# The tuning grid (``python -m motab.toy.tune``): the same number of settings for every method —
+# the learning rate and one option that is the method's own — tried from the same warm start and
+# judged on the validation split only. For the two monitored methods that option is the boundary:
+# K barely matters here (a first grid over K = 3, 2, 1.5 gave the same decisions: the students'
+# windowed mean divergence is so small that the τ_min floor is the boundary), so the grid varies
+# the floor and the score — fkl measures the student's uncertainty whatever it wrote, the
+# teacher's surprise (teacher_nll) what it wrote.
+BOUNDARIES = (
+    {"monitor.score": "fkl", "monitor.tau_min": 0.3},
+    {"monitor.score": "fkl", "monitor.tau_min": 1.0},
+    {"monitor.score": "teacher_nll", "monitor.tau_min": 2.0},
+)
+TUNING_GRID = {
+    "off_policy": [{"train.learning_rate": lr, "teacher_sampling.temperature": t}
+                   for lr in (1e-3, 3e-3) for t in (0.0, 0.7, 1.0)],
+    "on_policy": [{"train.learning_rate": lr, "student_sampling.temperature": t}
+                  for lr in (1e-3, 3e-3) for t in (1.0, 0.7, 0.5)],
+    "skd": [{"train.learning_rate": lr, "monitor.skd_top_k": k} for lr in (1e-3, 3e-3) for k in (25, 10, 5)],
+    "adaswitch": [{"train.learning_rate": lr, **boundary} for lr in (1e-3, 3e-3) for boundary in BOUNDARIES],
+    "motab": [{"train.learning_rate": lr, **boundary} for lr in (1e-3, 3e-3) for boundary in BOUNDARIES],
+}  # fmt: skip
+
+
+def tuning_record_path() -> Path:
+    return Path(str(resources.files("motab.toy") / "assets" / "tuning.json"))
+
+
+def tuned_options() -> dict[str, dict]:
+    """Each method's best validation setting in the shipped tuning record (seed 0): what the demo runs."""
+    path = tuning_record_path()
+    if not path.exists():
+        raise FileNotFoundError(f"the demo's tuning record is missing from {path}: run python -m motab.toy.tune")
+    return json.loads(path.read_text())["chosen"]
 
 
 def teacher_path() -> Path:
@@ -73,27 +122,37 @@ def _problems(tokenizer, toy_problems):
     return [Problem(p.prompt, tokenizer(p.prompt)["input_ids"], p.answer, p.solution) for p in toy_problems]
 
 
-def rollout_config(tokenizer, mode: str) -> RolloutConfig:
-    """The methods' shared settings; only ``mode`` differs between them."""
-    config = RolloutConfig(
-        mode=mode,
-        max_new_tokens=96,
-        draft_len=4,
-        backtrack="step",
-        intervention="step",
-        intervention_len=24,
-        max_interventions=4,
-        monitor=MonitorConfig(score="fkl", rule="window", window=16, window_factor=3.0, tau_min=0.3, warmup=4),
-        student_sampling=SamplingConfig(temperature=1.0),
-        teacher_sampling=SamplingConfig(temperature=0.0),
-        keep_teacher_hidden=True,
-    )
-    return with_tokenizer_defaults(config, tokenizer)
+def method_config(tokenizer, method: str, options: dict, size: DemoSize, output_dir: str | Path,
+                  seed: int) -> TrainConfig:  # fmt: skip
+    """A method's training configuration: SHARED_OPTIONS, then ``options`` ("section.key": value, as
+    ``motab train --set`` takes them), at the demo's budget."""
+    from motab.cli import SECTIONS, ConfigError, build_configs
+
+    raw = {section: dict(values) for section, values in SHARED_OPTIONS.items()}
+    raw["rollout"]["mode"] = method
+    raw["train"].update(output_dir=str(output_dir), steps=size.steps, prompts_per_step=size.prompts_per_step,
+                        micro_batch=size.prompts_per_step, save_every=10**9, seed=seed)  # fmt: skip
+    for key, value in options.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"demo option {key!r} must be SECTION.KEY with SECTION in {sorted(SECTIONS)}")
+        raw.setdefault(section, {})[name] = value
+    train, rollout = build_configs(raw)
+    return replace(train, rollout=with_tokenizer_defaults(rollout, tokenizer))
+
+
+def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu"):
+    """The student every method starts from: supervised on a slice of the train split."""
+    student = toy_model(tokenizer, STUDENT_SHAPE, seed).to(device)
+    warm = generate_split("train", size.warm_problems)
+    supervised_train(student, tokenizer, warm, steps=size.warm_steps, batch_size=32, lr=WARM_LEARNING_RATE, seed=seed,
+                     device=device)  # fmt: skip
+    return student
 
 
 def teacher_decay(student, teacher, tokenizer, problems, lengths=(0, 4, 8, 16, 24)) -> dict[int, float]:
     """Teacher accuracy when it continues (greedily) from the student's first L greedy tokens."""
-    max_new_tokens = rollout_config(tokenizer, "off_policy").max_new_tokens
+    max_new_tokens = SHARED_OPTIONS["rollout"]["max_new_tokens"]
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
     student_text = generate(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
     accuracy = {}
@@ -105,32 +164,70 @@ def teacher_decay(student, teacher, tokenizer, problems, lengths=(0, 4, 8, 16, 2
     return accuracy
 
 
+def teacher_guidance(student, teacher, tokenizer, problems) -> dict[str, int]:
+    """What the teacher would write at the operands of the student's greedy solutions once the
+    student has written a wrong one.
+
+    ``first_wrong``: solutions with a wrong operand; ``teacher_right_at_first``: of those, where the
+    teacher (greedy, given the student's context) would have written the right value. At every later
+    operand whose value in the student's context differs from the problem's, the teacher's choice is
+    ``consistent`` (it follows the student's context), ``true`` (the problem's value) or ``other``.
+    Guidance that leaves the context ("other") is the reversed exposure bias MOTAB cuts away.
+    """
+    max_new_tokens = SHARED_OPTIONS["rollout"]["max_new_tokens"]
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+    solutions = generate(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+    counts = dict(first_wrong=0, teacher_right_at_first=0, consistent=0, true=0, other=0)
+    device = next(teacher.parameters()).device
+    for problem, prompt, tokens in zip(problems, prompts, solutions):
+        pieces = [tokenizer.decode([t]) for t in tokens]
+        token_at = {start: i for i, start in enumerate(itertools.accumulate([0] + [len(x) for x in pieces]))}
+        checks = operand_checks(problem, "".join(pieces))
+        first = next((i for i, c in enumerate(checks) if c.written != c.consistent), None)
+        if first is None:
+            continue
+        with torch.no_grad():
+            # the teacher's greedy choice for each completion token, given everything before it
+            choice = teacher(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 :].argmax(-1)
+        teacher_digits = [tokenizer.decode([int(choice[token_at[c.position]])]) for c in checks]
+        counts["first_wrong"] += 1
+        counts["teacher_right_at_first"] += teacher_digits[first] == str(checks[first].consistent)
+        for check, digit in zip(checks[first + 1 :], teacher_digits[first + 1 :]):
+            if check.consistent != check.true:
+                follows = {str(check.consistent): "consistent", str(check.true): "true"}
+                counts[follows.get(digit, "other")] += 1
+    return counts
+
+
 def run_demo(out: str | Path = "motab-demo", *, seeds: int = 1, steps: int | None = None, quick: bool = False,
              device: str = "cpu", progress: bool = True) -> dict:  # fmt: skip
     """Runs every method for every seed and writes the report; returns the results."""
     size = QUICK if quick else FULL
     if steps is not None:
-        size = replace(size, steps=steps, eval_every=max(1, steps // 4))
+        size = replace(size, steps=steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_teacher(device)
     train = _problems(tokenizer, generate_split("train", 5000))
     validation = generate_split("validation", size.validation)
     test = generate_split("test", size.test)
+    options = tuned_options()
     results = dict(size=size.__dict__, seeds=seeds, methods={}, teacher_test_accuracy=None, runs=[])
     results["teacher_test_accuracy"] = greedy_accuracy(teacher, tokenizer, test)
     for seed in range(seeds):
-        student = toy_model(tokenizer, STUDENT_SHAPE, seed).to(device)
-        warm = generate_split("train", 5000)[: size.warm_problems]
-        supervised_train(student, tokenizer, warm, steps=size.warm_steps, batch_size=32, lr=3e-3, seed=seed,
-                         device=device)  # fmt: skip
+        student = warm_student(tokenizer, seed, size, device)
         warm_accuracy = greedy_accuracy(student, tokenizer, test)
         decay = teacher_decay(student, teacher, tokenizer, test[: size.decay_problems])
+        results.setdefault("teacher_guidance", []).append(teacher_guidance(student, teacher, tokenizer, validation))
         for method in METHODS:
-            run = _train_method(copy.deepcopy(student), teacher, tokenizer, train, validation, test, method, seed,
-                                size, out / f"seed{seed}-{method}", progress)  # fmt: skip
-            run.update(seed=seed, warm_start_accuracy=warm_accuracy)
+            trained = copy.deepcopy(student)
+            config = method_config(tokenizer, method, options[method], size, out / f"seed{seed}-{method}", seed)
+            run = distil(trained, teacher, tokenizer, train, validation, config, progress)
+            run.update(seed=seed, warm_start_accuracy=warm_accuracy, options=options[method],
+                       test_accuracy=greedy_accuracy(trained, tokenizer, test))  # fmt: skip
             results["runs"].append(run)
+            if method == "motab":
+                _render_rollout(trained, teacher, train, config, seed, out / "rollout.png")
         results.setdefault("teacher_decay", []).append(decay)
     for method in METHODS:
         runs = [r for r in results["runs"] if r["method"] == method]
@@ -149,35 +246,36 @@ def run_demo(out: str | Path = "motab-demo", *, seeds: int = 1, steps: int | Non
     return results
 
 
-def _train_method(student, teacher, tokenizer, train, validation, test, method, seed, size, folder, progress) -> dict:
-    config = TrainConfig(output_dir=str(folder), steps=size.steps, prompts_per_step=size.prompts_per_step,
-                         micro_batch=size.prompts_per_step, rollout=rollout_config(tokenizer, method),
-                         learning_rate=1e-3, warmup_steps=2, save_every=10**9, seed=seed)  # fmt: skip
+def distil(student, teacher, tokenizer, train, validation, config: TrainConfig, progress: bool = True) -> dict:
+    """Trains ``student`` in place by ``config``; its validation accuracy along the way, token counts
+    and wall time (the test split is left to the caller)."""
     trainer = DistillationTrainer(student, teacher, tokenizer, train, config)
+    method, steps = config.rollout.mode, config.steps
+    eval_every = max(1, steps // 4)
     started = time.perf_counter()
     curve = [(0, greedy_accuracy(student, tokenizer, validation))]
     totals = dict(student_tokens=0, teacher_tokens=0, interventions=0.0)
-    for step in range(1, size.steps + 1):
+    for step in range(1, steps + 1):
         metrics = trainer.train_step()
         totals["student_tokens"] += metrics["student_tokens"]
         totals["teacher_tokens"] += metrics["teacher_tokens"]
         totals["interventions"] += metrics["interventions_per_100"]
-        if step % size.eval_every == 0 or step == size.steps:
+        if step % eval_every == 0 or step == steps:
             curve.append((step, greedy_accuracy(student, tokenizer, validation)))
         if progress:
-            print(f"  seed {seed} {method:>10}: step {step}/{size.steps} loss {metrics['loss']:.4f}", flush=True)
-    seconds = time.perf_counter() - started
-    result = dict(method=method, curve=curve, test_accuracy=greedy_accuracy(student, tokenizer, test),
-                  interventions_per_100=totals["interventions"] / size.steps, student_tokens=totals["student_tokens"],
-                  teacher_tokens=totals["teacher_tokens"], seconds=seconds)  # fmt: skip
-    if method == "motab":
-        from motab.cli import render_trajectory
+            print(f"  seed {config.seed} {method:>10}: step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
+    return dict(method=method, curve=curve, validation_accuracy=curve[-1][1],
+                interventions_per_100=totals["interventions"] / steps, student_tokens=totals["student_tokens"],
+                teacher_tokens=totals["teacher_tokens"], seconds=time.perf_counter() - started)  # fmt: skip
 
-        prompts = [p.prompt_ids for p in train[:4]]
-        shown = rollout(student, teacher, prompts, replace(config.rollout, keep_teacher_hidden=False), seeds=[seed])
-        busiest = max(shown, key=lambda t: (len(t.discarded), len(t.tokens)))
-        render_trajectory(busiest, folder.parent / "rollout.png")
-    return result
+
+def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, path: Path) -> None:
+    """One MOTAB rollout of the trained student: the busiest of four."""
+    from motab.cli import render_trajectory
+
+    prompts = [p.prompt_ids for p in train[:4]]
+    shown = rollout(student, teacher, prompts, replace(config.rollout, keep_teacher_hidden=False), seeds=[seed])
+    render_trajectory(max(shown, key=lambda t: (len(t.discarded), len(t.tokens))), path)
 
 
 def format_table(results: dict) -> str:
@@ -191,6 +289,11 @@ def format_table(results: dict) -> str:
     for decay in results.get("teacher_decay", []):
         lines.append("teacher accuracy after L student tokens: " +
                      ", ".join(f"L={k}: {100 * v:.1f}%" for k, v in decay.items()))  # fmt: skip
+    for guidance in results.get("teacher_guidance", []):
+        lines.append(f"after the student's first wrong operand ({guidance['first_wrong']} solutions; the teacher "
+                     f"would have written the right one {guidance['teacher_right_at_first']} times), the teacher's "
+                     f"later operands follow the student's context {guidance['consistent']}, the problem "
+                     f"{guidance['true']}, neither {guidance['other']} times")  # fmt: skip
     return "\n".join(lines)
 
 

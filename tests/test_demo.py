@@ -3,9 +3,26 @@
 import json
 import math
 
-from motab.demo import METHODS, load_teacher, run_demo, teacher_path
+import pytest
+
+from motab.cli import ConfigError
+from motab.demo import (
+    FULL,
+    METHODS,
+    QUICK,
+    SHARED_OPTIONS,
+    TUNING_GRID,
+    load_teacher,
+    method_config,
+    run_demo,
+    teacher_guidance,
+    teacher_path,
+    tuned_options,
+    tuning_record_path,
+)
 from motab.toy.task import generate_split
 from motab.toy.train_teacher import greedy_accuracy
+from motab.toy.tune import tune
 
 
 def test_shipped_teacher_reaches_its_recorded_accuracy():
@@ -32,3 +49,81 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert saved["methods"]["off_policy"]["student_tokens"] == 0
     assert saved["methods"]["on_policy"]["teacher_tokens"] == 0
     assert set(saved["teacher_decay"][0]) == {"0", "4", "8", "16", "24"}
+    guidance = saved["teacher_guidance"][0]
+    assert set(guidance) == {"first_wrong", "teacher_right_at_first", "consistent", "true", "other"}
+    assert 0 <= guidance["teacher_right_at_first"] <= guidance["first_wrong"] <= QUICK.validation
+
+
+def test_teacher_guidance_counts_nothing_for_a_student_that_makes_no_mistake():
+    teacher, tokenizer = load_teacher()
+    counts = teacher_guidance(teacher, teacher, tokenizer, generate_split("validation", 24))
+    assert counts == dict(first_wrong=0, teacher_right_at_first=0, consistent=0, true=0, other=0)
+
+
+def test_method_config_applies_a_methods_options_over_the_shared_ones(tmp_path):
+    _, tokenizer = load_teacher()
+    config = method_config(tokenizer, "motab", {"train.learning_rate": 3e-3, "monitor.window_factor": 2.0}, QUICK,
+                           tmp_path, seed=5)  # fmt: skip
+    assert config.rollout.mode == "motab" and config.seed == 5 and config.steps == QUICK.steps
+    assert config.learning_rate == 3e-3 and config.rollout.monitor.window_factor == 2.0
+    assert config.rollout.monitor.window == SHARED_OPTIONS["monitor"]["window"]
+    assert config.rollout.delimiter_token_ids, "the tokenizer's step delimiters are filled in"
+    with pytest.raises(ConfigError, match="SECTION.KEY"):
+        method_config(tokenizer, "motab", {"window_factor": 2.0}, QUICK, tmp_path, seed=0)
+    with pytest.raises(ConfigError, match="unknown monitor options"):
+        method_config(tokenizer, "motab", {"monitor.windw": 2}, QUICK, tmp_path, seed=0)
+
+
+def test_the_demo_runs_the_settings_its_tuning_record_chose():
+    record = json.loads(tuning_record_path().read_text())
+    assert record["size"] == FULL.__dict__, "tuned at the demo's own budget"
+    assert record["chosen"] == tuned_options()
+    for method, grid in TUNING_GRID.items():
+        runs = [r for r in record["runs"] if r["method"] == method]
+        assert [r["options"] for r in runs] == grid, f"{method}: the record is of another grid"
+        best = max(runs, key=lambda r: r["validation_accuracy"])
+        assert record["chosen"][method] == best["options"]
+    assert len({len(grid) for grid in TUNING_GRID.values()}) == 1, "the same tuning budget for every method"
+
+
+def test_tune_picks_the_best_validation_setting_and_wants_equal_budgets():
+    grid = {method: [settings[0], settings[-1]] for method, settings in TUNING_GRID.items()}
+    record = tune(grid, QUICK, seed=0, jobs=1)
+    assert len(record["runs"]) == 2 * len(METHODS)
+    for method in METHODS:
+        runs = [r for r in record["runs"] if r["method"] == method]
+        assert all(0.0 <= r["validation_accuracy"] <= 1.0 for r in runs)
+        assert record["chosen"][method] == max(runs, key=lambda r: r["validation_accuracy"])["options"]
+    with pytest.raises(ValueError, match="same tuning budget"):
+        tune({"motab": grid["motab"], "skd": grid["skd"][:1]}, QUICK)
+
+
+def test_teacher_guidance_reads_the_teachers_choice_at_each_operand(monkeypatch):
+    """A planted student solution with a wrong operand; each count is checked against the teacher's
+    greedy choice computed independently, one prefix at a time."""
+    import torch
+
+    import motab.demo as demo
+    from motab.toy.task import ToyProblem, operand_checks
+
+    teacher, tokenizer = load_teacher()
+    problem = ToyProblem("a=3 b=9 c=a*b d=c+b e=c-d ?e\n", "c=3*9=7\n\nd=7+9=6\n\ne=7-6=1\n\n#1", "1")
+    completion = "c=3*3=9\n\nd=9+9=8\n\ne=9-8=1\n\n#1"
+    tokens = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
+    monkeypatch.setattr(demo, "generate", lambda *args, **kwargs: [tokens])
+    counts = teacher_guidance(teacher, teacher, tokenizer, [problem])
+
+    prompt = tokenizer(problem.prompt)["input_ids"]
+    expected = dict(first_wrong=1, teacher_right_at_first=0, consistent=0, true=0, other=0)
+    checks = operand_checks(problem, completion)
+    for i, check in enumerate(checks):
+        prefix = prompt + tokenizer(completion[: check.position])["input_ids"]
+        with torch.no_grad():
+            digit = tokenizer.decode([int(teacher(torch.tensor([prefix])).logits[0, -1].argmax())])
+        if i == 1:  # the planted wrong operand
+            expected["teacher_right_at_first"] += digit == str(check.consistent)
+        elif i > 1 and check.consistent != check.true:
+            kind = {str(check.consistent): "consistent", str(check.true): "true"}.get(digit, "other")
+            expected[kind] += 1
+    assert counts == expected
+    assert expected["consistent"] + expected["true"] + expected["other"] == 3  # c twice and d differ from the problem

@@ -82,3 +82,42 @@ def extract_answer(completion: str) -> str | None:
 def is_correct(completion: str, problem: ToyProblem) -> bool:
     """Exact match of the extracted answer with the problem's."""
     return extract_answer(completion) == problem.answer
+
+
+@dataclass(frozen=True)
+class OperandCheck:
+    """One operand a completion wrote: where, what it wrote, and the two values it could be held to."""
+
+    position: int  # character offset of the operand's digit in the completion
+    written: int
+    consistent: int  # the operand's value as the completion itself wrote it earlier (or the prompt gave it)
+    true: int  # its value in the problem
+
+
+_LINE = re.compile(r"([a-l])=(\d)([-+*])(\d)=(\d)")
+
+
+def operand_checks(problem: ToyProblem, completion: str) -> list[OperandCheck]:
+    """Every operand of the completion's well-formed steps, in order, up to the first malformed one.
+
+    After a wrong value, "consistent" (what the completion wrote) and "true" part ways: that is
+    where a teacher's guidance can follow the student's context or the problem.
+    """
+    words = problem.prompt.split()
+    true = {w[0]: int(w[2]) for w in words if re.fullmatch(r"[a-l]=\d", w)}
+    written = dict(true)
+    operations = {w[0]: (w[2], w[4]) for w in words if re.fullmatch(r"[a-l]=[a-l][-+*][a-l]", w)}
+    for line in problem.solution.split(STEP_DELIMITER)[:-1]:
+        true[line[0]] = int(line[-1])
+    checks, start = [], 0
+    for line in completion.split(STEP_DELIMITER):
+        match = _LINE.fullmatch(line)
+        if not match or match.group(1) not in operations:
+            break
+        for column, variable in zip((2, 4), operations[match.group(1)]):
+            if variable not in written:  # the completion skipped the step that defines it
+                return checks
+            checks.append(OperandCheck(start + column, int(line[column]), written[variable], true[variable]))
+        written[match.group(1)] = int(match.group(5))
+        start += len(line) + len(STEP_DELIMITER)
+    return checks

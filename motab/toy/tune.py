@@ -1,0 +1,96 @@
+"""Tunes the demo's methods on the validation split, with the same budget for every method.
+
+    python -m motab.toy.tune --out motab/toy/assets/tuning.json
+
+Every setting of ``motab.demo.TUNING_GRID`` (the same number per method) distils a copy of the same
+warm-started student (seed ``--seed``) at the demo's budget and is judged by its greedy accuracy
+on the validation split; the test split is never read. The record (command, machine, every run,
+the chosen setting per method) ships as ``motab/toy/assets/tuning.json``, and ``motab demo`` runs
+each method with the setting it chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+
+def _run_setting(warm_state: str, method: str, options: dict, size, seed: int, threads: int) -> dict:
+    """One setting from the saved warm start (a worker process's whole job)."""
+    from motab.demo import STUDENT_SHAPE, _problems, distil, load_teacher, method_config
+    from motab.toy.task import generate_split
+    from motab.toy.train_teacher import toy_model
+
+    torch.set_num_threads(threads)
+    teacher, tokenizer = load_teacher()
+    student = toy_model(tokenizer, STUDENT_SHAPE, seed)
+    student.load_state_dict(torch.load(warm_state))
+    train = _problems(tokenizer, generate_split("train", 5000))
+    validation = generate_split("validation", size.validation)
+    with tempfile.TemporaryDirectory() as folder:
+        config = method_config(tokenizer, method, options, size, folder, seed)
+        run = distil(student, teacher, tokenizer, train, validation, config, progress=False)
+    return dict(run, options=options)
+
+
+def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dict:
+    """Runs every setting of ``grid``; returns the record with the best setting per method."""
+    from motab.demo import load_teacher, warm_student
+    from motab.toy.task import generate_split
+    from motab.toy.train_teacher import greedy_accuracy
+
+    sizes = {len(settings) for settings in grid.values()}
+    if len(sizes) != 1:
+        counts = {method: len(settings) for method, settings in grid.items()}
+        raise ValueError(f"every method needs the same tuning budget; settings per method: {counts}")
+    started = time.time()
+    teacher, tokenizer = load_teacher()
+    student = warm_student(tokenizer, seed, size)
+    warm_accuracy = greedy_accuracy(student, tokenizer, generate_split("validation", size.validation))
+    settings = [(method, options) for method, grid_of in grid.items() for options in grid_of]
+    threads = max(torch.get_num_threads() // jobs, 1)
+    with tempfile.TemporaryDirectory() as folder:
+        warm_state = str(Path(folder) / "warm.pt")
+        torch.save(student.state_dict(), warm_state)
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_run_setting, warm_state, m, o, size, seed, threads) for m, o in settings]
+            runs = []
+            for (method, options), future in zip(settings, futures):
+                runs.append(future.result())
+                print(f"{method:>10} {json.dumps(options)}: validation {100 * runs[-1]['validation_accuracy']:.1f}%",
+                      flush=True)  # fmt: skip
+    chosen = {}
+    for method in grid:
+        mine = [r for r in runs if r["method"] == method]
+        chosen[method] = max(mine, key=lambda r: r["validation_accuracy"])["options"]  # first best on ties
+    return dict(seed=seed, size=size.__dict__, warm_validation_accuracy=warm_accuracy, runs=runs, chosen=chosen,
+                seconds=round(time.time() - started), date=str(date.today()),
+                machine=f"{platform.machine()} CPU, torch {torch.__version__}, {jobs} job(s)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    from motab.demo import FULL, TUNING_GRID
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="tuning.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="settings run at once, each in its own process")
+    args = parser.parse_args(argv)
+    record = tune(TUNING_GRID, FULL, args.seed, args.jobs)
+    record["command"] = "python -m motab.toy.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(json.dumps(record["chosen"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
