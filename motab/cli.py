@@ -335,12 +335,18 @@ def render_trajectory(trajectory, path: str | Path) -> None:
     ax.step(positions, limits, where="mid", color="tab:orange", lw=1, label="boundary")
     for start, end in trajectory.interventions:
         ax.axvspan(start - 0.5, end - 0.5, color="tab:green", alpha=0.2)
+    cut_x, cut_y = [], []
     for span in trajectory.discarded:
         ax.axvline(span["position"] - 0.5, color="tab:red", lw=1, ls="--")
+        kept = [(span["position"] + i, s) for i, s in enumerate(span["scores"]) if math.isfinite(s)]
+        cut_x += [x for x, _ in kept]
+        cut_y += [y for _, y in kept]
+    if cut_x:  # the tokens each backtrack threw away, the stray among them
+        ax.plot(cut_x, cut_y, "x", color="tab:red", label="discarded")
     ax.set_xlabel("response token")
     ax.set_ylabel("score")
-    ax.set_title("student tokens (dots), teacher interventions (green), backtracks (red)")
-    ax.legend(loc="upper right")
+    ax.set_title("student tokens (dots), teacher interventions (green), backtracks (red, discarded ×)")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,12 +3,15 @@
 One smaller student (same tokenizer, fewer and narrower layers) gets a brief supervised warm
 start on a slice of the train split, so that its own samples mean something; then each method
 (``off_policy``, ``on_policy``, ``skd``, ``adaswitch``, ``motab``) distils a copy of that same
-student from the teacher for the same number of steps and prompts, and is evaluated (greedy, the
-paged engine) on the validation split during training and on the test split at the end. The
-report folder gets ``results.json``, ``accuracy.png`` (validation accuracy against the training
-step, per method), ``rollout.png`` (one MOTAB rollout: scores, boundary, backtracks, teacher
-tokens) and the teacher-decay measurement: the teacher's accuracy when it continues from the
-warm-started student's first L tokens (the reversed exposure bias MOTAB addresses).
+student from the teacher for the same number of steps and prompts, with its own best setting from
+the shipped tuning record (``motab.toy.tune``: validation split only, the same budget for every
+method), and is evaluated (greedy, the paged engine) on the validation split during training and
+on the test split at the end. The report folder gets ``results.json``, ``accuracy.png``
+(validation accuracy against the training step, per method), ``rollout.png`` (one MOTAB rollout:
+scores, boundary, backtracks, teacher tokens) and two measurements on the warm-started student:
+teacher decay (the teacher's accuracy when it continues from the student's first L tokens) and
+teacher guidance (once the student has written a wrong value, does the teacher follow the
+student's context, the problem, or neither — the last is the reversed exposure bias MOTAB cuts).
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ class DemoSize:
     decay_problems: int
 
 
-# The default takes about 7 of the 10 minutes a 2-core CPU is allowed for one seed. The warm start
-# (1500 steps on a 2000-problem slice) brings the student to about 45 % so that its own samples
-# mean something; 200 steps of distillation per method is what the remaining minutes buy.
+# The default takes about 6 of the 10 minutes a 2-core CPU is allowed for one seed. The warm start
+# (1500 steps on a 2000-problem slice) brings the student to 30–45 % so that its own samples mean
+# something (after 300 steps, at ≈ 20 %, it sat on the flat start of its learning curve and no
+# method moved it); 200 steps of distillation per method is what the remaining minutes buy.
 FULL = DemoSize(steps=200, prompts_per_step=32, warm_steps=1500, warm_problems=2000, validation=300, test=500,
                 decay_problems=100)  # fmt: skip
 QUICK = DemoSize(steps=3, prompts_per_step=8, warm_steps=20, warm_problems=100, validation=16, test=32,
