@@ -31,7 +31,13 @@ from motab.data import Problem
 from motab.engine import rollout, with_tokenizer_defaults
 from motab.evaluate import generate
 from motab.toy.task import generate_split, is_correct, operand_checks
-from motab.toy.train_teacher import greedy_accuracy, supervised_train, toy_model
+from motab.toy.train_teacher import (
+    MAX_SOLUTION_TOKENS,
+    greedy_accuracy,
+    greedy_solutions,
+    supervised_train,
+    toy_model,
+)
 from motab.trainer import DistillationTrainer, TrainConfig
 
 METHODS = ("off_policy", "on_policy", "skd", "adaswitch", "motab")
@@ -64,8 +70,8 @@ WARM_LEARNING_RATE = 3e-3
 # and each method's tuned options (``tuned_options``) differ.
 SHARED_OPTIONS = {
     "train": dict(learning_rate=1e-3, warmup_steps=2, loss_kind="fkl"),
-    "rollout": dict(max_new_tokens=96, draft_len=4, backtrack="step", intervention="step", intervention_len=24,
-                    max_interventions=4, keep_teacher_hidden=True),
+    "rollout": dict(max_new_tokens=MAX_SOLUTION_TOKENS, draft_len=4, backtrack="step", intervention="step",
+                    intervention_len=24, max_interventions=4, keep_teacher_hidden=True),
     "monitor": dict(score="fkl", rule="window", window=16, window_factor=3.0, tau_min=0.3, warmup=4),
     "student_sampling": dict(temperature=1.0),
     "teacher_sampling": dict(temperature=0.0),
@@ -156,13 +162,11 @@ def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu"):
 
 def teacher_decay(student, teacher, tokenizer, problems, lengths=(0, 4, 8, 16, 24)) -> dict[int, float]:
     """Teacher accuracy when it continues (greedily) from the student's first L greedy tokens."""
-    max_new_tokens = SHARED_OPTIONS["rollout"]["max_new_tokens"]
-    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-    student_text = generate(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+    prompts, student_text = greedy_solutions(student, tokenizer, problems, batch_size=len(problems))
     accuracy = {}
     for length in lengths:
         prefixed = [prompt + tokens[:length] for prompt, tokens in zip(prompts, student_text)]
-        continued = generate(teacher, tokenizer, prefixed, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+        continued = generate(teacher, tokenizer, prefixed, max_new_tokens=MAX_SOLUTION_TOKENS, batch_size=len(prompts))
         texts = [tokenizer.decode(s[:length] + c) for s, c in zip(student_text, continued)]
         accuracy[length] = sum(is_correct(text, p) for text, p in zip(texts, problems)) / len(problems)
     return accuracy
@@ -178,9 +182,7 @@ def teacher_guidance(student, teacher, tokenizer, problems) -> dict[str, int]:
     ``consistent`` (it follows the student's context), ``true`` (the problem's value) or ``other``.
     Guidance that leaves the context ("other") is the reversed exposure bias MOTAB cuts away.
     """
-    max_new_tokens = SHARED_OPTIONS["rollout"]["max_new_tokens"]
-    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-    solutions = generate(student, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts))
+    prompts, solutions = greedy_solutions(student, tokenizer, problems, batch_size=len(problems))
     counts = dict(first_wrong=0, teacher_right_at_first=0, consistent=0, true=0, other=0)
     device = next(teacher.parameters()).device
     for problem, prompt, tokens in zip(problems, prompts, solutions):

@@ -72,12 +72,21 @@ def supervised_train(model, tokenizer, problems, *, steps, batch_size, lr, seed,
     model.eval()
 
 
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 96) -> float:
-    """Share of problems whose greedy completion (paged engine, the model alone) is correct."""
+# The longest solution (5 steps) is about 50 tokens; the rest is room for a model that rambles.
+MAX_SOLUTION_TOKENS = 96
+
+
+def greedy_solutions(model, tokenizer, problems, batch_size: int = 64) -> tuple[list[list[int]], list[list[int]]]:
+    """Each problem's prompt ids and the model's greedy completion (paged engine, the model alone)."""
     from motab.evaluate import generate
 
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
-    written = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=64)
+    return prompts, generate(model, tokenizer, prompts, max_new_tokens=MAX_SOLUTION_TOKENS, batch_size=batch_size)
+
+
+def greedy_accuracy(model, tokenizer, problems) -> float:
+    """Share of problems whose greedy completion is correct."""
+    _, written = greedy_solutions(model, tokenizer, problems)
     return sum(is_correct(tokenizer.decode(tokens), p) for tokens, p in zip(written, problems)) / len(problems)
 
 
