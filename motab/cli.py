@@ -132,14 +132,21 @@ def resolve_config(args) -> dict:
         raw.setdefault("rollout", {})["mode"] = args.mode
     for item in args.set:
         key, equals, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if not (equals and name and section in SECTIONS):
-            raise ConfigError(f"--set takes SECTION.KEY=VALUE with SECTION in {sorted(SECTIONS)}, got {item!r}")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        if not equals:
+            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        set_option(raw, key, yaml.safe_load(value))
     for key in ("student", "teacher", "data"):
         if key not in raw:
             raise ConfigError(f"no {key} given (config key or --{key})")
     return raw
+
+
+def set_option(raw: dict, key: str, value) -> None:
+    """``raw[section][name] = value`` for ``key`` "section.name" (as ``--set`` names options)."""
+    section, _, name = key.partition(".")
+    if not (name and section in SECTIONS):
+        raise ConfigError(f"options are named SECTION.KEY with SECTION in {sorted(SECTIONS)}, got {key!r}")
+    raw.setdefault(section, {})[name] = value
 
 
 def build_configs(raw: dict):

@@ -136,17 +136,14 @@ def method_config(tokenizer, method: str, options: dict, size: DemoSize, output_
                   seed: int) -> TrainConfig:  # fmt: skip
     """A method's training configuration: SHARED_OPTIONS, then ``options`` ("section.key": value, as
     ``motab train --set`` takes them), at the demo's budget."""
-    from motab.cli import SECTIONS, ConfigError, build_configs
+    from motab.cli import build_configs, set_option
 
     raw = {section: dict(values) for section, values in SHARED_OPTIONS.items()}
     raw["rollout"]["mode"] = method
     raw["train"].update(output_dir=str(output_dir), steps=size.steps, prompts_per_step=size.prompts_per_step,
                         micro_batch=size.prompts_per_step, save_every=10**9, seed=seed)  # fmt: skip
     for key, value in options.items():
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            raise ConfigError(f"demo option {key!r} must be SECTION.KEY with SECTION in {sorted(SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
+        set_option(raw, key, value)
     train, rollout = build_configs(raw)
     return replace(train, rollout=with_tokenizer_defaults(rollout, tokenizer))
 
