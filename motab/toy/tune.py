@@ -49,9 +49,8 @@ def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dic
     from motab.toy.task import generate_split
     from motab.toy.train_teacher import greedy_accuracy
 
-    sizes = {len(settings) for settings in grid.values()}
-    if len(sizes) != 1:
-        counts = {method: len(settings) for method, settings in grid.items()}
+    counts = {method: len(settings) for method, settings in grid.items()}
+    if len(set(counts.values())) != 1:
         raise ValueError(f"every method needs the same tuning budget; settings per method: {counts}")
     started = time.time()
     teacher, tokenizer = load_teacher()
