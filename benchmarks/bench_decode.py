@@ -29,8 +29,14 @@ def decode_rows(model, batches, prompt_len, new_tokens, device, reps):
     prompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=g).to(device) for b in batches}
     hf = {}
     for b in batches:
-        run = lambda b=b: model.generate(prompts[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                         do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        run = lambda b=b: model.generate(
+            prompts[b],
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         run()  # warm-up
         hf[b] = median_seconds(run, device, reps, warmup=0)
     paged = PagedModel(model, max_rows=max(batches), max_tokens=max(batches) * (prompt_len + new_tokens))
@@ -40,25 +46,38 @@ def decode_rows(model, batches, prompt_len, new_tokens, device, reps):
         run = lambda lists=lists: greedy_decode(paged, lists, new_tokens)
         run()  # warm-up (and Triton compilation)
         ours = median_seconds(run, device, reps, warmup=0)
-        rows.append(dict(batch=b, prompt=prompt_len, new_tokens=new_tokens, hf_tok_s=b * new_tokens / hf[b],
-                         paged_tok_s=b * new_tokens / ours, speedup=hf[b] / ours))  # fmt: skip
-        print(f"| {b} | {prompt_len} | {new_tokens} | {rows[-1]['hf_tok_s']:.1f} | {rows[-1]['paged_tok_s']:.1f} | "
-              f"{rows[-1]['speedup']:.2f} |", flush=True)  # fmt: skip
+        rows.append(
+            dict(
+                batch=b,
+                prompt=prompt_len,
+                new_tokens=new_tokens,
+                hf_tok_s=b * new_tokens / hf[b],
+                paged_tok_s=b * new_tokens / ours,
+                speedup=hf[b] / ours,
+            )
+        )
+        print(
+            f"| {b} | {prompt_len} | {new_tokens} | {rows[-1]['hf_tok_s']:.1f} | {rows[-1]['paged_tok_s']:.1f} | "
+            f"{rows[-1]['speedup']:.2f} |",
+            flush=True,
+        )
     return rows
 
 
 def attention_bandwidth(config, rows, context, dtype, device, reps):
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["hidden_size"] // heads
-    cache = PagedKVCache(1, kv_heads, head_dim, num_blocks=rows * context // 16 + rows, max_rows=rows,
-                         dtype=dtype, device=device)  # fmt: skip
+    cache = PagedKVCache(
+        1, kv_heads, head_dim, num_blocks=rows * context // 16 + rows, max_rows=rows, dtype=dtype, device=device
+    )
     cache.reserve(list(range(rows)), [context] * rows)
     cache.key_cache[0].normal_()
     cache.value_cache[0].normal_()
     layout = QueryLayout.build(list(range(rows)), [context - 1] * rows, [1] * rows, heads // kv_heads, device)
     query = torch.randn(rows, heads, head_dim, device=device, dtype=dtype)
-    run = lambda: paged_attention(query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout,
-                                  scale=head_dim**-0.5)  # fmt: skip
+    run = lambda: paged_attention(
+        query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=head_dim**-0.5
+    )
     run()
     seconds = median_seconds(run, device, reps)
     read = 2 * rows * context * kv_heads * head_dim * torch.finfo(dtype).bits // 8
@@ -85,8 +104,10 @@ def main(argv=None):
     seconds, bandwidth = attention_bandwidth(config, 64, context, dtype, device, max(args.reps, 10))
     copy = copy_bandwidth(device)
     share = 100 * bandwidth / copy
-    note = (f"paged attention, decode, 64 rows × {context} context: {seconds * 1e6:.1f} µs, "
-            f"{bandwidth / 1e9:.1f} GB/s = {share:.0f}% of copy bandwidth ({copy / 1e9:.1f} GB/s)")  # fmt: skip
+    note = (
+        f"paged attention, decode, 64 rows × {context} context: {seconds * 1e6:.1f} µs, "
+        f"{bandwidth / 1e9:.1f} GB/s = {share:.0f}% of copy bandwidth ({copy / 1e9:.1f} GB/s)"
+    )
     print(note)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,16 @@ def cuts(rows: int, seed: int = 0) -> list[int]:
 
 def time_paged(rows, context, model, device, reps):
     blocks = rows * -(-context // BLOCK_SIZE)
-    cache = PagedKVCache(model["layers"], model["kv_heads"], model["head_dim"], num_blocks=blocks,
-                         block_size=BLOCK_SIZE, max_rows=rows, dtype=model["dtype"], device=device)  # fmt: skip
+    cache = PagedKVCache(
+        model["layers"],
+        model["kv_heads"],
+        model["head_dim"],
+        num_blocks=blocks,
+        block_size=BLOCK_SIZE,
+        max_rows=rows,
+        dtype=model["dtype"],
+        device=device,
+    )
     row_ids = list(range(rows))
     cache.reserve(row_ids, [context] * rows)
     new_lens = [context - c for c in cuts(rows)]
@@ -92,8 +100,10 @@ def time_repad(rows, context, model, device, reps):
 
 
 def time_uniform_crop(rows, context, model, device, reps):
-    layers = [torch.empty(rows, model["kv_heads"], context, model["head_dim"], device=device, dtype=model["dtype"])
-              for _ in range(2 * model["layers"])]  # fmt: skip
+    layers = [
+        torch.empty(rows, model["kv_heads"], context, model["head_dim"], device=device, dtype=model["dtype"])
+        for _ in range(2 * model["layers"])
+    ]
     new_len = context - 16
     times = []
     for _ in range(reps):

@@ -32,8 +32,16 @@ from motab.monitor import MonitorConfig
 def gkd_way(student, teacher, prompts, new_tokens, sampling):
     """TRL GKD's on-policy step: generate with the student, then one teacher forward (full logits)."""
     ids = torch.tensor(prompts, device=student.device)
-    out = student.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                           temperature=sampling.temperature, top_k=0, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    out = student.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_k=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         teacher(input_ids=out).logits.float()
     return out.shape[0] * new_tokens
@@ -62,11 +70,19 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(0, vocab, (max(batches), prompt_len), generator=g).tolist()
     sampling = SamplingConfig(temperature=1.0)
-    base = RolloutConfig(max_new_tokens=new_tokens, draft_len=8, intervention_len=8, max_interventions=4,
-                         student_sampling=sampling, teacher_sampling=sampling)  # fmt: skip
+    base = RolloutConfig(
+        max_new_tokens=new_tokens,
+        draft_len=8,
+        intervention_len=8,
+        max_interventions=4,
+        student_sampling=sampling,
+        teacher_sampling=sampling,
+    )
     capacity = max(batches) * (prompt_len + new_tokens + 32)
-    paged = [PagedModel(m, max_rows=max(batches), max_tokens=capacity, max_seq_len=prompt_len + new_tokens + 64)
-             for m in (student, teacher)]  # fmt: skip
+    paged = [
+        PagedModel(m, max_rows=max(batches), max_tokens=capacity, max_seq_len=prompt_len + new_tokens + 64)
+        for m in (student, teacher)
+    ]
 
     # τ at the requested quantile of on-policy scores (random models have no natural stray rate)
     warm = rollout(*paged, all_prompts[:16], replace(base, mode="on_policy"))
@@ -74,9 +90,13 @@ def main(argv=None):
     tau = scores[min(len(scores) - 1, int((1 - args.stray_rate) * len(scores)))]
     monitor = MonitorConfig(rule="fixed", tau=tau, warmup=0)
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
-    lines = [f"bench_rollout on {card}, {dtype}, {date.today()}: prompt {prompt_len}, {new_tokens} new tokens, "
-             f"draft 8, τ = {tau:.3g} (the {1 - args.stray_rate:.0%} quantile of on-policy fkl)", "",
-             "| batch | way | tok/s | interventions per 100 tokens | × GKD way |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"bench_rollout on {card}, {dtype}, {date.today()}: prompt {prompt_len}, {new_tokens} new tokens, "
+        f"draft 8, τ = {tau:.3g} (the {1 - args.stray_rate:.0%} quantile of on-policy fkl)",
+        "",
+        "| batch | way | tok/s | interventions per 100 tokens | × GKD way |",
+        "|---|---|---|---|---|",
+    ]
     print("\n".join(lines))
     rows = []
     for b in batches:
@@ -94,8 +114,15 @@ def main(argv=None):
             interventions = sum(len(t.interventions) for t in trajectories)
             results.append((f"engine {mode}", committed / seconds, 100 * interventions / committed))
         for name, rate, intervention_rate in results:
-            rows.append(dict(batch=b, way=name, tokens_per_s=rate, interventions_per_100=intervention_rate,
-                             speedup=rate / reference))  # fmt: skip
+            rows.append(
+                dict(
+                    batch=b,
+                    way=name,
+                    tokens_per_s=rate,
+                    interventions_per_100=intervention_rate,
+                    speedup=rate / reference,
+                )
+            )
             shown = "—" if intervention_rate is None else f"{intervention_rate:.2f}"
             lines.append(f"| {b} | {name} | {rate:.1f} | {shown} | {rate / reference:.2f} |")
             print(lines[-1], flush=True)
@@ -103,8 +130,13 @@ def main(argv=None):
     b = max(batches)
     _, total = timed(lambda: rollout(*paged, all_prompts[:b], replace(base, monitor=monitor), timings=timings), device)
     timings["host and other"] = total - sum(timings.values())
-    lines += ["", f"motab time breakdown at batch {b} (phases synchronised; {total:.2f} s in all):", "",
-              "| phase | s | share |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"motab time breakdown at batch {b} (phases synchronised; {total:.2f} s in all):",
+        "",
+        "| phase | s | share |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} | {100 * v / total:.1f}% |" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])]
     print("\n".join(lines[-len(timings) - 4 :]))
     out = Path(args.out)

@@ -36,13 +36,26 @@ def main(argv=None):
     student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
     prompt_len, new_tokens, prompts, micro = (256, 512, 16, 4) if on_gpu else (8, 24, 8, 4)
     g = torch.Generator().manual_seed(0)
-    problems = [Problem(str(i), torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), None, None)
-                for i in range(64)]  # fmt: skip
-    rollout = RolloutConfig(max_new_tokens=new_tokens, draft_len=8, intervention_len=8, keep_teacher_hidden=True,
-                            monitor=MonitorConfig(rule="fixed", tau=2.0, warmup=8))  # fmt: skip
-    config = TrainConfig(output_dir="/tmp/motab-bench-train", steps=args.steps + 1, prompts_per_step=prompts,
-                         micro_batch=micro, rollout=rollout, learning_rate=1e-6, gradient_checkpointing=on_gpu,
-                         save_every=10_000)  # fmt: skip
+    problems = [
+        Problem(str(i), torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), None, None) for i in range(64)
+    ]
+    rollout = RolloutConfig(
+        max_new_tokens=new_tokens,
+        draft_len=8,
+        intervention_len=8,
+        keep_teacher_hidden=True,
+        monitor=MonitorConfig(rule="fixed", tau=2.0, warmup=8),
+    )
+    config = TrainConfig(
+        output_dir="/tmp/motab-bench-train",
+        steps=args.steps + 1,
+        prompts_per_step=prompts,
+        micro_batch=micro,
+        rollout=rollout,
+        learning_rate=1e-6,
+        gradient_checkpointing=on_gpu,
+        save_every=10_000,
+    )
     trainer = DistillationTrainer(student, teacher, None, problems, config)
     trainer.train_step()  # warm-up: compilation, allocator
     times, tokens, peaks = [], [], []
@@ -58,9 +71,17 @@ def main(argv=None):
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None)
     card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     step_s = statistics.median(times)
-    row = dict(card=card, date=str(date.today()), dtype=str(dtype), prompts_per_step=prompts, prompt=prompt_len,
-               new_tokens=new_tokens, step_s=step_s, tokens_per_s=statistics.median(tokens) / step_s,
-               peak_GiB=max(peaks) if on_gpu else None)  # fmt: skip
+    row = dict(
+        card=card,
+        date=str(date.today()),
+        dtype=str(dtype),
+        prompts_per_step=prompts,
+        prompt=prompt_len,
+        new_tokens=new_tokens,
+        step_s=step_s,
+        tokens_per_s=statistics.median(tokens) / step_s,
+        peak_GiB=max(peaks) if on_gpu else None,
+    )
     peak = "—" if row["peak_GiB"] is None else f"{row['peak_GiB']:.1f}"
     lines = [
         f"motab train step on {card}, {dtype}, {date.today()}",

@@ -65,8 +65,12 @@ def main(argv=None):
         "trl": trl_loss_fn(student, teacher, args.beta),
         "fused": lambda inputs: distillation_loss(student, teacher, inputs, kind="jsd", beta=args.beta).loss,
     }
-    lines = [f"GKD loss step on {card}, {dtype}, batch {batch} × {seq_len} tokens, vocab {vocab}, {date.today()}", "",
-             "| loss | step ms | peak GiB | loss value |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"GKD loss step on {card}, {dtype}, batch {batch} × {seq_len} tokens, vocab {vocab}, {date.today()}",
+        "",
+        "| loss | step ms | peak GiB | loss value |",
+        "|---|---|---|---|",
+    ]
     print("\n".join(lines))
     rows = []
     for name, loss_fn in losses.items():
@@ -95,8 +99,10 @@ def main(argv=None):
             value = seconds = peak = None
             torch.cuda.empty_cache()
         rows.append(dict(loss=name, ms=None if seconds is None else seconds * 1e3, peak_GiB=peak, value=value))
-        cells = [f"{x:.4g}" if isinstance(x, float) else "OOM" if value is None else "—" for x in
-                 (rows[-1]["ms"], peak, value)]  # fmt: skip
+        cells = [
+            f"{x:.4g}" if isinstance(x, float) else "OOM" if value is None else "—"
+            for x in (rows[-1]["ms"], peak, value)
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     out = Path(args.out)

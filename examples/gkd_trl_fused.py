@@ -21,9 +21,19 @@ from motab.integrations.trl import FusedGKDTrainer  # noqa: E402
 teacher = tiny_model(hidden=64, layers=2, seed=1)
 for trainer_class in (GKDTrainer, FusedGKDTrainer):  # ← the one-line switch
     args = GKDConfig(
-        output_dir=tempfile.mkdtemp(), lmbda=0.5, beta=0.5, max_new_tokens=8, per_device_train_batch_size=4,
-        max_steps=3, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, seed=0,
-    )  # fmt: skip
+        output_dir=tempfile.mkdtemp(),
+        lmbda=0.5,
+        beta=0.5,
+        max_new_tokens=8,
+        per_device_train_batch_size=4,
+        max_steps=3,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+    )
     trainer = trainer_class(
         model=tiny_model(hidden=32, layers=1, seed=0),
         teacher_model=teacher,

@@ -28,7 +28,7 @@ trainer = DistillationTrainer(
         report_to=[],
         save_strategy="no",
         logging_steps=1,
-    ),  # fmt: skip
+    ),
     train_dataset=Dataset.from_dict(completion_rows(20)),
     data_collator=collate,
 )

@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="distil a student from a teacher (MOTAB or a baseline)",
-                                description="Distils the student from the teacher on the data set's prompts. "
-                                "Checkpoints go to train.output_dir; --resume continues from the latest.")  # fmt: skip
+    train = commands.add_parser(
+        "train",
+        help="distil a student from a teacher (MOTAB or a baseline)",
+        description="Distils the student from the teacher on the data set's prompts. "
+        "Checkpoints go to train.output_dir; --resume continues from the latest.",
+    )
     train.add_argument("--config", help="YAML file (see `motab --help`)")
     _model_arguments(train)
     train.add_argument("--output-dir", help="where checkpoints and metrics.jsonl go")
@@ -169,8 +172,12 @@ def build_configs(raw: dict):
     monitor = make(MonitorConfig, "monitor")
     rollout_values = dict(raw.get("rollout") or {})
     rollout = make(RolloutConfig, "rollout")
-    rollout = replace(rollout, monitor=monitor, student_sampling=make(SamplingConfig, "student_sampling"),
-                      teacher_sampling=make(SamplingConfig, "teacher_sampling"))  # fmt: skip
+    rollout = replace(
+        rollout,
+        monitor=monitor,
+        student_sampling=make(SamplingConfig, "student_sampling"),
+        teacher_sampling=make(SamplingConfig, "teacher_sampling"),
+    )
     if "keep_teacher_hidden" not in rollout_values:
         rollout = replace(rollout, keep_teacher_hidden=True)  # the trainer reuses them
     return replace(make(TrainConfig, "train"), rollout=rollout), rollout
@@ -220,8 +227,12 @@ def _setup(raw):
     except ValueError as error:
         raise ConfigError(str(error)) from error
     try:
-        problems, skipped = load_problems(raw["data"], tokenizer, field_map=raw.get("field_map", "auto"),
-                                          max_prompt_tokens=raw.get("max_prompt_tokens"))  # fmt: skip
+        problems, skipped = load_problems(
+            raw["data"],
+            tokenizer,
+            field_map=raw.get("field_map", "auto"),
+            max_prompt_tokens=raw.get("max_prompt_tokens"),
+        )
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if skipped:
@@ -307,9 +318,16 @@ def run_eval(args) -> int:
         raise ConfigError(str(error)) from error
     if any(p.answer is None for p in problems):
         raise ConfigError(f"{args.data} has no answer field: eval needs reference answers")
-    result = evaluate(model, tokenizer, [p.prompt_ids for p in problems], [p.answer for p in problems],
-                      samples=args.samples, max_new_tokens=args.max_new_tokens,
-                      sampling=SamplingConfig(temperature=args.temperature), out_dir=args.out)  # fmt: skip
+    result = evaluate(
+        model,
+        tokenizer,
+        [p.prompt_ids for p in problems],
+        [p.answer for p in problems],
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature),
+        out_dir=args.out,
+    )
     print(f"accuracy (pass@1 over {args.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
     return 0
 

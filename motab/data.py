@@ -97,8 +97,9 @@ def resolve_field_map(record: dict, field_map: str | FieldMap = "auto") -> Field
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a problem as the model should see it: the chat template when there is one."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)  # fmt: skip
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 

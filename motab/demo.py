@@ -41,8 +41,9 @@ from motab.toy.train_teacher import (
 from motab.trainer import DistillationTrainer, TrainConfig
 
 METHODS = ("off_policy", "on_policy", "skd", "adaswitch", "motab")
-STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2)  # fmt: skip
+STUDENT_SHAPE = dict(
+    hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 @dataclass(frozen=True)
@@ -60,22 +61,31 @@ class DemoSize:
 # (1500 steps on a 2000-problem slice) brings the student to 30–45 % so that its own samples mean
 # something (after 300 steps, at ≈ 20 %, it sat on the flat start of its learning curve and no
 # method moved it); 200 steps of distillation per method is what the remaining minutes buy.
-FULL = DemoSize(steps=200, prompts_per_step=32, warm_steps=1500, warm_problems=2000, validation=300, test=500,
-                decay_problems=100)  # fmt: skip
-QUICK = DemoSize(steps=3, prompts_per_step=8, warm_steps=20, warm_problems=100, validation=16, test=32,
-                 decay_problems=16)  # fmt: skip
+FULL = DemoSize(
+    steps=200, prompts_per_step=32, warm_steps=1500, warm_problems=2000, validation=300, test=500, decay_problems=100
+)
+QUICK = DemoSize(
+    steps=3, prompts_per_step=8, warm_steps=20, warm_problems=100, validation=16, test=32, decay_problems=16
+)
 WARM_LEARNING_RATE = 3e-3
 
 # What every method shares, as sections of ``motab train``'s configuration; only the rollout mode
 # and each method's tuned options (``tuned_options``) differ.
 SHARED_OPTIONS = {
     "train": dict(learning_rate=1e-3, warmup_steps=2, loss_kind="fkl"),
-    "rollout": dict(max_new_tokens=MAX_SOLUTION_TOKENS, draft_len=4, backtrack="step", intervention="step",
-                    intervention_len=24, max_interventions=4, keep_teacher_hidden=True),
+    "rollout": dict(
+        max_new_tokens=MAX_SOLUTION_TOKENS,
+        draft_len=4,
+        backtrack="step",
+        intervention="step",
+        intervention_len=24,
+        max_interventions=4,
+        keep_teacher_hidden=True,
+    ),
     "monitor": dict(score="fkl", rule="window", window=16, window_factor=3.0, tau_min=0.3, warmup=4),
     "student_sampling": dict(temperature=1.0),
     "teacher_sampling": dict(temperature=0.0),
-}  # fmt: skip
+}
 
 # The tuning grid (``python -m motab.toy.tune``): the same number of settings for every method —
 # the learning rate and one option that is the method's own — tried from the same warm start and
@@ -90,14 +100,16 @@ BOUNDARIES = (
     {"monitor.score": "teacher_nll", "monitor.tau_min": 2.0},
 )
 TUNING_GRID = {
-    "off_policy": [{"train.learning_rate": lr, "teacher_sampling.temperature": t}
-                   for lr in (1e-3, 3e-3) for t in (0.0, 0.7, 1.0)],
-    "on_policy": [{"train.learning_rate": lr, "student_sampling.temperature": t}
-                  for lr in (1e-3, 3e-3) for t in (1.0, 0.7, 0.5)],
+    "off_policy": [
+        {"train.learning_rate": lr, "teacher_sampling.temperature": t} for lr in (1e-3, 3e-3) for t in (0.0, 0.7, 1.0)
+    ],
+    "on_policy": [
+        {"train.learning_rate": lr, "student_sampling.temperature": t} for lr in (1e-3, 3e-3) for t in (1.0, 0.7, 0.5)
+    ],
     "skd": [{"train.learning_rate": lr, "monitor.skd_top_k": k} for lr in (1e-3, 3e-3) for k in (25, 10, 5)],
     "adaswitch": [{"train.learning_rate": lr, **boundary} for lr in (1e-3, 3e-3) for boundary in BOUNDARIES],
     "motab": [{"train.learning_rate": lr, **boundary} for lr in (1e-3, 3e-3) for boundary in BOUNDARIES],
-}  # fmt: skip
+}
 
 
 def tuning_record_path() -> Path:
@@ -132,16 +144,23 @@ def _problems(tokenizer, toy_problems):
     return [Problem(p.prompt, tokenizer(p.prompt)["input_ids"], p.answer, p.solution) for p in toy_problems]
 
 
-def method_config(tokenizer, method: str, options: dict, size: DemoSize, output_dir: str | Path,
-                  seed: int) -> TrainConfig:  # fmt: skip
+def method_config(
+    tokenizer, method: str, options: dict, size: DemoSize, output_dir: str | Path, seed: int
+) -> TrainConfig:
     """A method's training configuration: SHARED_OPTIONS, then ``options`` ("section.key": value, as
     ``motab train --set`` takes them), at the demo's budget."""
     from motab.cli import build_configs, set_option
 
     raw = {section: dict(values) for section, values in SHARED_OPTIONS.items()}
     raw["rollout"]["mode"] = method
-    raw["train"].update(output_dir=str(output_dir), steps=size.steps, prompts_per_step=size.prompts_per_step,
-                        micro_batch=size.prompts_per_step, save_every=10**9, seed=seed)  # fmt: skip
+    raw["train"].update(
+        output_dir=str(output_dir),
+        steps=size.steps,
+        prompts_per_step=size.prompts_per_step,
+        micro_batch=size.prompts_per_step,
+        save_every=10**9,
+        seed=seed,
+    )
     for key, value in options.items():
         set_option(raw, key, value)
     train, rollout = build_configs(raw)
@@ -152,8 +171,9 @@ def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu"):
     """The student every method starts from: supervised on a slice of the train split."""
     student = toy_model(tokenizer, STUDENT_SHAPE, seed).to(device)
     warm = generate_split("train", size.warm_problems)
-    supervised_train(student, tokenizer, warm, steps=size.warm_steps, batch_size=32, lr=WARM_LEARNING_RATE, seed=seed,
-                     device=device)  # fmt: skip
+    supervised_train(
+        student, tokenizer, warm, steps=size.warm_steps, batch_size=32, lr=WARM_LEARNING_RATE, seed=seed, device=device
+    )
     return student
 
 
@@ -202,8 +222,15 @@ def teacher_guidance(student, teacher, tokenizer, problems) -> dict[str, int]:
     return counts
 
 
-def run_demo(out: str | Path = "motab-demo", *, seeds: int = 1, steps: int | None = None, quick: bool = False,
-             device: str = "cpu", progress: bool = True) -> dict:  # fmt: skip
+def run_demo(
+    out: str | Path = "motab-demo",
+    *,
+    seeds: int = 1,
+    steps: int | None = None,
+    quick: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
     """Runs every method for every seed and writes the report; returns the results."""
     size = QUICK if quick else FULL
     if steps is not None:
@@ -226,8 +253,12 @@ def run_demo(out: str | Path = "motab-demo", *, seeds: int = 1, steps: int | Non
             trained = copy.deepcopy(student)
             config = method_config(tokenizer, method, options[method], size, out / f"seed{seed}-{method}", seed)
             run = distil(trained, teacher, tokenizer, train, validation, config, progress)
-            run.update(seed=seed, warm_start_accuracy=warm_accuracy, options=options[method],
-                       test_accuracy=greedy_accuracy(trained, tokenizer, test))  # fmt: skip
+            run.update(
+                seed=seed,
+                warm_start_accuracy=warm_accuracy,
+                options=options[method],
+                test_accuracy=greedy_accuracy(trained, tokenizer, test),
+            )
             results["runs"].append(run)
             if method == "motab":
                 _render_rollout(trained, teacher, train, config, seed, out / "rollout.png")
@@ -267,9 +298,15 @@ def distil(student, teacher, tokenizer, train, validation, config: TrainConfig, 
             curve.append((step, greedy_accuracy(student, tokenizer, validation)))
         if progress:
             print(f"  seed {config.seed} {method:>10}: step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
-    return dict(method=method, curve=curve, validation_accuracy=curve[-1][1],
-                interventions_per_100=totals["interventions"] / steps, student_tokens=totals["student_tokens"],
-                teacher_tokens=totals["teacher_tokens"], seconds=time.perf_counter() - started)  # fmt: skip
+    return dict(
+        method=method,
+        curve=curve,
+        validation_accuracy=curve[-1][1],
+        interventions_per_100=totals["interventions"] / steps,
+        student_tokens=totals["student_tokens"],
+        teacher_tokens=totals["teacher_tokens"],
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, path: Path) -> None:
@@ -282,21 +319,28 @@ def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, pat
 
 
 def format_table(results: dict) -> str:
-    lines = ["| method | test accuracy | interventions / 100 tokens | student tokens | teacher tokens | s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| method | test accuracy | interventions / 100 tokens | student tokens | teacher tokens | s |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, m in results["methods"].items():
-        lines.append(f"| {method} | {100 * m['test_accuracy_mean']:.1f} ± {100 * m['test_accuracy_std']:.1f} | "
-                     f"{m['interventions_per_100']:.2f} | {m['student_tokens']} | {m['teacher_tokens']} | "
-                     f"{m['seconds']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {method} | {100 * m['test_accuracy_mean']:.1f} ± {100 * m['test_accuracy_std']:.1f} | "
+            f"{m['interventions_per_100']:.2f} | {m['student_tokens']} | {m['teacher_tokens']} | "
+            f"{m['seconds']:.0f} |"
+        )
     lines.append(f"\nteacher test accuracy: {100 * results['teacher_test_accuracy']:.1f}%")
     for decay in results.get("teacher_decay", []):
-        lines.append("teacher accuracy after L student tokens: " +
-                     ", ".join(f"L={k}: {100 * v:.1f}%" for k, v in decay.items()))  # fmt: skip
+        lines.append(
+            "teacher accuracy after L student tokens: " + ", ".join(f"L={k}: {100 * v:.1f}%" for k, v in decay.items())
+        )
     for guidance in results.get("teacher_guidance", []):
-        lines.append(f"after the student's first wrong operand ({guidance['first_wrong']} solutions; the teacher "
-                     f"would have written the right one {guidance['teacher_right_at_first']} times), the teacher's "
-                     f"later operands follow the student's context {guidance['consistent']}, the problem "
-                     f"{guidance['true']}, neither {guidance['other']} times")  # fmt: skip
+        lines.append(
+            f"after the student's first wrong operand ({guidance['first_wrong']} solutions; the teacher "
+            f"would have written the right one {guidance['teacher_right_at_first']} times), the teacher's "
+            f"later operands follow the student's context {guidance['consistent']}, the problem "
+            f"{guidance['true']}, neither {guidance['other']} times"
+        )
     return "\n".join(lines)
 
 

@@ -183,8 +183,13 @@ def paged_for_rollouts(model: torch.nn.Module, rows: int, longest_prompt: int, c
     """A PagedModel whose cache holds ``rows`` rollouts of prompts up to ``longest_prompt`` tokens
     under ``config``: create it once and pass it to every ``rollout`` call that fits."""
     per_row = _tokens_per_row(longest_prompt, config)
-    return PagedModel(model, max_rows=rows, max_tokens=per_row * rows, block_size=config.block_size,
-                      max_seq_len=per_row + config.block_size)  # fmt: skip
+    return PagedModel(
+        model,
+        max_rows=rows,
+        max_tokens=per_row * rows,
+        block_size=config.block_size,
+        max_seq_len=per_row + config.block_size,
+    )
 
 
 def _check_capacity(model: PagedModel, prompts, extra: int) -> None:
@@ -227,8 +232,14 @@ def with_tokenizer_defaults(config: RolloutConfig, tokenizer) -> RolloutConfig:
 
 
 class _Engine:
-    def __init__(self, student: PagedModel, teacher: PagedModel, config: RolloutConfig, tokenizer=None,
-                 timings: dict[str, float] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        student: PagedModel,
+        teacher: PagedModel,
+        config: RolloutConfig,
+        tokenizer=None,
+        timings: dict[str, float] | None = None,
+    ) -> None:
         self.student, self.teacher, self.config = student, teacher, config
         self.timings = timings
         self._phases: list[str] = []  # open timing phases, innermost last
@@ -305,9 +316,12 @@ class _Engine:
         thresholds = [self.monitor.boundary(r.index) if op else math.inf for r, op in zip(rows, by_op)]
         with self._phase("fused_op"):
             stats, first_stray = self._score(
-                torch.stack([h for hs in hidden for h in hs]), verify, [t for d in drafts for t in d],
-                [tau for tau, d in zip(thresholds, drafts) for _ in d], [len(d) for d in drafts],
-            )  # fmt: skip
+                torch.stack([h for hs in hidden for h in hs]),
+                verify,
+                [t for d in drafts for t in d],
+                [tau for tau, d in zip(thresholds, drafts) for _ in d],
+                [len(d) for d in drafts],
+            )
         first = 0
         interventions = []
         with self._phase("monitor"):
@@ -339,8 +353,9 @@ class _Engine:
         """Per-token statistics of the drafts and, per row, the op's first stray for ``thresholds``."""
         monitor = self.monitor_config
         device = student_hidden.device
-        student_bias, teacher_bias = (None if m.lm_head.bias is None else m.lm_head.bias[: self.vocab]
-                                      for m in (self.student, self.teacher))  # fmt: skip
+        student_bias, teacher_bias = (
+            None if m.lm_head.bias is None else m.lm_head.bias[: self.vocab] for m in (self.student, self.teacher)
+        )
         with torch.no_grad():
             out = fused_linear_divergence(
                 student_hidden,
@@ -368,8 +383,10 @@ class _Engine:
         """Commits the row's safe prefix of ``draft``; returns the intervention it needs, if any.
         ``decided`` is (first stray, boundary) when the fused op compared already."""
         config, traj = self.config, row.trajectory
-        scores = [self.monitor.score(d, lp, rk) for d, lp, rk in
-                  zip(stats["divergence"], stats["teacher_logprob"], stats["teacher_rank"])]  # fmt: skip
+        scores = [
+            self.monitor.score(d, lp, rk)
+            for d, lp, rk in zip(stats["divergence"], stats["teacher_logprob"], stats["teacher_rank"])
+        ]
         if decided is not None:
             first, boundaries = decided[0], [decided[1]] * len(draft)
         elif self._monitored(row):
@@ -451,9 +468,13 @@ class _Engine:
                 states[row.index].append(hidden[j])
                 feed[row.index] = [token]
                 ends_step = config.intervention == "step" and token in self.delimiters
-                if not (token in self.eos or ends_step or len(out) >= limits[row.index]
-                        or len(row.trajectory.tokens) + len(out) >= config.max_new_tokens
-                        or self._stops(row, out)):  # fmt: skip
+                if not (
+                    token in self.eos
+                    or ends_step
+                    or len(out) >= limits[row.index]
+                    or len(row.trajectory.tokens) + len(out) >= config.max_new_tokens
+                    or self._stops(row, out)
+                ):
                     still.append(row)
             live = still
         readers = []

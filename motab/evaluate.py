@@ -122,8 +122,15 @@ def evaluate(
         raise ValueError(f"samples must be ≥ 1, got {samples}")
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples)]
     seeds = [seed + i * samples + k for i, k in jobs]
-    written = generate(model, tokenizer, [prompts[i] for i, _ in jobs], max_new_tokens=max_new_tokens,
-                       sampling=sampling, seeds=seeds, batch_size=batch_size)  # fmt: skip
+    written = generate(
+        model,
+        tokenizer,
+        [prompts[i] for i, _ in jobs],
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seeds=seeds,
+        batch_size=batch_size,
+    )
     completions: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
     for (i, _), tokens in zip(jobs, written):
         completions[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -131,8 +138,16 @@ def evaluate(
     for i, answer in enumerate(answers):
         extracted = [extract_boxed(c) for c in completions[i]]
         correct = [answers_match(e, answer) for e in extracted]
-        per_problem.append(dict(index=i, answer=answer, completions=completions[i], extracted=extracted,
-                                correct=correct, accuracy=sum(correct) / len(correct)))  # fmt: skip
+        per_problem.append(
+            dict(
+                index=i,
+                answer=answer,
+                completions=completions[i],
+                extracted=extracted,
+                correct=correct,
+                accuracy=sum(correct) / len(correct),
+            )
+        )
     accuracy = sum(p["accuracy"] for p in per_problem) / max(len(per_problem), 1)
     if out_dir is not None:
         out = Path(out_dir)

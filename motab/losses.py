@@ -66,8 +66,9 @@ class TrajectoryDistillationLoss(nn.Module):
         super().__init__()
         if student_weight < 0 or teacher_weight < 0 or student_weight + teacher_weight == 0:
             raise ValueError(f"source weights must be ≥ 0 and not both 0, got {student_weight}, {teacher_weight}")
-        self.divergence = FusedLinearDivergence(kind=kind, beta=beta, temperature=temperature, impl=impl,
-                                                chunk_size=chunk_size, reduction="mean")  # fmt: skip
+        self.divergence = FusedLinearDivergence(
+            kind=kind, beta=beta, temperature=temperature, impl=impl, chunk_size=chunk_size, reduction="mean"
+        )
         self.student_weight, self.teacher_weight = student_weight, teacher_weight
 
     def position_weights(self, sources: torch.Tensor) -> torch.Tensor:

@@ -121,8 +121,9 @@ class Monitor:
     def scan(self, row: int, scores: list[float]) -> tuple[int, list[float]]:
         """Index of the first stray among a draft's ``scores`` (``len(scores)`` if none) and the
         boundary each examined token was held to. The row's state is not changed."""
-        state = _RowState(list(self.rows[row].history), self.rows[row].ema_mean, self.rows[row].ema_var,
-                          list(self.rows[row].ordered))  # fmt: skip
+        state = _RowState(
+            list(self.rows[row].history), self.rows[row].ema_mean, self.rows[row].ema_var, list(self.rows[row].ordered)
+        )
         boundaries = []
         for j, value in enumerate(scores):
             limit = self._boundary(state)

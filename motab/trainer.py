@@ -88,8 +88,12 @@ class DistillationTrainer:
         if not problems:
             raise ValueError("no problems to train on")
         self.student, self.teacher, self.tokenizer, self.problems, self.config = (
-            student, teacher, tokenizer, problems, config,
-        )  # fmt: skip
+            student,
+            teacher,
+            tokenizer,
+            problems,
+            config,
+        )
         self.device = next(student.parameters()).device
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
@@ -101,13 +105,17 @@ class DistillationTrainer:
         self.per_rank = config.prompts_per_step // self.world
         self.teacher.eval().requires_grad_(False)
         self.loss_fn = TrajectoryDistillationLoss(
-            kind=config.loss_kind, beta=config.loss_beta, temperature=config.loss_temperature,
-            student_weight=config.student_token_weight, teacher_weight=config.teacher_token_weight,
-        )  # fmt: skip
+            kind=config.loss_kind,
+            beta=config.loss_beta,
+            temperature=config.loss_temperature,
+            student_weight=config.student_token_weight,
+            teacher_weight=config.teacher_token_weight,
+        )
         self.optimizer = torch.optim.AdamW(
-            [p for p in student.parameters() if p.requires_grad], lr=config.learning_rate,
+            [p for p in student.parameters() if p.requires_grad],
+            lr=config.learning_rate,
             weight_decay=config.weight_decay,
-        )  # fmt: skip
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule)
         if config.gradient_checkpointing:
             student.gradient_checkpointing_enable()
@@ -171,8 +179,9 @@ class DistillationTrainer:
         start = time.perf_counter()
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
         problems = self.step_problems(self.step)[mine]
-        seeds = [config.seed * 1_000_003 + self.step * config.prompts_per_step + i
-                 for i in range(config.prompts_per_step)][mine]  # fmt: skip
+        seeds = [
+            config.seed * 1_000_003 + self.step * config.prompts_per_step + i for i in range(config.prompts_per_step)
+        ][mine]
         self.student.eval()
         with torch.no_grad():
             trajectories = rollout(*self.paged, [p.prompt_ids for p in problems], config.rollout, seeds=seeds)
@@ -196,8 +205,9 @@ class DistillationTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = sum(len(t.tokens) for t in trajectories)
-        student_scores = [s for t in trajectories for s, src in zip(t.scores, t.sources)
-                          if src == "student" and math.isfinite(s)]  # fmt: skip
+        student_scores = [
+            s for t in trajectories for s, src in zip(t.scores, t.sources) if src == "student" and math.isfinite(s)
+        ]
         return dict(
             step=self.step,
             loss=loss_sum,
@@ -233,8 +243,15 @@ class DistillationTrainer:
             student_hidden, student_head, _ = final_hidden_states(self.train_model, ids, mask)
             teacher_hidden = self._teacher_hidden(ids, mask, loss_positions, trajectories)
             teacher_head = self.teacher.get_output_embeddings().weight
-            out = self.loss_fn(student_hidden[loss_positions], student_head, teacher_hidden, teacher_head,
-                               targets[loss_positions], codes[loss_positions], normalizer=normalizer)  # fmt: skip
+            out = self.loss_fn(
+                student_hidden[loss_positions],
+                student_head,
+                teacher_hidden,
+                teacher_head,
+                targets[loss_positions],
+                codes[loss_positions],
+                normalizer=normalizer,
+            )
         (out.loss * self.world).backward()
         return float(out.loss.detach())
 

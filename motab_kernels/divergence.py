@@ -269,10 +269,23 @@ def _divergence_rows_kernel(
 
 @triton.jit
 def _logit_tile(
-    H, W, B, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
-    BV: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    H,
+    W,
+    B,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+):
     """fp32 ``[BM, BV]`` tile of ``H[rows] @ W[cols].T (+ B[cols])``, accumulated over D in BK steps."""
     acc = tl.zeros((BM, BV), dtype=tl.float32)
     ks = tl.arange(0, BK)
@@ -293,13 +306,43 @@ def _logit_tile(
 
 @triton.jit
 def _fused_monitor_kernel(
-    HS, WS, BS, HT, WT, BT, TARGET, T_TARGET, PART, PART_RANK,
-    N, V, DS, DT, SPLITS, stride_hs, stride_ws, stride_ht, stride_wt,
-    s_scale, t_scale, s_cap, t_cap, inv_temp,
-    N_BUCKET, KIND: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
-    S_HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
+    HS,
+    WS,
+    BS,
+    HT,
+    WT,
+    BT,
+    TARGET,
+    T_TARGET,
+    PART,
+    PART_RANK,
+    N,
+    V,
+    DS,
+    DT,
+    SPLITS,
+    stride_hs,
+    stride_ws,
+    stride_ht,
+    stride_wt,
+    s_scale,
+    t_scale,
+    s_cap,
+    t_cap,
+    inv_temp,
+    N_BUCKET,
+    KIND: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    HAS_BS: tl.constexpr,
+    HAS_BT: tl.constexpr,
+    S_HAS_CAP: tl.constexpr,
+    T_HAS_CAP: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+):
     """Forward-only fkl/rkl + statistics straight from hidden states: the logit tiles live only in
     registers. Program (i, j) covers rows ``[i·BM, (i+1)·BM)`` and the j-th of ``SPLITS`` equal
     runs of vocabulary tiles, and writes that run's online-softmax partials; the host combines the
@@ -350,16 +393,48 @@ def _fused_monitor_kernel(
         # The student's statistics are folded in before the teacher tile exists, so fewer
         # [BM, BV] tiles are live at once (registers decide how many programs share an SM).
         valid = col_mask[None, :]
-        s = _logit_tile(HS, WS, BS, rows, cols, row_mask, col_mask, DS, stride_hs, stride_ws,
-                        HAS_BS, DOT_FP32, PRECISION, BM, BV, BK)  # fmt: skip
+        s = _logit_tile(
+            HS,
+            WS,
+            BS,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DS,
+            stride_hs,
+            stride_ws,
+            HAS_BS,
+            DOT_FP32,
+            PRECISION,
+            BM,
+            BV,
+            BK,
+        )
         s = tl.where(valid, _transform(s, s_scale, s_cap, inv_temp, S_HAS_CAP), float("-inf"))
         m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
         alpha_s = tl.exp(m_s - m_s_new)
         e_s = tl.exp(s - m_s_new[:, None])
         z_s = z_s * alpha_s + tl.sum(e_s, axis=1)
         m_s = m_s_new
-        t = _logit_tile(HT, WT, BT, rows, cols, row_mask, col_mask, DT, stride_ht, stride_wt,
-                        HAS_BT, DOT_FP32, PRECISION, BM, BV, BK)  # fmt: skip
+        t = _logit_tile(
+            HT,
+            WT,
+            BT,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            DT,
+            stride_ht,
+            stride_wt,
+            HAS_BT,
+            DOT_FP32,
+            PRECISION,
+            BM,
+            BV,
+            BK,
+        )
         t = tl.where(valid, _transform(t, t_scale, t_cap, inv_temp, T_HAS_CAP), float("-inf"))
         m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
         alpha_t = tl.exp(m_t - m_t_new)
@@ -715,15 +790,41 @@ def _fused_monitor(
         t_target = settings.teacher.apply(_target_logits(ht, wt, bt, target))
     s_cap, t_cap = settings.student.softcap, settings.teacher.softcap
     _fused_monitor_launch[lambda meta: (triton.cdiv(n, meta["BM"]), splits)](
-        hs, ws, bs if bs is not None else part, ht, wt, bt if bt is not None else part,
-        target if target is not None else part_rank, t_target if t_target is not None else part, part, part_rank,
-        n, vocab, hs.shape[1], ht.shape[1], splits, hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-        settings.student.scale, settings.teacher.scale, s_cap or 1.0, t_cap or 1.0, 1.0 / settings.student.temperature,
-        next_power_of_2(n), KIND=settings.kernel_kind, HAS_TARGET=target is not None, HAS_BS=bs is not None,
-        HAS_BT=bt is not None, S_HAS_CAP=s_cap is not None, T_HAS_CAP=t_cap is not None,
-        DOT_FP32=triton_interpreting(), PRECISION="ieee" if hs.dtype == torch.float32 else "tf32",
+        hs,
+        ws,
+        bs if bs is not None else part,
+        ht,
+        wt,
+        bt if bt is not None else part,
+        target if target is not None else part_rank,
+        t_target if t_target is not None else part,
+        part,
+        part_rank,
+        n,
+        vocab,
+        hs.shape[1],
+        ht.shape[1],
+        splits,
+        hs.stride(0),
+        ws.stride(0),
+        ht.stride(0),
+        wt.stride(0),
+        settings.student.scale,
+        settings.teacher.scale,
+        s_cap or 1.0,
+        t_cap or 1.0,
+        1.0 / settings.student.temperature,
+        next_power_of_2(n),
+        KIND=settings.kernel_kind,
+        HAS_TARGET=target is not None,
+        HAS_BS=bs is not None,
+        HAS_BT=bt is not None,
+        S_HAS_CAP=s_cap is not None,
+        T_HAS_CAP=t_cap is not None,
+        DOT_FP32=triton_interpreting(),
+        PRECISION="ieee" if hs.dtype == torch.float32 else "tf32",
         **_INTERPRETED_TILES,
-    )  # fmt: skip
+    )
     _combine_monitor_partials(part, part_rank, settings.kind, s_target, t_target, out)
     return out
 
@@ -955,9 +1056,25 @@ def fused_linear_divergence(
     wt = teacher_weight.to(teacher_dtype).detach()
     bt = None if teacher_bias is None else teacher_bias.detach()
     call = _prepare_call(
-        n, vocab, lead_shape, student_hidden.device, dtype, kind, beta, temperature, target, ignore_index, reduction,
-        weights, normalizer, threshold, seq_len, logit_scale, softcap, impl,
-    )  # fmt: skip
+        n,
+        vocab,
+        lead_shape,
+        student_hidden.device,
+        dtype,
+        kind,
+        beta,
+        temperature,
+        target,
+        ignore_index,
+        reduction,
+        weights,
+        normalizer,
+        threshold,
+        seq_len,
+        logit_scale,
+        softcap,
+        impl,
+    )
     want_grad = _grad_requested(hs, ws, student_bias)
     if call.impl == "reference":
         rows = call.valid[:, None]  # garbage in ignored rows would reach d weight through 0·NaN
@@ -969,9 +1086,18 @@ def fused_linear_divergence(
         loss = _weighted_loss(call.row_weight, out.divergence, call.reduce)
     else:
         loss, *stats = _LinearDivergenceFunction.apply(
-            hs, ws, student_bias, ht, wt, bt, call.target, call.row_weight, call.pass_options(chunk_size),
-            call.reduce, want_grad,
-        )  # fmt: skip
+            hs,
+            ws,
+            student_bias,
+            ht,
+            wt,
+            bt,
+            call.target,
+            call.row_weight,
+            call.pass_options(chunk_size),
+            call.reduce,
+            want_grad,
+        )
         out = _RowStats(*stats)
     return _finish(loss, out, call)
 
@@ -1003,9 +1129,25 @@ def logit_divergence(
     vocab = student_logits.shape[-1]
     n = math.prod(lead_shape)
     call = _prepare_call(
-        n, vocab, lead_shape, student_logits.device, student_logits.dtype, kind, beta, temperature, target,
-        ignore_index, reduction, weights, normalizer, threshold, seq_len, logit_scale, softcap, impl,
-    )  # fmt: skip
+        n,
+        vocab,
+        lead_shape,
+        student_logits.device,
+        student_logits.dtype,
+        kind,
+        beta,
+        temperature,
+        target,
+        ignore_index,
+        reduction,
+        weights,
+        normalizer,
+        threshold,
+        seq_len,
+        logit_scale,
+        softcap,
+        impl,
+    )
     s = student_logits.reshape(n, vocab)
     t = teacher_logits.reshape(n, vocab).detach()
     if call.impl == "reference":
@@ -1056,9 +1198,25 @@ def _grad_requested(*tensors: torch.Tensor | None) -> bool:
 
 
 def _prepare_call(
-    n, vocab, lead_shape, device, dtype, kind, beta, temperature, target,
-    ignore_index, reduction, weights, normalizer, threshold, seq_len, logit_scale, softcap, impl,
-) -> _Call:  # fmt: skip
+    n,
+    vocab,
+    lead_shape,
+    device,
+    dtype,
+    kind,
+    beta,
+    temperature,
+    target,
+    ignore_index,
+    reduction,
+    weights,
+    normalizer,
+    threshold,
+    seq_len,
+    logit_scale,
+    softcap,
+    impl,
+) -> _Call:
     settings = _settings(kind, beta, temperature, logit_scale, softcap)
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")

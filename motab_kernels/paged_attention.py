@@ -75,12 +75,34 @@ class QueryLayout:
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, OUT, BLOCK_TABLE, TILES, POSITIONS,
-    stride_qt, stride_qh, stride_kslot, stride_kh, stride_vslot, stride_vh, stride_ot, stride_oh, stride_table,
-    scale, window, head_dim, block_size,
-    G: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    OUT,
+    BLOCK_TABLE,
+    TILES,
+    POSITIONS,
+    stride_qt,
+    stride_qh,
+    stride_kslot,
+    stride_kh,
+    stride_vslot,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_table,
+    scale,
+    window,
+    head_dim,
+    block_size,
+    G: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+):
     """Flash-attention over the paged cache for one tile of one row's new tokens and one K/V head.
 
     Args:
@@ -205,14 +227,35 @@ def paged_attention(
     block_m = max(_MIN_BLOCK_M, next_power_of_2(layout.block_q * group))
     block_d = next_power_of_2(head_dim)
     _paged_attention_kernel[(layout.tiles.shape[0], n_kv_heads)](
-        query, k_flat, v_flat, out, block_table, layout.tiles, layout.positions,
-        query.stride(0), query.stride(1), k_flat.stride(0), k_flat.stride(1), v_flat.stride(0), v_flat.stride(1),
-        out.stride(0), out.stride(1), block_table.stride(0),
-        scale, sliding_window or 0, head_dim, key_cache.shape[1],
-        G=group, HAS_WINDOW=sliding_window is not None, DOT_FP32=triton_interpreting(),
+        query,
+        k_flat,
+        v_flat,
+        out,
+        block_table,
+        layout.tiles,
+        layout.positions,
+        query.stride(0),
+        query.stride(1),
+        k_flat.stride(0),
+        k_flat.stride(1),
+        v_flat.stride(0),
+        v_flat.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_table.stride(0),
+        scale,
+        sliding_window or 0,
+        head_dim,
+        key_cache.shape[1],
+        G=group,
+        HAS_WINDOW=sliding_window is not None,
+        DOT_FP32=triton_interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        BM=block_m, BN=_BLOCK_N, BD=block_d, num_warps=attention_warps(block_m, block_d),
-    )  # fmt: skip
+        BM=block_m,
+        BN=_BLOCK_N,
+        BD=block_d,
+        num_warps=attention_warps(block_m, block_d),
+    )
     return out
 
 
@@ -246,7 +289,11 @@ def _paged_attention_torch(query, key_cache, value_cache, block_table, layout, s
         allowed &= key_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     allowed[:, :, 0] |= torch.arange(most, device=device)[None, :] >= counts[:, None]
     attended = F.scaled_dot_product_attention(
-        padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None],
-        scale=scale, enable_gqa=True,
-    )  # fmt: skip
+        padded.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=allowed[:, None],
+        scale=scale,
+        enable_gqa=True,
+    )
     return attended.transpose(1, 2)[owner, local]

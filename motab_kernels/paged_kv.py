@@ -32,9 +32,15 @@ class OutOfBlocksError(RuntimeError):
 
 @triton.jit
 def _move_blocks_kernel(
-    PLAN, BLOCK_TABLE, FREE_STACK, SEQ_LENS, stack_top, stride_table,
-    ALLOCATE: tl.constexpr, BJ: tl.constexpr,
-):  # fmt: skip
+    PLAN,
+    BLOCK_TABLE,
+    FREE_STACK,
+    SEQ_LENS,
+    stack_top,
+    stride_table,
+    ALLOCATE: tl.constexpr,
+    BJ: tl.constexpr,
+):
     """Moves block ids of one row (one program per plan row) between the free stack and the table.
 
     Args:
@@ -110,8 +116,14 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         impl: str = "auto",
     ) -> None:
-        sizes = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
-                     block_size=block_size, max_rows=max_rows)  # fmt: skip
+        sizes = dict(
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_rows=max_rows,
+        )
         for name, value in sizes.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -244,9 +256,15 @@ class PagedKVCache:
         plan_t = torch.from_numpy(plan.astype(np.int32)).to(self.device, non_blocking=True)
         if self._use_triton:
             _move_blocks_kernel[(len(plan),)](
-                plan_t, self.block_table, self.free_stack, self.seq_lens, self._num_free,
-                self.block_table.stride(0), ALLOCATE=allocate, BJ=64,
-            )  # fmt: skip
+                plan_t,
+                self.block_table,
+                self.free_stack,
+                self.seq_lens,
+                self._num_free,
+                self.block_table.stride(0),
+                ALLOCATE=allocate,
+                BJ=64,
+            )
         else:
             _move_blocks_torch(plan_t, self.block_table, self.free_stack, self.seq_lens, self._num_free, allocate)
 

@@ -17,8 +17,15 @@ WORDS = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
 
 def save_model(folder, seed, hidden, layers, words=WORDS):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -30,19 +37,29 @@ def save_model(folder, seed, hidden, layers, words=WORDS):
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = root / "problems.jsonl"
-    data.write_text("".join(json.dumps({"question": f"w{i} w{i + 1} w{i + 2}", "answer": str(i)}) + "\n"
-                            for i in range(6)))  # fmt: skip
-    return dict(root=root, data=str(data), student=save_model(root / "student", 0, 32, 1),
-                teacher=save_model(root / "teacher", 1, 64, 2))  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"question": f"w{i} w{i + 1} w{i + 2}", "answer": str(i)}) + "\n" for i in range(6))
+    )
+    return dict(
+        root=root,
+        data=str(data),
+        student=save_model(root / "student", 0, 32, 1),
+        teacher=save_model(root / "teacher", 1, 64, 2),
+    )
 
 
 def test_train_from_a_yaml_config_and_resume(workspace, capsys):
     root = workspace["root"]
-    config = dict(student=workspace["student"], teacher=workspace["teacher"], data=workspace["data"],
-                  train=dict(output_dir=str(root / "run"), steps=2, prompts_per_step=2, micro_batch=1, save_every=1,
-                             learning_rate=1e-3),
-                  rollout=dict(mode="motab", max_new_tokens=8, draft_len=4, intervention_len=2),
-                  monitor=dict(rule="fixed", tau=0.5, warmup=1))  # fmt: skip
+    config = dict(
+        student=workspace["student"],
+        teacher=workspace["teacher"],
+        data=workspace["data"],
+        train=dict(
+            output_dir=str(root / "run"), steps=2, prompts_per_step=2, micro_batch=1, save_every=1, learning_rate=1e-3
+        ),
+        rollout=dict(mode="motab", max_new_tokens=8, draft_len=4, intervention_len=2),
+        monitor=dict(rule="fixed", tau=0.5, warmup=1),
+    )
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(root / "run.yaml")]) == 0
     printed = capsys.readouterr().out
@@ -60,10 +77,31 @@ def test_train_from_a_yaml_config_and_resume(workspace, capsys):
 def test_rollout_writes_jsonl_and_a_png(workspace):
     root = workspace["root"]
     out, png = root / "traj.jsonl", root / "traj.png"
-    code = main(["rollout", "--student", workspace["student"], "--teacher", workspace["teacher"], "--data",
-                 workspace["data"], "--limit", "3", "--out", str(out), "--render", str(png), "--set",
-                 "monitor.rule=fixed", "--set", "monitor.tau=0.3", "--set", "monitor.warmup=0",
-                 "--set", "rollout.max_new_tokens=12"])  # fmt: skip
+    code = main(
+        [
+            "rollout",
+            "--student",
+            workspace["student"],
+            "--teacher",
+            workspace["teacher"],
+            "--data",
+            workspace["data"],
+            "--limit",
+            "3",
+            "--out",
+            str(out),
+            "--render",
+            str(png),
+            "--set",
+            "monitor.rule=fixed",
+            "--set",
+            "monitor.tau=0.3",
+            "--set",
+            "monitor.warmup=0",
+            "--set",
+            "rollout.max_new_tokens=12",
+        ]
+    )
     assert code == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and all(len(r["tokens"]) <= 12 for r in records) and "text" in records[0]
@@ -72,8 +110,21 @@ def test_rollout_writes_jsonl_and_a_png(workspace):
 
 def test_eval_writes_a_summary(workspace):
     out = workspace["root"] / "eval"
-    code = main(["eval", "--model", workspace["student"], "--data", workspace["data"], "--limit", "2",
-                 "--max-new-tokens", "4", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--model",
+            workspace["student"],
+            "--data",
+            workspace["data"],
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert json.loads((out / "summary.json").read_text())["problems"] == 2
 
@@ -83,11 +134,37 @@ def test_errors_are_clear(workspace, tmp_path, capsys):
     config.write_text(yaml.safe_dump(dict(student="x", teacher="y", data="z", trainer=dict(steps=1))))
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown config keys ['trainer']" in capsys.readouterr().err
-    assert main(["train", "--student", str(tmp_path / "nope"), "--teacher", workspace["teacher"], "--data",
-                 workspace["data"]]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--student",
+                str(tmp_path / "nope"),
+                "--teacher",
+                workspace["teacher"],
+                "--data",
+                workspace["data"],
+            ]
+        )
+        == 2
+    )
     assert "cannot load" in capsys.readouterr().err
-    assert main(["train", "--student", workspace["student"], "--teacher", workspace["teacher"], "--data",
-                 workspace["data"], "--set", "train.learning_rat=1"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--student",
+                workspace["student"],
+                "--teacher",
+                workspace["teacher"],
+                "--data",
+                workspace["data"],
+                "--set",
+                "train.learning_rat=1",
+            ]
+        )
+        == 2
+    )
     assert "unknown train options ['learning_rat']" in capsys.readouterr().err
     other = save_model(tmp_path / "other", 2, 32, 1, words=WORDS[:-1] + ["zzz"])
     assert main(["train", "--student", workspace["student"], "--teacher", other, "--data", workspace["data"]]) == 2

@@ -25,8 +25,10 @@ def write_jsonl(path, rows):
     return path
 
 
-LIMO = [{"question": "what is 2+2 ?", "solution": "...", "answer": "4"}, {"question": "say hi", "answer": "hi",
-                                                                            "solution": "s"}]  # fmt: skip
+LIMO = [
+    {"question": "what is 2+2 ?", "solution": "...", "answer": "4"},
+    {"question": "say hi", "answer": "hi", "solution": "s"},
+]
 ACE = [{"problem": "what is 2+2 ?", "answer": "4"}]
 
 

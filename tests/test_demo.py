@@ -62,8 +62,9 @@ def test_teacher_guidance_counts_nothing_for_a_student_that_makes_no_mistake():
 
 def test_method_config_applies_a_methods_options_over_the_shared_ones(tmp_path):
     _, tokenizer = load_teacher()
-    config = method_config(tokenizer, "motab", {"train.learning_rate": 3e-3, "monitor.window_factor": 2.0}, QUICK,
-                           tmp_path, seed=5)  # fmt: skip
+    config = method_config(
+        tokenizer, "motab", {"train.learning_rate": 3e-3, "monitor.window_factor": 2.0}, QUICK, tmp_path, seed=5
+    )
     assert config.rollout.mode == "motab" and config.seed == 5 and config.steps == QUICK.steps
     assert config.learning_rate == 3e-3 and config.rollout.monitor.window_factor == 2.0
     assert config.rollout.monitor.window == SHARED_OPTIONS["monitor"]["window"]

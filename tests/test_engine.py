@@ -28,15 +28,23 @@ PROMPTS = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15]]
 
 def model(seed, hidden=64, vocab=101):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.4,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.4,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
 
 
 def hf_greedy(m, prefix, n):
-    out = m.generate(torch.tensor([prefix], device=DEVICE), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                     pad_token_id=0)  # fmt: skip
+    out = m.generate(
+        torch.tensor([prefix], device=DEVICE), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return out[0, len(prefix) :].tolist()
 
 
@@ -137,9 +145,16 @@ def test_token_level_backtrack_and_intervention(student, monkeypatch):
     scores = on_policy_scores(student, teacher, prompt, p + 1)
     assert scores[p] > 3 * max(scores[:p])  # the plant shows up where the student writes the token
     tau = (scores[p] + max(scores[:p])) / 2
-    config = RolloutConfig(mode="motab", monitor=replace(NLL, rule="fixed", tau=tau), draft_len=4,
-                           intervention_len=3, max_interventions=1, max_new_tokens=p + 8, student_sampling=GREEDY,
-                           teacher_sampling=GREEDY)  # fmt: skip
+    config = RolloutConfig(
+        mode="motab",
+        monitor=replace(NLL, rule="fixed", tau=tau),
+        draft_len=4,
+        intervention_len=3,
+        max_interventions=1,
+        max_new_tokens=p + 8,
+        student_sampling=GREEDY,
+        teacher_sampling=GREEDY,
+    )
     student_pm = PagedModel(student, max_rows=1, max_tokens=256, block_size=4)
     teacher_pm = PagedModel(teacher, max_rows=1, max_tokens=256, block_size=4)
     checked = check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm)
@@ -163,9 +178,18 @@ def test_step_level_backtrack_lands_after_the_delimiter(student):
     scores = on_policy_scores(student, teacher, prompt, p + 1)
     assert scores[p] > 3 * max(scores[:p])
     tau = (scores[p] + max(scores[:p])) / 2
-    config = RolloutConfig(mode="motab", monitor=replace(NLL, rule="fixed", tau=tau), draft_len=3,
-                           backtrack="step", delimiter_token_ids=(delimiter,), intervention_len=2, max_interventions=1,
-                           max_new_tokens=p + 6, student_sampling=GREEDY, teacher_sampling=GREEDY)  # fmt: skip
+    config = RolloutConfig(
+        mode="motab",
+        monitor=replace(NLL, rule="fixed", tau=tau),
+        draft_len=3,
+        backtrack="step",
+        delimiter_token_ids=(delimiter,),
+        intervention_len=2,
+        max_interventions=1,
+        max_new_tokens=p + 6,
+        student_sampling=GREEDY,
+        teacher_sampling=GREEDY,
+    )
     traj = rollout(student, teacher, [prompt], config)[0]
     assert traj.tokens[: q + 1] == greedy[: q + 1] and traj.tokens[q] == delimiter
     assert traj.discarded[0]["position"] == q + 1
@@ -199,8 +223,9 @@ def test_off_policy_is_the_teacher_sampling_alone(student):
 
 def test_a_row_does_not_depend_on_the_rest_of_the_batch(student):
     teacher = model(3)
-    config = RolloutConfig(monitor=MonitorConfig(rule="fixed", tau=0.8, warmup=2), max_new_tokens=20, draft_len=4,
-                           intervention_len=2)  # fmt: skip
+    config = RolloutConfig(
+        monitor=MonitorConfig(rule="fixed", tau=0.8, warmup=2), max_new_tokens=20, draft_len=4, intervention_len=2
+    )
     batch = rollout(student, teacher, PROMPTS, config, seeds=[7, 8, 9])
     alone = rollout(student, teacher, [PROMPTS[1]], config, seeds=[8])
     assert batch[1].tokens == alone[0].tokens and batch[1].sources == alone[0].sources
@@ -224,8 +249,13 @@ def test_budget_exhausted_means_unmonitored(student):
     greedy, _, p, teacher = planted_case(student, prompt)
     scores = on_policy_scores(student, teacher, prompt, p + 1)
     tau = (scores[p] + max(scores[:p])) / 2
-    config = RolloutConfig(monitor=replace(NLL, rule="fixed", tau=tau), max_interventions=0, max_new_tokens=p + 4,
-                           student_sampling=GREEDY, draft_len=4)  # fmt: skip
+    config = RolloutConfig(
+        monitor=replace(NLL, rule="fixed", tau=tau),
+        max_interventions=0,
+        max_new_tokens=p + 4,
+        student_sampling=GREEDY,
+        draft_len=4,
+    )
     traj = rollout(student, teacher, [prompt], config)[0]
     assert traj.tokens == greedy[: p + 4] and not traj.interventions and traj.counters["backtracks"] == 0
     assert traj.scores[p] == pytest.approx(scores[p], rel=1e-4)  # still scored, never acted on
@@ -238,9 +268,16 @@ def test_step_intervention_stops_at_the_teacher_delimiter(student):
     delimiter = teacher_text[2]
     scores = on_policy_scores(student, teacher, prompt, p + 1)
     tau = (scores[p] + max(scores[:p])) / 2
-    config = RolloutConfig(monitor=replace(NLL, rule="fixed", tau=tau), intervention="step", intervention_len=10,
-                           delimiter_token_ids=(delimiter,), max_interventions=1, max_new_tokens=p + 12,
-                           student_sampling=GREEDY, teacher_sampling=GREEDY)  # fmt: skip
+    config = RolloutConfig(
+        monitor=replace(NLL, rule="fixed", tau=tau),
+        intervention="step",
+        intervention_len=10,
+        delimiter_token_ids=(delimiter,),
+        max_interventions=1,
+        max_new_tokens=p + 12,
+        student_sampling=GREEDY,
+        teacher_sampling=GREEDY,
+    )
     traj = rollout(student, teacher, [prompt], config)[0]
     end = teacher_text.index(delimiter) + 1
     assert traj.interventions[0] == (p, p + end) and traj.tokens[p : p + end] == teacher_text[:end]
@@ -248,11 +285,16 @@ def test_step_intervention_stops_at_the_teacher_delimiter(student):
 
 def test_eos_and_length_finish_rows(student):
     teacher = model(4)
-    free = rollout(student, teacher, PROMPTS, RolloutConfig(mode="on_policy", student_sampling=GREEDY,
-                                                            max_new_tokens=10))  # fmt: skip
+    free = rollout(
+        student, teacher, PROMPTS, RolloutConfig(mode="on_policy", student_sampling=GREEDY, max_new_tokens=10)
+    )
     eos = free[0].tokens[3]
-    stopped = rollout(student, teacher, PROMPTS, RolloutConfig(mode="on_policy", student_sampling=GREEDY,
-                                                               max_new_tokens=10, eos_token_ids=(eos,)))  # fmt: skip
+    stopped = rollout(
+        student,
+        teacher,
+        PROMPTS,
+        RolloutConfig(mode="on_policy", student_sampling=GREEDY, max_new_tokens=10, eos_token_ids=(eos,)),
+    )
     first = stopped[0]
     assert first.tokens == free[0].tokens[: free[0].tokens.index(eos) + 1] and first.finish_reason == "eos"
     assert all(t.finish_reason in ("eos", "length") for t in stopped)
@@ -289,8 +331,12 @@ def test_sampling_filters_seeds_and_distribution():
     assert set(top2.tolist()) == {1, 2}
     # a row's draw depends on its seed and counter only, not on the other rows
     one = sample(logits[:1], SamplingConfig(), [11], [4])
-    many = sample(torch.randn(5, 4, device=DEVICE).index_copy(0, torch.tensor([3], device=DEVICE), logits[:1]),
-                  SamplingConfig(), [1, 2, 3, 11, 5], [0, 0, 0, 4, 0])  # fmt: skip
+    many = sample(
+        torch.randn(5, 4, device=DEVICE).index_copy(0, torch.tensor([3], device=DEVICE), logits[:1]),
+        SamplingConfig(),
+        [1, 2, 3, 11, 5],
+        [0, 0, 0, 4, 0],
+    )
     assert many[3] == one[0]
     # frequencies follow softmax(logits / T) (20k draws: 4 standard errors)
     n, temperature = 20000, 1.5
@@ -302,12 +348,16 @@ def test_sampling_filters_seeds_and_distribution():
 
 def test_fixed_rule_decided_by_the_op_equals_the_scan(student, monkeypatch):
     teacher = model(7)
-    config = RolloutConfig(monitor=MonitorConfig(rule="fixed", tau=0.6, warmup=3), max_new_tokens=24, draft_len=5,
-                           intervention_len=2)  # fmt: skip
+    config = RolloutConfig(
+        monitor=MonitorConfig(rule="fixed", tau=0.6, warmup=3), max_new_tokens=24, draft_len=5, intervention_len=2
+    )
     by_op_calls = []
     original = engine_module._Engine._decided_by_op
-    monkeypatch.setattr(engine_module._Engine, "_decided_by_op",
-                        lambda self, row: by_op_calls.append(original(self, row)) or by_op_calls[-1])  # fmt: skip
+    monkeypatch.setattr(
+        engine_module._Engine,
+        "_decided_by_op",
+        lambda self, row: by_op_calls.append(original(self, row)) or by_op_calls[-1],
+    )
     with_op = rollout(student, teacher, PROMPTS, config)
     assert any(by_op_calls) and any(t.interventions for t in with_op)
     monkeypatch.setattr(engine_module._Engine, "_decided_by_op", lambda self, row: False)
@@ -321,9 +371,16 @@ def test_kept_teacher_hidden_states_are_the_teachers_own(student, mode):
     prompt = PROMPTS[0]
     greedy, _, p, teacher = planted_case(student, prompt)
     scores = on_policy_scores(student, teacher, prompt, p + 1)
-    config = RolloutConfig(mode=mode, monitor=replace(NLL, rule="fixed", tau=(scores[p] + max(scores[:p])) / 2),
-                           backtrack="step", delimiter_token_ids=(greedy[1],), keep_teacher_hidden=True,
-                           max_new_tokens=p + 6, draft_len=4, intervention_len=2)  # fmt: skip
+    config = RolloutConfig(
+        mode=mode,
+        monitor=replace(NLL, rule="fixed", tau=(scores[p] + max(scores[:p])) / 2),
+        backtrack="step",
+        delimiter_token_ids=(greedy[1],),
+        keep_teacher_hidden=True,
+        max_new_tokens=p + 6,
+        draft_len=4,
+        intervention_len=2,
+    )
     traj = rollout(student, teacher, [prompt], config)[0]
     assert traj.teacher_hidden.shape == (len(traj.tokens), 64)
     sequence = torch.tensor([prompt + traj.tokens], device=DEVICE)

@@ -84,9 +84,16 @@ def test_generation_path_runs_on_a_tiny_model(tmp_path):
     level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="w0")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=60, hidden_size=32, intermediate_size=64,
-                                                         num_hidden_layers=1, num_attention_heads=4,
-                                                         num_key_value_heads=2)).eval()  # fmt: skip
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=60,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     result = evaluate(model, tokenizer, [[1, 2], [3]], ["1", "2"], samples=2, max_new_tokens=5, out_dir=tmp_path)
     assert result.accuracy == 0.0  # random words hold no \boxed answer
     assert all(len(p["completions"]) == 2 for p in result.per_problem)

@@ -34,8 +34,15 @@ VOCAB = 101
 
 def tiny_model(hidden, layers, seed, vocab=VOCAB):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -89,9 +96,20 @@ def one_step(trainer):
 
 def step_arguments(cls, tmp_path, **extra):
     # lr 0 and no clipping: the step leaves the weights alone and the gradients unscaled
-    return cls(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, learning_rate=0.0,
-               max_grad_norm=0.0, bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no",
-               logging_strategy="no", **extra)  # fmt: skip
+    return cls(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        **extra,
+    )
 
 
 def lm_head_positions(model):
@@ -115,8 +133,14 @@ def test_trl_drop_in_matches_gkd_trainer(beta, tmp_path):
         model = copy.deepcopy(student)
         heads = lm_head_positions(model)
         args = step_arguments(GKDConfig, tmp_path, lmbda=0.0, seq_kd=False, beta=beta)
-        trainer = cls(model=model, teacher_model=teacher, args=args, train_dataset=dataset(), data_collator=collate,
-                      processing_class=tokenizer())  # fmt: skip
+        trainer = cls(
+            model=model,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset(),
+            data_collator=collate,
+            processing_class=tokenizer(),
+        )
         results[cls] = (*one_step(trainer), heads)
     (loss, grads, heads), (gkd_loss, gkd_grads, gkd_heads) = results[FusedGKDTrainer], results[GKDTrainer]
     torch.testing.assert_close(loss, gkd_loss, rtol=1e-5, atol=1e-7)
@@ -142,9 +166,16 @@ def test_hf_trainer_helper_matches_naive_loss(kind, tmp_path):
 
     model = copy.deepcopy(student)
     heads = lm_head_positions(model)
-    trainer = DistillationTrainer(model=model, teacher_model=teacher, kind=kind, beta=0.3, temperature=0.7,
-                                  args=step_arguments(TrainingArguments, tmp_path), train_dataset=dataset(),
-                                  data_collator=lambda rows: inputs)  # fmt: skip
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=teacher,
+        kind=kind,
+        beta=0.3,
+        temperature=0.7,
+        args=step_arguments(TrainingArguments, tmp_path),
+        train_dataset=dataset(),
+        data_collator=lambda rows: inputs,
+    )
     loss, grads = one_step(trainer)
     torch.testing.assert_close(loss, naive_loss.detach(), rtol=1e-5, atol=1e-7)
     assert_same_gradients(grads, {n: p.grad for n, p in naive_student.named_parameters()})

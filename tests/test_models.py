@@ -18,9 +18,15 @@ from motab_kernels.paged_kv import OutOfBlocksError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMMON = dict(
-    vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.4,
-)  # fmt: skip
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.4,
+)
 FAMILIES = {
     "llama": lambda: LlamaConfig(**COMMON),
     "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
@@ -118,8 +124,10 @@ def test_same_model_still_trains_and_generates(attention):
         m.train()
         loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
-    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, labels=ids).loss,
-                               original(input_ids=ids, attention_mask=mask, labels=ids).loss)  # fmt: skip
+    torch.testing.assert_close(
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss,
+        original(input_ids=ids, attention_mask=mask, labels=ids).loss,
+    )
     for p, q in zip(model.parameters(), original.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     model.eval()

@@ -75,14 +75,24 @@ def test_tokenizer_round_trip_and_delimiter_token():
 def test_operand_checks_follow_a_wrong_value_through_the_completion():
     problem = ToyProblem("a=3 b=9 c=a*b d=c+b e=c-d ?e\n", "c=3*9=7\n\nd=7+9=6\n\ne=7-6=1\n\n#1", "1")
     assert [(c.written, c.consistent, c.true) for c in operand_checks(problem, problem.solution)] == [
-        (3, 3, 3), (9, 9, 9), (7, 7, 7), (9, 9, 9), (7, 7, 7), (6, 6, 6),
-    ]  # fmt: skip
+        (3, 3, 3),
+        (9, 9, 9),
+        (7, 7, 7),
+        (9, 9, 9),
+        (7, 7, 7),
+        (6, 6, 6),
+    ]
     # the student misreads b as 3 in the first step: c is then 9, d follows from the written c
     completion = "c=3*3=9\n\nd=9+9=8\n\ne=9-8=1\n\n#1"
     checks = operand_checks(problem, completion)
     assert [(c.written, c.consistent, c.true) for c in checks] == [
-        (3, 3, 3), (3, 9, 9), (9, 9, 7), (9, 9, 9), (9, 9, 7), (8, 8, 6),
-    ]  # fmt: skip
+        (3, 3, 3),
+        (3, 9, 9),
+        (9, 9, 7),
+        (9, 9, 9),
+        (9, 9, 7),
+        (8, 8, 6),
+    ]
     assert [completion[c.position] for c in checks] == [str(c.written) for c in checks]
     # a malformed step ends the checks; so does a step whose operand was never defined
     assert len(operand_checks(problem, "c=3*9=7\n\nd=7+")) == 2

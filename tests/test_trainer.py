@@ -17,26 +17,47 @@ from motab.trainer import DistillationTrainer, TrainConfig
 
 def tiny(seed, hidden, layers, tied=False):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         tie_word_embeddings=tied)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        tie_word_embeddings=tied,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
 PROBLEMS = [Problem(f"p{i}", [1 + i, 2 + i, 3 + i], str(i), None) for i in range(6)]
-ROLLOUT = RolloutConfig(max_new_tokens=12, draft_len=4, intervention_len=2, keep_teacher_hidden=True,
-                        monitor=MonitorConfig(rule="fixed", tau=0.5, warmup=2))  # fmt: skip
+ROLLOUT = RolloutConfig(
+    max_new_tokens=12,
+    draft_len=4,
+    intervention_len=2,
+    keep_teacher_hidden=True,
+    monitor=MonitorConfig(rule="fixed", tau=0.5, warmup=2),
+)
 
 
 def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), steps=4, prompts_per_step=4, micro_batch=2, rollout=ROLLOUT,
-                learning_rate=1e-3, warmup_steps=1, save_every=2)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path),
+        steps=4,
+        prompts_per_step=4,
+        micro_batch=2,
+        rollout=ROLLOUT,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        save_every=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def trainer(tmp_path, student=None, teacher=None, **kw):
-    return DistillationTrainer(student or tiny(0, 32, 1), teacher or tiny(1, 64, 2), None, PROBLEMS,
-                               config(tmp_path, **kw))  # fmt: skip
+    return DistillationTrainer(
+        student or tiny(0, 32, 1), teacher or tiny(1, 64, 2), None, PROBLEMS, config(tmp_path, **kw)
+    )
 
 
 def fixed_batch_loss(run):
@@ -48,8 +69,12 @@ def fixed_batch_loss(run):
     from motab.losses import trajectory_targets
 
     torch.manual_seed(0)
-    trajectories = rollout(*run.paged, [p.prompt_ids for p in problems], replace(ROLLOUT, mode="off_policy"),
-                           seeds=list(range(len(problems))))  # fmt: skip
+    trajectories = rollout(
+        *run.paged,
+        [p.prompt_ids for p in problems],
+        replace(ROLLOUT, mode="off_policy"),
+        seeds=list(range(len(problems))),
+    )
     examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
     loss = run._micro_step(examples, trajectories, normalizer=sum(len(t.tokens) for t in trajectories))
     run.optimizer.zero_grad(set_to_none=True)
@@ -72,8 +97,10 @@ def test_training_reduces_the_loss_and_logs(tmp_path):
 
 def test_accumulation_equals_one_big_batch(tmp_path):
     student, teacher = tiny(0, 32, 1), tiny(1, 64, 2)
-    runs = [trainer(tmp_path / str(m), copy.deepcopy(student), teacher, steps=1, micro_batch=m, max_grad_norm=0.0)
-            for m in (1, 2, 4)]  # fmt: skip
+    runs = [
+        trainer(tmp_path / str(m), copy.deepcopy(student), teacher, steps=1, micro_batch=m, max_grad_norm=0.0)
+        for m in (1, 2, 4)
+    ]
     for run in runs:
         run.train(progress=False)
     reference = dict(runs[-1].student.named_parameters())
@@ -126,7 +153,14 @@ def test_bad_configs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         trainer(tmp_path).train(resume=True, progress=False)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        other = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=70, hidden_size=32, intermediate_size=64,
-                                                             num_hidden_layers=1, num_attention_heads=4,
-                                                             num_key_value_heads=2))  # fmt: skip
+        other = AutoModelForCausalLM.from_config(
+            Qwen2Config(
+                vocab_size=70,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
         trainer(tmp_path, teacher=other).train(progress=False)

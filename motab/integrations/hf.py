@@ -111,9 +111,14 @@ class DistillationTrainer(Trainer):
     """
 
     def __init__(
-        self, *args, teacher_model: torch.nn.Module, kind: str = "fkl", beta: float = 0.5, temperature: float = 1.0,
+        self,
+        *args,
+        teacher_model: torch.nn.Module,
+        kind: str = "fkl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
         **kwargs,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model.to(self.args.device)
         self.distillation = dict(kind=kind, beta=beta, temperature=temperature)

@@ -25,14 +25,21 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from motab.toy.task import generate_split, is_correct
 from motab.toy.tokenizer import build_tokenizer
 
-TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2)  # fmt: skip
+TEACHER_SHAPE = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def toy_model(tokenizer, shape: dict, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **shape)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **shape,
+    )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
@@ -103,19 +110,37 @@ def main(argv=None):
     tokenizer = build_tokenizer()
     model = toy_model(tokenizer, TEACHER_SHAPE, args.seed)
     started = time.time()
-    supervised_train(model, tokenizer, generate_split("train", args.train_problems), steps=args.steps,
-                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, device="cpu", log=print)  # fmt: skip
+    supervised_train(
+        model,
+        tokenizer,
+        generate_split("train", args.train_problems),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device="cpu",
+        log=print,
+    )
     seconds = time.time() - started
     validation = greedy_accuracy(model, tokenizer, generate_split("validation", 500))
     test = greedy_accuracy(model, tokenizer, generate_split("test", 500))
     out = Path(args.out)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    record = dict(command="python -m motab.toy.train_teacher " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  parameters=sum(p.numel() for p in model.parameters()), train_seconds=round(seconds, 1),
-                  validation_accuracy=validation, test_accuracy=test, test_problems=500, date=str(date.today()),
-                  machine=f"{platform.machine()} CPU, torch {torch.__version__}")  # fmt: skip
+    record = dict(
+        command="python -m motab.toy.train_teacher " + " ".join(argv if argv is not None else sys.argv[1:]),
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        parameters=sum(p.numel() for p in model.parameters()),
+        train_seconds=round(seconds, 1),
+        validation_accuracy=validation,
+        test_accuracy=test,
+        test_problems=500,
+        date=str(date.today()),
+        machine=f"{platform.machine()} CPU, torch {torch.__version__}",
+    )
     (out / "training.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
 

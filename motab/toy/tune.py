@@ -66,15 +66,24 @@ def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dic
             runs = []
             for (method, options), future in zip(settings, futures):
                 runs.append(future.result())
-                print(f"{method:>10} {json.dumps(options)}: validation {100 * runs[-1]['validation_accuracy']:.1f}%",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{method:>10} {json.dumps(options)}: validation {100 * runs[-1]['validation_accuracy']:.1f}%",
+                    flush=True,
+                )
     chosen = {}
     for method in grid:
         mine = [r for r in runs if r["method"] == method]
         chosen[method] = max(mine, key=lambda r: r["validation_accuracy"])["options"]  # first best on ties
-    return dict(seed=seed, size=size.__dict__, warm_validation_accuracy=warm_accuracy, runs=runs, chosen=chosen,
-                seconds=round(time.time() - started), date=str(date.today()),
-                machine=f"{platform.machine()} CPU, torch {torch.__version__}, {jobs} job(s)")  # fmt: skip
+    return dict(
+        seed=seed,
+        size=size.__dict__,
+        warm_validation_accuracy=warm_accuracy,
+        runs=runs,
+        chosen=chosen,
+        seconds=round(time.time() - started),
+        date=str(date.today()),
+        machine=f"{platform.machine()} CPU, torch {torch.__version__}, {jobs} job(s)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

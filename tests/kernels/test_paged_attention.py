@@ -32,8 +32,9 @@ def build_case(prior, new, heads, kv_heads, head_dim, dtype, block_size=4, seed=
     row owns is NaN, so a read past a row's length would poison the output."""
     g = torch.Generator().manual_seed(seed)
     rows = len(prior)
-    cache = PagedKVCache(1, kv_heads, head_dim, num_blocks=64, block_size=block_size, max_rows=rows + 1,
-                         dtype=dtype, device=DEVICE)  # fmt: skip
+    cache = PagedKVCache(
+        1, kv_heads, head_dim, num_blocks=64, block_size=block_size, max_rows=rows + 1, dtype=dtype, device=DEVICE
+    )
     cache.key_cache[0].fill_(float("nan"))
     cache.value_cache[0].fill_(float("nan"))
     history = []
@@ -74,8 +75,9 @@ def test_ragged_batch_matches_dense(impl, heads, kv_heads, head_dim, dtype):
     prior, new = [7, 0, 4, 16, 1], [1, 13, 3, 5, 1]
     cache, layout, query, history = build_case(prior, new, heads, kv_heads, head_dim, dtype)
     scale = 1 / math.sqrt(head_dim)
-    out = paged_attention(query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=scale,
-                          impl=impl)  # fmt: skip
+    out = paged_attention(
+        query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=scale, impl=impl
+    )
     expected = reference_outputs(query, history, prior, new, scale)
     assert out.dtype == dtype and torch.isfinite(out).all()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -87,8 +89,16 @@ def test_ragged_batch_matches_dense(impl, heads, kv_heads, head_dim, dtype):
 def test_sliding_window(impl):
     prior, new = [9, 2, 20], [4, 1, 6]
     cache, layout, query, history = build_case(prior, new, 4, 2, 64, torch.float32, seed=3)
-    out = paged_attention(query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=0.125,
-                          sliding_window=5, impl=impl)  # fmt: skip
+    out = paged_attention(
+        query,
+        cache.key_cache[0],
+        cache.value_cache[0],
+        cache.block_table,
+        layout,
+        scale=0.125,
+        sliding_window=5,
+        impl=impl,
+    )
     expected = reference_outputs(query, history, prior, new, 0.125, window=5)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -105,8 +115,9 @@ def test_after_truncation_the_dropped_tokens_are_never_read():
     layout = QueryLayout.build([0, 1], [6, 6], [1, 2], 2, DEVICE)  # row 0's last kept token, row 1's new ones
     q = query[:3]
     for impl in ("triton", "torch"):
-        out = paged_attention(q, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=0.125,
-                              impl=impl)  # fmt: skip
+        out = paged_attention(
+            q, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=0.125, impl=impl
+        )
         assert torch.isfinite(out).all()
         expected = torch.cat(
             [
@@ -122,5 +133,6 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="cannot share"):
         paged_attention(query[:, :3], cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=1.0)
     with pytest.raises(ValueError, match="describes"):
-        paged_attention(torch.cat([query, query]), cache.key_cache[0], cache.value_cache[0], cache.block_table, layout,
-                        scale=1.0)  # fmt: skip
+        paged_attention(
+            torch.cat([query, query]), cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=1.0
+        )

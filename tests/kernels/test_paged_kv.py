@@ -16,8 +16,17 @@ IMPLS = ["triton", "torch"]
 
 
 def make_cache(impl, num_blocks=32, block_size=4, max_rows=6, layers=2, heads=2, head_dim=8, **kw):
-    return PagedKVCache(layers, heads, head_dim, num_blocks=num_blocks, block_size=block_size, max_rows=max_rows,
-                        device=DEVICE, impl=impl, **kw)  # fmt: skip
+    return PagedKVCache(
+        layers,
+        heads,
+        head_dim,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_rows=max_rows,
+        device=DEVICE,
+        impl=impl,
+        **kw,
+    )
 
 
 def snapshot(cache):
