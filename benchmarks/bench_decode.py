@@ -10,12 +10,10 @@ Writes ``decode.json`` and ``decode.md`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from datetime import date
-from pathlib import Path
 
 import torch
+from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
 from _models import QWEN2_5_1_5B, QWEN_VOCAB, TINY_STUDENT, random_lm
 from _timing import copy_bandwidth, median_seconds
 
@@ -73,7 +71,7 @@ def attention_bandwidth(config, rows, context, dtype, device, reps):
     cache.reserve(list(range(rows)), [context] * rows)
     cache.key_cache[0].normal_()
     cache.value_cache[0].normal_()
-    layout = QueryLayout.build(list(range(rows)), [context - 1] * rows, [1] * rows, heads // kv_heads, device)
+    layout = QueryLayout.build(list(range(rows)), [context - 1] * rows, range(rows + 1), device)
     query = torch.randn(rows, heads, head_dim, device=device, dtype=dtype)
     run = lambda: paged_attention(
         query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=head_dim**-0.5
@@ -85,17 +83,14 @@ def attention_bandwidth(config, rows, context, dtype, device, reps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     shape, dtype = (QWEN2_5_1_5B, torch.bfloat16) if on_gpu else (TINY_STUDENT, torch.float32)
     config = dict(shape, vocab_size=QWEN_VOCAB if on_gpu else 1000)
     prompt_len, new_tokens, context = (128, 128, 8192) if on_gpu else (16, 16, 1024)
-    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    card = card_name(device)
     model = random_lm(shape, config["vocab_size"], dtype, device, seed=0)
     print(f"# bench_decode on {card}, {date.today()}, {dtype}, {config['num_hidden_layers']} layers")
     lines = ["| batch | prompt | new tokens | HF generate tok/s | paged tok/s | × |", "|---|---|---|---|---|---|"]
@@ -109,17 +104,16 @@ def main(argv=None):
         f"{bandwidth / 1e9:.1f} GB/s = {share:.0f}% of copy bandwidth ({copy / 1e9:.1f} GB/s)"
     )
     print(note)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, date=str(date.today()), torch=torch.__version__, dtype=str(dtype))
+    meta = run_facts(device, dtype=str(dtype))
     result = dict(meta=meta, rows=rows, attention_s=seconds, attention_Bps=bandwidth, copy_Bps=copy)
-    (out / "decode.json").write_text(json.dumps(result, indent=1))
     table = lines + [
         f"| {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['hf_tok_s']:.1f} | {r['paged_tok_s']:.1f} | "
         f"{r['speedup']:.2f} |"
         for r in rows
     ]
-    (out / "decode.md").write_text(f"bench_decode on {card}, {meta['date']}\n\n" + "\n".join(table) + f"\n\n{note}\n")
+    write_results(
+        args.out, "decode", result, f"bench_decode on {card}, {meta['date']}\n\n" + "\n".join(table) + f"\n\n{note}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,16 +19,14 @@ and no memory is measured. Writes ``results.json`` and ``results.md`` under ``--
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 from datetime import date
-from pathlib import Path
 
 import torch
+from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
 from _timing import copy_bandwidth, median_seconds
 
-from motab_kernels import divergence, fused_linear_divergence
+from motab_kernels import fused_linear_divergence
+from motab_kernels.divergence import api
 from motab_kernels.reference import per_token_divergence
 
 GPU_SHAPES = [  # (N, Ds, Dt, V, modes)
@@ -58,12 +56,12 @@ def naive_loss(hs, ws, ht, wt, target, kind, beta):
 def buffered_monitor_loss(hs, ws, ht, wt, target, kind, beta):
     """The triton impl with its forward-only fused kernel switched off: cuBLAS logits into the
     chunk buffer + the row kernel, to compare the two monitoring strategies on the same card."""
-    saved = divergence.FUSED_MONITOR_KINDS
-    divergence.FUSED_MONITOR_KINDS = ()
+    saved = api.FUSED_MONITOR_KINDS
+    api.FUSED_MONITOR_KINDS = ()
     try:
         return fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="triton").loss
     finally:
-        divergence.FUSED_MONITOR_KINDS = saved
+        api.FUSED_MONITOR_KINDS = saved
 
 
 def liger_loss_fn(kind, beta):
@@ -117,7 +115,7 @@ def loss_functions(impls, kind, beta, device, backward):
         )
         for impl in impls
     }
-    if "triton" in impls and not backward and kind in divergence.FUSED_MONITOR_KINDS:
+    if "triton" in impls and not backward and kind in api.FUSED_MONITOR_KINDS:
         fns["triton-buffered"] = lambda *args: buffered_monitor_loss(*args, kind=kind, beta=beta)
     fns["naive"] = lambda hs, ws, ht, wt, target: naive_loss(hs, ws, ht, wt, target, kind, beta)
     liger = liger_loss_fn(kind, beta)
@@ -206,17 +204,13 @@ def format_row(r):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--kinds", default="fkl,jsd", help="comma-separated: fkl, rkl, jsd")
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--shapes", default=None, help="N,Ds,Dt,V[;...] instead of the default set")
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
+    args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     reps = args.reps or (10 if on_gpu else 3)
@@ -225,7 +219,7 @@ def main(argv=None):
     if args.shapes:
         shapes = [(*map(int, s.split(",")), ("fwd+bwd", "monitor")) for s in args.shapes.split(";")]
     kinds = args.kinds.split(",")
-    card = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
+    card = card_name(device)
     bandwidth = copy_bandwidth(device) if on_gpu else None
     print(f"# bench_divergence on {card}, {dtype}, {date.today()}")
     if bandwidth:
@@ -237,19 +231,9 @@ def main(argv=None):
         if on_gpu:
             torch.cuda.empty_cache()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "card": card,
-        "dtype": str(dtype),
-        "date": str(date.today()),
-        "torch": torch.__version__,
-        "copy_bandwidth_TBps": None if bandwidth is None else bandwidth / 1e12,
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = run_facts(device, dtype=str(dtype), copy_bandwidth_TBps=None if bandwidth is None else bandwidth / 1e12)
     lines = [f"bench_divergence on {card}, {dtype}, {meta['date']}, torch {torch.__version__}", "", HEADER]
-    (out / "results.md").write_text("\n".join(lines + [format_row(r) for r in rows]) + "\n")
-    print(f"# wrote {out / 'results.json'} and {out / 'results.md'}")
+    write_results(args.out, "results", {"meta": meta, "rows": rows}, "\n".join(lines + [format_row(r) for r in rows]))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ Writes ``kv_truncate.json`` and ``kv_truncate.md`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
+from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
 from _timing import sync
 
 from motab_kernels import PagedKVCache
@@ -117,15 +115,12 @@ def time_uniform_crop(rows, context, model, device, reps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     model, grid = (GPU_MODEL, GPU_GRID) if on_gpu else (CPU_MODEL, CPU_GRID)
-    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    card = card_name(device)
     per_token = kv_bytes_per_token(model)
     shape = f"{model['layers']} layers × {model['kv_heads']} heads × {model['head_dim']} dims, {model['dtype']}"
     print(f"# bench_kv_truncate on {card}, {date.today()}; K/V bytes per token: {per_token} ({shape})")
@@ -159,12 +154,9 @@ def main(argv=None):
         print(lines[-1], flush=True)
         if on_gpu:
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, date=str(date.today()), torch=torch.__version__, kv_bytes_per_token=per_token)
-    (out / "kv_truncate.json").write_text(json.dumps(dict(meta=meta, rows=results), indent=1))
-    (out / "kv_truncate.md").write_text(f"bench_kv_truncate on {card}, {meta['date']}\n\n" + "\n".join(lines) + "\n")
-    print(f"# wrote {out / 'kv_truncate.json'} and kv_truncate.md")
+    meta = run_facts(device, kv_bytes_per_token=per_token)
+    markdown = f"bench_kv_truncate on {card}, {meta['date']}\n\n" + "\n".join(lines)
+    write_results(args.out, "kv_truncate", dict(meta=meta, rows=results), markdown)
 
 
 def fmt(value, missing="—"):

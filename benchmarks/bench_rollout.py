@@ -12,21 +12,19 @@ Writes ``rollout.json`` and ``rollout.md`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import replace
 from datetime import date
-from pathlib import Path
 
 import torch
+from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
 from _models import student_and_teacher
 from _timing import sync
 
-from motab.engine import RolloutConfig, SamplingConfig, rollout
+from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
+from motab.engine import rollout
 from motab.models import PagedModel
-from motab.monitor import MonitorConfig
 
 
 def gkd_way(student, teacher, prompts, new_tokens, sampling):
@@ -56,13 +54,10 @@ def timed(fn, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--stray-rate", type=float, default=0.02, help="share of drafted tokens above τ")
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     prompt_len, new_tokens = (64, 128) if on_gpu else (8, 24)
     student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
@@ -89,7 +84,7 @@ def main(argv=None):
     scores = sorted(s for t in warm for s in t.scores if math.isfinite(s))
     tau = scores[min(len(scores) - 1, int((1 - args.stray_rate) * len(scores)))]
     monitor = MonitorConfig(rule="fixed", tau=tau, warmup=0)
-    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    card = card_name(device)
     lines = [
         f"bench_rollout on {card}, {dtype}, {date.today()}: prompt {prompt_len}, {new_tokens} new tokens, "
         f"draft 8, τ = {tau:.3g} (the {1 - args.stray_rate:.0%} quantile of on-policy fkl)",
@@ -139,11 +134,8 @@ def main(argv=None):
     ]
     lines += [f"| {k} | {v:.3f} | {100 * v / total:.1f}% |" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])]
     print("\n".join(lines[-len(timings) - 4 :]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, date=str(date.today()), dtype=str(dtype), tau=tau, prompt=prompt_len, new_tokens=new_tokens)
-    (out / "rollout.json").write_text(json.dumps(dict(meta=meta, rows=rows, breakdown=timings), indent=1))
-    (out / "rollout.md").write_text("\n".join(lines) + "\n")
+    meta = run_facts(device, dtype=str(dtype), tau=tau, prompt=prompt_len, new_tokens=new_tokens)
+    write_results(args.out, "rollout", dict(meta=meta, rows=rows, breakdown=timings), "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,30 +8,23 @@ with a fixed boundary; CPU: tiny models (labelled CPU). Writes ``train_step.json
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from datetime import date
-from pathlib import Path
 
 import torch
+from _common import bench_parser, parse_bench_args, run_facts, write_results
 from _models import student_and_teacher
 from _timing import sync
 
+from motab.config import MonitorConfig, RolloutConfig, TrainConfig
 from motab.data import Problem
-from motab.engine import RolloutConfig
-from motab.monitor import MonitorConfig
-from motab.trainer import DistillationTrainer, TrainConfig
+from motab.trainer import DistillationTrainer
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
     prompt_len, new_tokens, prompts, micro = (256, 512, 16, 4) if on_gpu else (8, 24, 8, 4)
@@ -43,7 +36,6 @@ def main(argv=None):
         max_new_tokens=new_tokens,
         draft_len=8,
         intervention_len=8,
-        keep_teacher_hidden=True,
         monitor=MonitorConfig(rule="fixed", tau=2.0, warmup=8),
     )
     config = TrainConfig(
@@ -69,11 +61,9 @@ def main(argv=None):
         times.append(time.perf_counter() - start)
         tokens.append(metrics["student_tokens"] + metrics["teacher_tokens"])
         peaks.append(torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None)
-    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     step_s = statistics.median(times)
-    row = dict(
-        card=card,
-        date=str(date.today()),
+    row = run_facts(
+        device,
         dtype=str(dtype),
         prompts_per_step=prompts,
         prompt=prompt_len,
@@ -84,17 +74,14 @@ def main(argv=None):
     )
     peak = "—" if row["peak_GiB"] is None else f"{row['peak_GiB']:.1f}"
     lines = [
-        f"motab train step on {card}, {dtype}, {date.today()}",
+        f"motab train step on {row['card']}, {dtype}, {row['date']}",
         "",
         "| prompts/step | prompt | new tokens | step s | trained tokens/s | peak GiB |",
         "|---|---|---|---|---|---|",
         f"| {prompts} | {prompt_len} | {new_tokens} | {step_s:.2f} | {row['tokens_per_s']:.1f} | {peak} |",
     ]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.json").write_text(json.dumps(row, indent=1))
-    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "train_step", row, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ batch. GPU: random Qwen2.5-1.5B-shaped student and 7B-shaped teacher in bf16; CP
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-from datetime import date
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from _common import bench_parser, parse_bench_args, run_facts, write_results  # noqa: E402
 from _models import student_and_teacher  # noqa: E402
 from _timing import median_seconds, sync  # noqa: E402
 
@@ -42,15 +39,12 @@ def trl_loss_fn(student, teacher, beta):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_parser(__doc__)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/out")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=4096)
     student.train()
@@ -60,13 +54,13 @@ def main(argv=None):
     labels = ids.clone()
     labels[:, : seq_len // 4] = -100  # the prompt carries no loss
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-    card = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    meta = run_facts(device, dtype=str(dtype), batch=batch, seq_len=seq_len, vocab=vocab)
     losses = {
         "trl": trl_loss_fn(student, teacher, args.beta),
         "fused": lambda inputs: distillation_loss(student, teacher, inputs, kind="jsd", beta=args.beta).loss,
     }
     lines = [
-        f"GKD loss step on {card}, {dtype}, batch {batch} × {seq_len} tokens, vocab {vocab}, {date.today()}",
+        f"GKD loss step on {meta['card']}, {dtype}, batch {batch} × {seq_len} tokens, vocab {vocab}, {meta['date']}",
         "",
         "| loss | step ms | peak GiB | loss value |",
         "|---|---|---|---|",
@@ -105,11 +99,7 @@ def main(argv=None):
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, date=str(date.today()), dtype=str(dtype), batch=batch, seq_len=seq_len, vocab=vocab)
-    (out / "trainers.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (out / "trainers.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "trainers", dict(meta=meta, rows=rows), "\n".join(lines))
 
 
 if __name__ == "__main__":

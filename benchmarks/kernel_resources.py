@@ -22,7 +22,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from motab_kernels import divergence, paged_kv  # noqa: E402
+from motab_kernels import paged_kv  # noqa: E402
+from motab_kernels.divergence import fused_monitor, kernels  # noqa: E402
 
 # The package exports the function paged_attention under the module's name.
 attention_module = importlib.import_module("motab_kernels.paged_attention")
@@ -207,15 +208,15 @@ def main(argv=None):
         for want_grad in (False, True):
             constexprs = dict(KIND=kind, HAS_TARGET=True, WANT_GRAD=want_grad, S_HAS_CAP=False, T_HAS_CAP=False)
             constexprs["BV"] = 4096
-            r = resources(divergence._divergence_rows_kernel, ROW_SIGNATURE, constexprs, 8, 3, args.arch)
+            r = resources(kernels.divergence_rows_kernel, ROW_SIGNATURE, constexprs, 8, 3, args.arch)
             variant = f"{name}{' +grad' if want_grad else ''} BV=4096"
             print(row("rows", variant, 8, "-", r))
     for kind, name in ((0, "fkl"), (1, "rkl")):
-        for config in divergence._monitor_configs():
+        for config in fused_monitor.monitor_configs():
             constexprs = dict(KIND=kind, HAS_TARGET=True, HAS_BS=False, HAS_BT=False, S_HAS_CAP=False)
             constexprs.update(T_HAS_CAP=False, DOT_FP32=False, PRECISION="tf32", **config.kwargs)
             r = resources(
-                divergence._fused_monitor_kernel,
+                kernels.fused_monitor_kernel,
                 MONITOR_SIGNATURE,
                 constexprs,
                 config.num_warps,

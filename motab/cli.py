@@ -9,8 +9,9 @@ Models and tokenizers load from a local folder or a Hugging Face hub id that is 
 local cache: nothing is downloaded (``huggingface-cli download ID`` fetches one first). A YAML
 config has top-level ``student``, ``teacher``, ``data`` (and optionally ``field_map``,
 ``max_prompt_tokens``, ``device``, ``dtype``) plus sections ``train`` (TrainConfig), ``rollout``
-(RolloutConfig), ``monitor`` (MonitorConfig), ``student_sampling`` and ``teacher_sampling``;
-``--set section.key=value`` overrides any of them. The resolved configuration is printed first.
+(RolloutConfig), ``monitor`` (MonitorConfig), ``student_sampling`` and ``teacher_sampling`` (all
+in ``motab.config``); ``--set section.key=value`` overrides any of them. The resolved configuration
+is printed first.
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
 
-TOP_LEVEL = {"student", "teacher", "data", "field_map", "max_prompt_tokens", "device", "dtype"}
-SECTIONS = {"train", "rollout", "monitor", "student_sampling", "teacher_sampling"}
-
-
-class ConfigError(ValueError):
-    """A configuration the command cannot run; the message says what to change."""
+from motab.config import TOP_LEVEL, ConfigError, build_configs, resolve_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,79 +106,6 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
-# ------------------------------------------------------------------------------------------------
-def resolve_config(args) -> dict:
-    """The YAML file, then flags, then --set overrides; every key checked."""
-    raw = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.exists():
-            raise FileNotFoundError(f"config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config {path} must be a mapping of options")
-    unknown = set(raw) - TOP_LEVEL - SECTIONS
-    if unknown:
-        raise ConfigError(f"unknown config keys {sorted(unknown)}; expected {sorted(TOP_LEVEL | SECTIONS)}")
-    for key in ("student", "teacher", "data", "device"):
-        if getattr(args, key, None):
-            raw[key] = getattr(args, key)
-    if getattr(args, "output_dir", None):
-        raw.setdefault("train", {})["output_dir"] = args.output_dir
-    if getattr(args, "steps", None):
-        raw.setdefault("train", {})["steps"] = args.steps
-    if getattr(args, "mode", None):
-        raw.setdefault("rollout", {})["mode"] = args.mode
-    for item in args.set:
-        key, equals, value = item.partition("=")
-        if not equals:
-            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        set_option(raw, key, yaml.safe_load(value))
-    for key in ("student", "teacher", "data"):
-        if key not in raw:
-            raise ConfigError(f"no {key} given (config key or --{key})")
-    return raw
-
-
-def set_option(raw: dict, key: str, value) -> None:
-    """``raw[section][name] = value`` for ``key`` "section.name" (as ``--set`` names options)."""
-    section, _, name = key.partition(".")
-    if not (name and section in SECTIONS):
-        raise ConfigError(f"options are named SECTION.KEY with SECTION in {sorted(SECTIONS)}, got {key!r}")
-    raw.setdefault(section, {})[name] = value
-
-
-def build_configs(raw: dict):
-    """(TrainConfig, RolloutConfig) from a resolved raw config."""
-    from motab.engine import RolloutConfig, SamplingConfig
-    from motab.monitor import MonitorConfig
-    from motab.trainer import TrainConfig
-
-    def make(cls, section):
-        values = dict(raw.get(section) or {})
-        allowed = {f.name for f in fields(cls)}
-        bad = set(values) - allowed
-        if bad:
-            raise ConfigError(f"unknown {section} options {sorted(bad)}; expected some of {sorted(allowed)}")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"{section}: {error}") from error
-
-    monitor = make(MonitorConfig, "monitor")
-    rollout_values = dict(raw.get("rollout") or {})
-    rollout = make(RolloutConfig, "rollout")
-    rollout = replace(
-        rollout,
-        monitor=monitor,
-        student_sampling=make(SamplingConfig, "student_sampling"),
-        teacher_sampling=make(SamplingConfig, "teacher_sampling"),
-    )
-    if "keep_teacher_hidden" not in rollout_values:
-        rollout = replace(rollout, keep_teacher_hidden=True)  # the trainer reuses them
-    return replace(make(TrainConfig, "train"), rollout=rollout), rollout
-
-
 def load_model(name: str, dtype, device):
     """A causal LM from disk (a folder or a cached hub id): never a download, never a hang."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -258,11 +181,19 @@ def _init_distributed(raw: dict) -> int:
     return dist.get_rank()
 
 
+def _raw_config(args) -> dict:
+    """The run's configuration: the YAML file, then the flags the command has, then --set."""
+    flags = {key: getattr(args, key, None) for key in ("student", "teacher", "data", "device")}
+    for option, flag in (("train.output_dir", "output_dir"), ("train.steps", "steps"), ("rollout.mode", "mode")):
+        flags[option] = getattr(args, flag, None)
+    return resolve_config(args.config, flags, args.set)
+
+
 def run_train(args) -> int:
     from motab.engine import with_tokenizer_defaults
     from motab.trainer import DistillationTrainer
 
-    raw = resolve_config(args)
+    raw = _raw_config(args)
     train, rollout = build_configs(raw)
     rank = _init_distributed(raw)
     if rank == 0:
@@ -282,11 +213,12 @@ def run_train(args) -> int:
 def run_rollout(args) -> int:
     from motab.engine import rollout as run
     from motab.engine import with_tokenizer_defaults
+    from motab.plots import render_trajectory
 
-    raw = resolve_config(args)
+    raw = _raw_config(args)
     _, rollout = build_configs(raw)
     student, teacher, tokenizer, problems = _setup(raw)
-    rollout = replace(with_tokenizer_defaults(rollout, tokenizer), keep_teacher_hidden=False)
+    rollout = with_tokenizer_defaults(rollout, tokenizer)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
     trajectories = run(student, teacher, prompts, rollout, tokenizer=tokenizer)
     out = Path(args.out)
@@ -305,8 +237,8 @@ def run_rollout(args) -> int:
 def run_eval(args) -> int:
     import torch
 
+    from motab.config import SamplingConfig
     from motab.data import load_problems
-    from motab.engine import SamplingConfig
     from motab.evaluate import evaluate
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -340,41 +272,6 @@ def run_demo(args) -> int:
     demo(args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, device=args.device)
     print(f"report: {args.out}/results.json, accuracy.png, rollout.png")
     return 0
-
-
-def render_trajectory(trajectory, path: str | Path) -> None:
-    """PNG of one trajectory: each token's score and boundary, teacher tokens shaded, the positions
-    where a backtrack cut the row marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import math
-
-    import matplotlib.pyplot as plt
-
-    positions = list(range(len(trajectory.tokens)))
-    scores = [s if math.isfinite(s) else float("nan") for s in trajectory.scores]
-    limits = [b if math.isfinite(b) else float("nan") for b in trajectory.boundaries]
-    fig, ax = plt.subplots(figsize=(max(8, len(positions) / 12), 3.5))
-    ax.plot(positions, scores, ".-", lw=1, label="score")
-    ax.step(positions, limits, where="mid", color="tab:orange", lw=1, label="boundary")
-    for start, end in trajectory.interventions:
-        ax.axvspan(start - 0.5, end - 0.5, color="tab:green", alpha=0.2)
-    cut_x, cut_y = [], []
-    for span in trajectory.discarded:
-        ax.axvline(span["position"] - 0.5, color="tab:red", lw=1, ls="--")
-        kept = [(span["position"] + i, s) for i, s in enumerate(span["scores"]) if math.isfinite(s)]
-        cut_x += [x for x, _ in kept]
-        cut_y += [y for _, y in kept]
-    if cut_x:  # the tokens each backtrack threw away, the stray among them
-        ax.plot(cut_x, cut_y, "x", color="tab:red", label="discarded")
-    ax.set_xlabel("response token")
-    ax.set_ylabel("score")
-    ax.set_title("student tokens (dots), teacher interventions (green), backtracks (red, discarded ×)")
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _printable(raw: dict, train) -> dict:

@@ -32,57 +32,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from motab.config import RolloutConfig, SamplingConfig
 from motab.models import PagedModel
-from motab.monitor import Monitor, MonitorConfig
-from motab_kernels import OutOfBlocksError, fused_linear_divergence
+from motab.monitor import Monitor
+from motab_kernels import OutOfBlocksError, fused_linear_divergence, ragged
 
-MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Temperature 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable those filters."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling settings {self}")
-
-
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Everything a rollout decides by; defaults are the MOTAB method's."""
-
-    mode: str = "motab"
-    max_new_tokens: int = 256
-    draft_len: int = 8
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    backtrack: str = "token"  # or "step"
-    delimiter_token_ids: tuple[int, ...] = ()  # step ends; from the tokenizer's "\n\n" tokens if empty
-    intervention: str = "tokens"  # or "step": the teacher writes until it ends a step
-    intervention_len: int = 16  # tokens, or the cap of a "step" intervention
-    max_interventions: int = 4
-    student_sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    teacher_sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    eos_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    vocab_size: int | None = None  # score and sample over ids below this (the tokenizer's)
-    block_size: int = 16
-    keep_teacher_hidden: bool = False  # Trajectory.teacher_hidden: training can skip a teacher forward
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown rollout mode {self.mode!r}; expected one of {MODES}")
-        if self.backtrack not in ("token", "step") or self.intervention not in ("tokens", "step"):
-            raise ValueError("backtrack must be 'token' or 'step'; intervention 'tokens' or 'step'")
-        for name in ("max_new_tokens", "draft_len", "intervention_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.max_interventions < 0:
-            raise ValueError(f"max_interventions must be ≥ 0, got {self.max_interventions}")
+# RolloutConfig is frozen: one shared default is safe.
+DEFAULT_ROLLOUT = RolloutConfig()
 
 
 @dataclass
@@ -101,7 +57,7 @@ class Trajectory:
     counters: dict = field(default_factory=lambda: dict(drafted=0, backtracks=0, discarded_tokens=0))
     finish_reason: str | None = None
     # [len(tokens), teacher hidden] final hidden states whose LM-head output predicted each token
-    # (with keep_teacher_hidden): the teacher side of the distillation loss, already computed.
+    # (``rollout(..., keep_teacher_hidden=True)``): the teacher side of the distillation loss, already computed.
     teacher_hidden: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
@@ -135,12 +91,13 @@ def rollout(
     student: PagedModel | torch.nn.Module | None,
     teacher: PagedModel | torch.nn.Module,
     prompts: Sequence[Sequence[int]],
-    config: RolloutConfig = RolloutConfig(),
+    config: RolloutConfig = DEFAULT_ROLLOUT,
     *,
     seeds: Sequence[int] | None = None,
     tokenizer=None,
     teacher_tokenizer=None,
     timings: dict[str, float] | None = None,
+    keep_teacher_hidden: bool = False,
 ) -> list[Trajectory]:
     """Rolls out every prompt (token ids) under ``config``; ``seeds[i]`` (default ``i``) fixes
     row i's sampling, whatever else is in the batch. HF models are wrapped in PagedModels whose
@@ -148,7 +105,9 @@ def rollout(
     rollout cannot run out of cache midway. ``tokenizer`` (and the teacher's, to compare) fills
     the vocabulary size, EOS, step delimiters and stop strings. A ``timings`` dict receives
     seconds per phase (prefill, student_decode, teacher_verify, fused_op, monitor, truncation,
-    intervention, teacher_decode); measuring synchronises the device, so time throughput without it."""
+    intervention, teacher_decode); measuring synchronises the device, so time throughput without it.
+    ``keep_teacher_hidden`` fills ``Trajectory.teacher_hidden`` (the trainer reuses them instead of
+    running the teacher again)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if student is None and config.mode != "off_policy":
@@ -168,9 +127,8 @@ def rollout(
             _check_capacity(model, prompts, _tokens_per_row(0, config))
         models.append(model)
     teacher_model, student_model = models
-    return _Engine(student_model, teacher_model, config, tokenizer, timings).run(
-        prompts, seeds or list(range(len(prompts)))
-    )
+    engine = _Engine(student_model, teacher_model, config, tokenizer, timings, keep_teacher_hidden)
+    return engine.run(prompts, seeds or list(range(len(prompts))))
 
 
 def _tokens_per_row(prompt_len: int, config: RolloutConfig) -> int:
@@ -194,12 +152,10 @@ def paged_for_rollouts(model: torch.nn.Module, rows: int, longest_prompt: int, c
 
 def _check_capacity(model: PagedModel, prompts, extra: int) -> None:
     """A caller's PagedModel must hold the whole rollout: refuse before anything starts."""
-    cache = model.cache
-    if cache.max_rows < len(prompts):
-        raise ValueError(f"the PagedModel holds {cache.max_rows} rows, fewer than the {len(prompts)} prompts")
-    size = cache.block_size
-    need = sum(-(-(len(p) + extra) // size) for p in prompts)
-    free = cache.num_free_blocks + sum(-(-n // size) for n in cache.lengths(list(range(len(prompts)))))
+    if model.max_rows < len(prompts):
+        raise ValueError(f"the PagedModel holds {model.max_rows} rows, fewer than the {len(prompts)} prompts")
+    need = model.blocks_needed([len(p) + extra for p in prompts])
+    free = model.blocks_available(range(len(prompts)))
     if need > free:
         raise OutOfBlocksError(
             f"this rollout may need {need} cache blocks (prompts + max_new_tokens + draft + intervention per row) "
@@ -239,9 +195,11 @@ class _Engine:
         config: RolloutConfig,
         tokenizer=None,
         timings: dict[str, float] | None = None,
+        keep_teacher_hidden: bool = False,
     ) -> None:
         self.student, self.teacher, self.config = student, teacher, config
         self.timings = timings
+        self.keep_teacher_hidden = keep_teacher_hidden
         self._phases: list[str] = []  # open timing phases, innermost last
         heads = (student.lm_head.weight.shape[0], teacher.lm_head.weight.shape[0])
         if config.vocab_size is None and heads[0] != heads[1]:
@@ -284,7 +242,7 @@ class _Engine:
             writing = [r for r in active if r.teacher_writes and not r.finished]
             if writing:
                 self._teacher_round(writing)
-        if self.config.keep_teacher_hidden:
+        if self.keep_teacher_hidden:
             for row in rows:
                 row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
         return [r.trajectory for r in rows]
@@ -308,6 +266,8 @@ class _Engine:
                     feed[i] = [token]
         for row, draft in zip(rows, drafts):
             row.trajectory.counters["drafted"] += len(draft)
+        # Where each row's draft sits in every packed tensor below (verify, scores, statistics).
+        offsets = ragged.cu_seqlens([len(d) for d in drafts])
         with self._phase("teacher_verify"):
             verify = self.teacher.extend(
                 [r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)]
@@ -320,17 +280,15 @@ class _Engine:
                 verify,
                 [t for d in drafts for t in d],
                 [tau for tau, d in zip(thresholds, drafts) for _ in d],
-                [len(d) for d in drafts],
+                offsets,
             )
-        first = 0
         interventions = []
         with self._phase("monitor"):
             for i, (row, draft) in enumerate(zip(rows, drafts)):
-                count = len(draft)
-                row_stats = {k: v[first : first + count] for k, v in stats.items()}
+                span = slice(int(offsets[i]), int(offsets[i + 1]))
+                row_stats = {k: v[span] for k, v in stats.items()}
                 decided = (first_stray[i], thresholds[i]) if by_op[i] else None
-                action = self._decide_and_commit(row, draft, row_stats, verify[first : first + count], decided)
-                first += count
+                action = self._decide_and_commit(row, draft, row_stats, verify[span], decided)
                 if action is not None:
                     interventions.append((row, action))
         if interventions:
@@ -349,8 +307,9 @@ class _Engine:
     def _monitored(self, row: _Row) -> bool:
         return self.config.mode in ("motab", "skd", "adaswitch") and row.interventions_used < self._budget()
 
-    def _score(self, student_hidden, teacher_hidden, targets, thresholds, lengths):
-        """Per-token statistics of the drafts and, per row, the op's first stray for ``thresholds``."""
+    def _score(self, student_hidden, teacher_hidden, targets, thresholds, offsets):
+        """Per-token statistics of the packed drafts (rows grouped by ``offsets``) and, per row, the
+        op's first stray for ``thresholds``."""
         monitor = self.monitor_config
         device = student_hidden.device
         student_bias, teacher_bias = (
@@ -370,7 +329,7 @@ class _Engine:
                 target=torch.tensor(targets, device=device),
                 reduction="none",
                 threshold=torch.tensor(thresholds, device=device, dtype=torch.float32),
-                seq_len=lengths,
+                cu_seqlens=torch.as_tensor(offsets, device=device),
             )
         stats = {
             "divergence": out.per_token.tolist(),
@@ -549,7 +508,7 @@ class _Engine:
 
     def _append(self, row: _Row, tokens, source, scores, boundaries, teacher_hidden) -> None:
         traj = row.trajectory
-        if self.config.keep_teacher_hidden:
+        if self.keep_teacher_hidden:
             row.hidden += list(teacher_hidden)
         traj.tokens += tokens
         traj.sources += [source] * len(tokens)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from motab.engine import RolloutConfig, SamplingConfig, paged_for_rollouts, rollout
+from motab.config import RolloutConfig, SamplingConfig
+from motab.engine import paged_for_rollouts, rollout
 from motab.models import PagedModel
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")

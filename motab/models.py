@@ -6,7 +6,10 @@ the forward carries the paged state (keyword ``motab_paged``) it writes the new 
 cache and attends over it there, otherwise it calls the model's original attention with the mask
 the original would get, so the same model object still trains with gradients and runs
 ``generate``. All rows' new tokens travel packed in one ``[1, total]`` sequence with explicit
-per-token positions, so ragged batches need no padding.
+per-token positions (``motab_kernels.ragged``'s offsets), so ragged batches need no padding.
+
+``final_hidden_states`` is the other way this layer runs a model: an ordinary (training) forward
+that returns the final hidden states and LM head without computing any logits, for the fused loss.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from motab_kernels import ragged
 from motab_kernels.paged_attention import QueryLayout, paged_attention
 from motab_kernels.paged_kv import PagedKVCache
 
@@ -132,7 +136,6 @@ class PagedModel:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.group_size = heads // kv_heads
         self.vocab_size = config.vocab_size
         max_seq_len = max_seq_len or getattr(config, "max_position_embeddings", max_tokens)
         self.cache = PagedKVCache(
@@ -153,9 +156,23 @@ class PagedModel:
     def device(self) -> torch.device:
         return self.cache.device
 
+    @property
+    def max_rows(self) -> int:
+        """Rows (sequences) the cache holds at once."""
+        return self.cache.max_rows
+
     def lengths(self, rows: Sequence[int] | None = None) -> list[int]:
         """Tokens each row holds in the cache (host values, no sync)."""
         return self.cache.lengths(rows)
+
+    def blocks_needed(self, token_counts: Sequence[int]) -> int:
+        """Cache blocks that rows holding ``token_counts[i]`` tokens each take."""
+        size = self.cache.block_size
+        return sum(-(-n // size) for n in token_counts)
+
+    def blocks_available(self, rows: Sequence[int]) -> int:
+        """Free cache blocks once ``rows`` are emptied (as a rollout empties its rows first)."""
+        return self.cache.num_free_blocks + self.blocks_needed(self.cache.lengths(list(rows)))
 
     @torch.no_grad()
     def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
@@ -175,7 +192,7 @@ class PagedModel:
         try:
             if not flat.numel():
                 return torch.zeros(0, self.model.config.hidden_size, device=self.device)
-            layout = QueryLayout.build(rows, starts, counts, self.group_size, self.device)
+            layout = QueryLayout.build(rows, starts, ragged.cu_seqlens(counts), self.device)
             paged = PagedForward(self, slots, layout)
             flag = _paged_forward.set(True)
             try:
@@ -203,6 +220,45 @@ class PagedModel:
     def reset(self, rows: Sequence[int] | None = None) -> None:
         """Empties rows (all by default) for reuse."""
         self.cache.reset(None if rows is None else list(rows))
+
+
+# The positions whose logits a forward computes: none.
+_NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP, accelerate and DeepSpeed wrappers
+        model = model.module
+    return model
+
+
+def final_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``model``'s final (normed) hidden states ``[B, L, D]`` and its LM head's weight and bias,
+    from a forward that computes no logits."""
+    inner = _unwrap(model)
+    decoder = inner.get_decoder()
+    head = inner.get_output_embeddings()
+    captured = []
+    hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
+    try:
+        output = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=_NO_POSITIONS.to(input_ids.device),
+            use_cache=False,
+        )
+    except TypeError as error:
+        raise TypeError(
+            f"{type(inner).__name__}.forward does not take logits_to_keep, which the fused distillation loss needs "
+            "to skip the LM head (transformers ≥ 4.50 causal LMs do)"
+        ) from error
+    finally:
+        hook.remove()
+    if output.logits is not None and output.logits.shape[-2] != 0:
+        raise RuntimeError(f"{type(inner).__name__} computed logits despite logits_to_keep=[]; refusing to go on")
+    return captured[-1], head.weight, getattr(head, "bias", None)
 
 
 @torch.no_grad()

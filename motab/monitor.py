@@ -6,7 +6,7 @@ row's committed history plus the draft tokens before it, exactly as if the row w
 token at a time. ``commit`` then adds the kept scores to the history and ``rewind`` takes them
 back when the engine backtracks further (step level).
 
-Scores (``MonitorConfig.score``), all "higher is worse":
+Scores (``motab.config.MonitorConfig.score``), all "higher is worse":
 
 - ``fkl`` (default): KL(teacher ‖ student) at the position — how much of the teacher's mass the
   student misses; ``rkl``: KL(student ‖ teacher); ``jsd``: TRL's generalized JSD(β). Divergences
@@ -39,54 +39,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-SCORES = ("fkl", "rkl", "jsd", "teacher_nll", "teacher_rank")
-RULES = ("window", "ema", "fixed", "quantile")
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """How scores are formed and compared; see the module docstring for the meaning of each."""
-
-    score: str = "fkl"
-    rule: str = "window"
-    beta: float = 0.5  # JSD mixture weight, for score="jsd"
-    window: int = 32  # L
-    window_factor: float = 3.0  # K
-    ema_decay: float = 0.05  # α
-    ema_std_factor: float = 3.0  # c
-    quantile: float = 0.95  # q
-    tau: float = 1.0  # the fixed boundary, in nats for divergences
-    tau_min: float = 0.5  # floor of the adaptive boundaries
-    warmup: int = 8
-    skd_top_k: int = 25
-    temperature: float = 1.0  # of both distributions when scoring (separate from sampling)
-    # Hold every token of a draft to the boundary the row had when the draft began (decided by the
-    # fused op's own threshold comparison); by default the boundary moves token by token.
-    frozen_per_draft: bool = False
-
-    def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ValueError(f"unknown monitor score {self.score!r}; expected one of {SCORES}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown boundary rule {self.rule!r}; expected one of {RULES}")
-        for name in ("window", "skd_top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
-        if not 0.0 < self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1], got {self.ema_decay}")
-        if not 0.0 <= self.quantile <= 1.0:
-            raise ValueError(f"quantile must lie in [0, 1], got {self.quantile}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-
-    @property
-    def divergence_kind(self) -> str:
-        """The fused op's kind that yields the score (fkl when the score is not a divergence)."""
-        return self.score if self.score in ("fkl", "rkl", "jsd") else "fkl"
+from motab.config import MonitorConfig
 
 
 @dataclass

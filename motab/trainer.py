@@ -5,8 +5,8 @@ them out with the current student (eval mode, no gradient) under ``rollout`` (MO
 baseline), then trains on prompt + trajectory in micro-batches of ``micro_batch`` prompts:
 
 - the student's final hidden states come from its ordinary forward with no logits computed
-  (``motab.integrations.hf.final_hidden_states``); the teacher's are the ones the rollout kept
-  (``keep_teacher_hidden``), else one frozen, eval-mode, no-grad teacher forward;
+  (``motab.models.final_hidden_states``); the teacher's are the ones the rollout kept
+  (``TrainConfig.reuse_teacher_hidden``), else one frozen, eval-mode, no-grad teacher forward;
 - the loss is ``motab.losses.TrajectoryDistillationLoss``, normalised by the number of loss
   positions over the *whole step*, so accumulating micro-batches gives the gradient of one big
   batch;
@@ -33,52 +33,18 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from motab.config import TrainConfig
 from motab.data import Problem
-from motab.engine import RolloutConfig, paged_for_rollouts, rollout
-from motab.integrations.hf import final_hidden_states
+from motab.engine import paged_for_rollouts, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
-
-
-@dataclass
-class TrainConfig:
-    """Options of a training run (the CLI's YAML maps onto these fields)."""
-
-    output_dir: str = "runs/motab"
-    steps: int = 100
-    prompts_per_step: int = 8
-    micro_batch: int = 4
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(keep_teacher_hidden=True))
-    loss_kind: str = "fkl"
-    loss_beta: float = 0.5
-    loss_temperature: float = 1.0  # the loss's own temperature, not the sampling temperature
-    student_token_weight: float = 1.0
-    teacher_token_weight: float = 1.0
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    bf16: bool | None = None  # autocast; default: on for CUDA
-    gradient_checkpointing: bool = False
-    save_every: int = 50
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "micro_batch", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.prompts_per_step % self.micro_batch:
-            raise ValueError(
-                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of micro_batch ({self.micro_batch})"
-            )
-        if self.learning_rate < 0 or self.warmup_steps < 0:
-            raise ValueError("learning_rate and warmup_steps must be ≥ 0")
+from motab.models import final_hidden_states
 
 
 class DistillationTrainer:
@@ -184,7 +150,9 @@ class DistillationTrainer:
         ][mine]
         self.student.eval()
         with torch.no_grad():
-            trajectories = rollout(*self.paged, [p.prompt_ids for p in problems], config.rollout, seeds=seeds)
+            prompts = [p.prompt_ids for p in problems]
+            keep = config.reuse_teacher_hidden
+            trajectories = rollout(*self.paged, prompts, config.rollout, seeds=seeds, keep_teacher_hidden=keep)
         self.student.train()
         examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
         counted = sum(self.loss_fn.count(torch.tensor(codes)) for _, _, codes in examples)

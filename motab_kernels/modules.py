@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from motab_kernels.divergence import DivergenceOutput, _settings, fused_linear_divergence
+from motab_kernels.divergence import DivergenceOutput, fused_linear_divergence
+from motab_kernels.divergence.checks import checked_settings
 
 
 class FusedLinearDivergence(nn.Module):
@@ -35,19 +36,10 @@ class FusedLinearDivergence(nn.Module):
         impl: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
+        options = _arguments(locals())
         super().__init__()
-        _settings(kind, beta, temperature, logit_scale, softcap)
-        self.options = dict(
-            kind=kind,
-            beta=beta,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            impl=impl,
-            chunk_size=chunk_size,
-        )
+        checked_settings(kind, beta, temperature, logit_scale, softcap)
+        self.options = options
 
     def forward(
         self,
@@ -63,21 +55,15 @@ class FusedLinearDivergence(nn.Module):
         normalizer: float | torch.Tensor | None = None,
         threshold: float | torch.Tensor | None = None,
         seq_len: int | torch.Tensor | list[int] | None = None,
+        cu_seqlens: torch.Tensor | list[int] | None = None,
     ) -> DivergenceOutput:
-        return fused_linear_divergence(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            target=target,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            weights=weights,
-            normalizer=normalizer,
-            threshold=threshold,
-            seq_len=seq_len,
-            **self.options,
-        )
+        return fused_linear_divergence(**_arguments(locals()), **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _arguments(scope: dict) -> dict:
+    """A method's arguments by name, from its ``locals()`` on entry: the module forwards them to
+    ``fused_linear_divergence`` under the same names."""
+    return {name: value for name, value in scope.items() if name not in ("self", "__class__")}

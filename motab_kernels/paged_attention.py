@@ -1,7 +1,7 @@
 """Causal attention of a ragged batch of new tokens over the paged KV cache.
 
-Each row contributes ``counts[i]`` consecutive new tokens (decode: 1; draft verification: a few;
-prefill: many) at absolute positions ``starts[i] ..``; every token attends to the row's cached
+Each row contributes a run of consecutive new tokens (decode: 1; draft verification: a few;
+prefill: many) at absolute positions ``starts[i] ..``, packed by ``cu_seqlens``; every token attends to the row's cached
 tokens at positions up to its own (and, with a sliding window W, above ``pos − W``). Queries are
 packed ``[tokens, n_heads, head_dim]`` in row order; grouped-query and multi-query heads share a
 K/V head. Slots at or past a row's length never reach the output: the Triton kernel masks their loads, the
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from motab_kernels import ragged
 from motab_kernels._runtime import next_power_of_2, triton_interpreting, triton_usable_on
 
 # Key positions per inner step of the kernel.
@@ -38,8 +39,11 @@ class QueryLayout:
     """Where the packed new tokens sit: built once per forward, shared by every layer.
 
     Attributes:
-        rows, starts, counts: host arrays; row ``rows[i]`` brings ``counts[i]`` tokens at
-            positions ``starts[i] .. starts[i] + counts[i] - 1``.
+        rows: host array; the cache row each sequence of new tokens belongs to.
+        starts: host array; the absolute position of each sequence's first new token (the row's
+            length in the cache before them).
+        cu_seqlens: host ``[len(rows) + 1]`` offsets of the sequences in the packed tokens (see
+            ``motab_kernels.ragged``): sequence i is tokens ``cu_seqlens[i] : cu_seqlens[i + 1]``.
         positions: ``[tokens]`` int32 absolute position of each packed token (device).
         tiles: ``[n_tiles, 3]`` int32 (row, first packed token, token count) per kernel program.
         block_q: tokens per tile.
@@ -47,30 +51,35 @@ class QueryLayout:
 
     rows: np.ndarray
     starts: np.ndarray
-    counts: np.ndarray
+    cu_seqlens: np.ndarray
     positions: torch.Tensor
     tiles: torch.Tensor
     block_q: int
 
     @classmethod
-    def build(cls, rows, starts, counts, group_size: int, device: torch.device) -> QueryLayout:
-        rows, starts, counts = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (rows, starts, counts))
-        first = np.cumsum(counts) - counts
-        positions = np.arange(int(counts.sum())) + np.repeat(starts - first, counts)
+    def build(cls, rows, starts, cu_seqlens, device: torch.device) -> QueryLayout:
+        rows, starts, offsets = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (rows, starts, cu_seqlens))
+        counts = ragged.seq_lengths(offsets)
+        owner = ragged.sequence_ids(offsets)
+        positions = starts[owner] + ragged.offsets_in_sequence(offsets, owner)
         most = int(counts.max()) if len(counts) else 1
         block_q = min(next_power_of_2(max(most, 1)), _MAX_BLOCK_Q)
-        per_row = -(-counts // block_q)
-        owner = np.repeat(np.arange(len(rows)), per_row)
-        local = np.arange(int(per_row.sum())) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        tile_first = first[owner] + local * block_q
-        tile_count = np.minimum(block_q, counts[owner] - local * block_q)
-        packed = np.concatenate([positions, np.stack([rows[owner], tile_first, tile_count], 1).reshape(-1)])
-        on_device = torch.from_numpy(packed.astype(np.int32)).to(device, non_blocking=True)
-        return cls(rows, starts, counts, on_device[: len(positions)], on_device[len(positions) :].view(-1, 3), block_q)
+        tile_offsets = ragged.cu_seqlens(-(-counts // block_q))
+        tile_owner = ragged.sequence_ids(tile_offsets)
+        local = ragged.offsets_in_sequence(tile_offsets, tile_owner) * block_q
+        tile_count = np.minimum(block_q, counts[tile_owner] - local)
+        tiles = np.stack([rows[tile_owner], offsets[tile_owner] + local, tile_count], 1).reshape(-1)
+        on_device = torch.from_numpy(np.concatenate([positions, tiles]).astype(np.int32)).to(device, non_blocking=True)
+        return cls(rows, starts, offsets, on_device[: len(positions)], on_device[len(positions) :].view(-1, 3), block_q)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """New tokens per sequence."""
+        return ragged.seq_lengths(self.cu_seqlens)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.counts.sum())
+        return int(self.cu_seqlens[-1])
 
 
 @triton.jit
@@ -267,7 +276,8 @@ def _paged_attention_torch(query, key_cache, value_cache, block_table, layout, s
     device = query.device
     rows = torch.as_tensor(layout.rows, device=device)
     starts = torch.as_tensor(layout.starts, device=device)
-    counts = torch.as_tensor(layout.counts, device=device)
+    offsets = torch.as_tensor(layout.cu_seqlens, device=device)
+    counts = ragged.seq_lengths(offsets)
     lengths = starts + counts
     num_blocks = -(-int(lengths.max()) // block_size)
     blocks = block_table[rows, :num_blocks].long().clamp_min(0)  # unused entries are -1
@@ -279,8 +289,8 @@ def _paged_attention_torch(query, key_cache, value_cache, block_table, layout, s
     values = torch.where(owned, values, 0)
     # packed tokens → [rows, most, heads, dim]; padded query slots attend to key 0 and are dropped
     most = int(counts.max())
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts, output_size=query.shape[0])
-    local = torch.arange(query.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[owner]
+    owner = ragged.sequence_ids(offsets, query.shape[0])
+    local = ragged.offsets_in_sequence(offsets, owner)
     padded = query.new_zeros(len(rows), most, *query.shape[1:])
     padded[owner, local] = query
     q_pos = starts[:, None] + torch.arange(most, device=device)[None, :]

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from motab_kernels import ragged
 from motab_kernels._runtime import triton_usable_on
 
 # Table entries of blocks a row does not own. Never read: attention stops at seq_lens.
@@ -75,10 +76,11 @@ def _move_blocks_kernel(
 def _move_blocks_torch(plan, block_table, free_stack, seq_lens, stack_top: int, allocate: bool) -> None:
     """The same moves as ``_move_blocks_kernel`` with PyTorch index arithmetic (CPU)."""
     rows, first, count, offset, new_len = (plan[:, c].long() for c in range(5))
-    total = int(count.sum())
+    moved = ragged.cu_seqlens(count)
+    total = int(moved[-1])
     if total:
-        owner = torch.repeat_interleave(torch.arange(plan.shape[0], device=plan.device), count, output_size=total)
-        j = torch.arange(total, device=plan.device) - (torch.cumsum(count, 0) - count)[owner]
+        owner = ragged.sequence_ids(moved, total)
+        j = ragged.offsets_in_sequence(moved, owner)
         table_rows, table_cols = rows[owner], first[owner] + j
         if allocate:
             block_table[table_rows, table_cols] = free_stack[stack_top - 1 - offset[owner] - j]
@@ -269,8 +271,9 @@ class PagedKVCache:
             _move_blocks_torch(plan_t, self.block_table, self.free_stack, self.seq_lens, self._num_free, allocate)
 
     def _slots(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-        token_rows = np.repeat(rows, counts)
-        positions = np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
-        index = torch.from_numpy(np.stack([token_rows, positions]).astype(np.int64)).to(self.device, non_blocking=True)
+        offsets = ragged.cu_seqlens(counts)
+        owner = ragged.sequence_ids(offsets)
+        positions = starts[owner] + ragged.offsets_in_sequence(offsets, owner)
+        index = torch.from_numpy(np.stack([rows[owner], positions]).astype(np.int64)).to(self.device, non_blocking=True)
         blocks = self.block_table[index[0], index[1] // self.block_size].long()
         return blocks * self.block_size + index[1] % self.block_size

@@ -3,41 +3,28 @@
 Everything here materialises full ``[N, V]`` tensors and lets autograd derive the gradients. The
 divergences follow TRL's ``GKDTrainer.generalized_jsd_loss`` formula term by term (log-softmax,
 log-space mixture), so they can be checked against it and against float64 runs of themselves.
+Like FLA's ``naive.py`` files, this module imports nothing from the fast paths: a
+misunderstanding there cannot leak into the truth they are checked against.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributions import Categorical
 
 
-@dataclass(frozen=True)
-class LogitTransform:
-    """How raw LM-head outputs become the logits a softmax sees: ``cap·tanh(scale·x / cap) / T``.
-
-    ``scale`` multiplies first (Granite-style logit scaling), then the optional soft-cap
-    (Gemma-style ``final_logit_softcapping``), then the temperature divides.
-    """
-
-    scale: float = 1.0
-    softcap: float | None = None
-    temperature: float = 1.0
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        x = logits if self.scale == 1.0 else logits * self.scale
-        if self.softcap is not None:
-            x = self.softcap * torch.tanh(x / self.softcap)
-        return x if self.temperature == 1.0 else x / self.temperature
-
-    def slope(self, logits: torch.Tensor) -> torch.Tensor | float:
-        """d apply(x) / dx, elementwise (a number when it does not depend on x)."""
-        factor = self.scale / self.temperature
-        if self.softcap is None:
-            return factor
-        return factor * (1.0 - torch.tanh(logits * (self.scale / self.softcap)).square())
+def transformed_logits(
+    raw: torch.Tensor, scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """The logits a softmax sees: raw LM-head outputs times ``scale``, soft-capped as
+    ``softcap·tanh(x / softcap)`` when given, divided by ``temperature``."""
+    x = raw * scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
 
 
 def per_token_divergence(
@@ -69,30 +56,17 @@ def per_token_divergence(
 
 @torch.no_grad()
 def monitoring_statistics(
-    student_logprobs: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    target: torch.Tensor | None,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None
 ) -> dict[str, torch.Tensor | None]:
-    """Teacher entropy and, given ``target`` (valid ids), log-probs of it and its teacher rank.
-
-    The rank counts vocabulary entries whose teacher logit is strictly larger than the target's.
-    """
-    stats: dict[str, torch.Tensor | None] = {
-        "teacher_entropy": -(teacher_logprobs.exp() * teacher_logprobs).sum(-1),
-        "student_logprob": None,
-        "teacher_logprob": None,
-        "teacher_rank": None,
-    }
+    """From transformed logits: the teacher's entropy and, given ``target`` (valid ids), the
+    log-probabilities of it under both models and its teacher rank — the number of vocabulary
+    entries whose teacher logit is strictly larger than the target's."""
+    teacher = Categorical(logits=teacher_logits, validate_args=False)
+    stats: dict[str, torch.Tensor | None] = {"teacher_entropy": teacher.entropy()}
+    stats |= dict.fromkeys(("student_logprob", "teacher_logprob", "teacher_rank"))
     if target is not None:
-        index = target.unsqueeze(-1)
-        stats["student_logprob"] = student_logprobs.gather(-1, index)[..., 0]
-        stats["teacher_logprob"] = teacher_logprobs.gather(-1, index)[..., 0]
-        target_logit = teacher_logits.gather(-1, index)
+        stats["student_logprob"] = Categorical(logits=student_logits, validate_args=False).log_prob(target)
+        stats["teacher_logprob"] = teacher.log_prob(target)
+        target_logit = teacher_logits.gather(-1, target[..., None])
         stats["teacher_rank"] = (teacher_logits > target_logit).sum(-1).to(torch.int32)
     return stats
-
-
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The full ``[N, V]`` LM-head output, as the naive way computes it."""
-    return F.linear(hidden, weight, bias)

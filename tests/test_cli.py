@@ -5,31 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
 from motab.cli import main
+from tests.tiny import tiny_qwen2, word_tokenizer
 
 WORDS = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
 
 
 def save_model(folder, seed, hidden, layers, words=WORDS):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=level, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+    tiny_qwen2(seed, hidden=hidden, layers=layers).save_pretrained(folder)
+    word_tokenizer(words, "<unk>", eos_token="<eos>").save_pretrained(folder)
     return str(folder)
 
 

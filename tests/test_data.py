@@ -3,18 +3,15 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from motab.data import FieldMap, load_problems, load_records
+from tests.tiny import word_tokenizer
 
 WORDS = ["<unk>", "what", "is", "2+2", "?", "say", "hi", "user:", "assistant:"]
 
 
 def tokenizer(chat=False):
-    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="<unk>")
+    tok = word_tokenizer(WORDS, "<unk>")
     if chat:
         tok.chat_template = "{% for m in messages %}user: {{ m['content'] }} {% endfor %}assistant:"
     return tok

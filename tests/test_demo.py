@@ -5,24 +5,23 @@ import math
 
 import pytest
 
-from motab.cli import ConfigError
+from motab.config import ConfigError
 from motab.demo import (
     FULL,
     METHODS,
     QUICK,
     SHARED_OPTIONS,
     TUNING_GRID,
-    load_teacher,
     method_config,
     run_demo,
     teacher_guidance,
-    teacher_path,
     tuned_options,
     tuning_record_path,
 )
+from motab.demo.toy_models import greedy_accuracy
+from motab.demo.tune import tune
 from motab.toy.task import generate_split
-from motab.toy.train_teacher import greedy_accuracy
-from motab.toy.tune import tune
+from motab.toy.teacher import load_teacher, teacher_path
 
 
 def test_shipped_teacher_reaches_its_recorded_accuracy():
@@ -104,14 +103,14 @@ def test_teacher_guidance_reads_the_teachers_choice_at_each_operand(monkeypatch)
     greedy choice computed independently, one prefix at a time."""
     import torch
 
-    import motab.evaluate
+    import motab.demo.toy_models
     from motab.toy.task import ToyProblem, operand_checks
 
     teacher, tokenizer = load_teacher()
     problem = ToyProblem("a=3 b=9 c=a*b d=c+b e=c-d ?e\n", "c=3*9=7\n\nd=7+9=6\n\ne=7-6=1\n\n#1", "1")
     completion = "c=3*3=9\n\nd=9+9=8\n\ne=9-8=1\n\n#1"
     tokens = tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
-    monkeypatch.setattr(motab.evaluate, "generate", lambda *args, **kwargs: [tokens])
+    monkeypatch.setattr(motab.demo.toy_models, "generate", lambda *args, **kwargs: [tokens])
     counts = teacher_guidance(teacher, teacher, tokenizer, [problem])
 
     prompt = tokenizer(problem.prompt)["input_ids"]

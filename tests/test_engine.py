@@ -10,13 +10,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from motab import engine as engine_module
-from motab.engine import RolloutConfig, SamplingConfig, rollout
+from motab.config import RULES, MonitorConfig, RolloutConfig, SamplingConfig
+from motab.engine import rollout
 from motab.models import PagedModel
-from motab.monitor import RULES, MonitorConfig
 from motab_kernels import OutOfBlocksError
+from tests.tiny import tiny_qwen2, word_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -27,18 +27,9 @@ PROMPTS = [[5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15]]
 
 
 def model(seed, hidden=64, vocab=101):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.4,
-        tie_word_embeddings=False,
+    return (
+        tiny_qwen2(seed, hidden=hidden, vocab=vocab, initializer_range=0.4, tie_word_embeddings=False).to(DEVICE).eval()
     )
-    return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
 
 
 def hf_greedy(m, prefix, n):
@@ -309,16 +300,11 @@ def test_padded_lm_heads_sample_within_the_tokenizer_vocabulary(student):
 
 
 def test_tokenizers_must_agree(student):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    def word_tokenizer(size):
-        level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(size)}, unk_token="t0"))
-        level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        return PreTrainedTokenizerFast(tokenizer_object=level, unk_token="t0")
+    def words(size):
+        return word_tokenizer([f"t{i}" for i in range(size)], "t0")
 
     with pytest.raises(ValueError, match=r"tokenizers differ \(vocabularies of 101 and 99 tokens\)"):
-        rollout(student, student, PROMPTS, tokenizer=word_tokenizer(101), teacher_tokenizer=word_tokenizer(99))
+        rollout(student, student, PROMPTS, tokenizer=words(101), teacher_tokenizer=words(99))
 
 
 def test_sampling_filters_seeds_and_distribution():
@@ -376,12 +362,11 @@ def test_kept_teacher_hidden_states_are_the_teachers_own(student, mode):
         monitor=replace(NLL, rule="fixed", tau=(scores[p] + max(scores[:p])) / 2),
         backtrack="step",
         delimiter_token_ids=(greedy[1],),
-        keep_teacher_hidden=True,
         max_new_tokens=p + 6,
         draft_len=4,
         intervention_len=2,
     )
-    traj = rollout(student, teacher, [prompt], config)[0]
+    traj = rollout(student, teacher, [prompt], config, keep_teacher_hidden=True)[0]
     assert traj.teacher_hidden.shape == (len(traj.tokens), 64)
     sequence = torch.tensor([prompt + traj.tokens], device=DEVICE)
     with torch.no_grad():
@@ -398,12 +383,7 @@ def test_a_cache_too_small_is_refused_before_anything_starts(student):
 
 
 def test_stop_strings_end_a_row(student):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    level = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(101)}, unk_token="<0>"))
-    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="<0>")
+    tokenizer = word_tokenizer([f"<{i}>" for i in range(101)], "<0>")
     teacher = model(9)
     base = RolloutConfig(mode="on_policy", student_sampling=GREEDY, max_new_tokens=12)
     free = rollout(student, teacher, PROMPTS[:1], base, tokenizer=tokenizer)[0]

@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
 from motab import evaluate as evaluate_module
 from motab.engine import Trajectory
 from motab.evaluate import answers_match, evaluate, extract_boxed, normalize_answer
+from tests.tiny import tiny_qwen2, word_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -55,9 +53,7 @@ def test_normalize_is_canonical():
 def test_grading_aggregation_and_files(tmp_path, monkeypatch):
     """Two problems × two samples with planted completions: pass@1 is the mean share correct."""
     words = ["\\boxed{", "}", "3/4", "0.75", "5", "7", "so"]
-    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="so"))
-    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="so")
+    tokenizer = word_tokenizer(words, "so")
     planted = {0: ["so \\boxed{ 0.75 }", "\\boxed{ 5 }"], 1: ["\\boxed{ 7 }", "\\boxed{ 7 }"]}
 
     def fake_rollout(student, teacher, prompts, config, seeds, tokenizer):
@@ -80,20 +76,8 @@ def test_grading_aggregation_and_files(tmp_path, monkeypatch):
 
 def test_generation_path_runs_on_a_tiny_model(tmp_path):
     words = [f"w{i}" for i in range(60)]
-    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
-    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=level, unk_token="w0")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        Qwen2Config(
-            vocab_size=60,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).eval()
+    tokenizer = word_tokenizer(words, "w0")
+    model = tiny_qwen2(0, hidden=32, layers=1, vocab=60, initializer_range=0.02).eval()
     result = evaluate(model, tokenizer, [[1, 2], [3]], ["1", "2"], samples=2, max_new_tokens=5, out_dir=tmp_path)
     assert result.accuracy == 0.0  # random words hold no \boxed answer
     assert all(len(p["completions"]) == 2 for p in result.per_problem)

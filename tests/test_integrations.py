@@ -11,16 +11,16 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from motab.integrations.hf import DistillationTrainer, distillation_loss
 from motab_kernels.reference import per_token_divergence
+from tests.tiny import tiny_qwen2, word_tokenizer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 if not os.environ.get("CI"):  # CI installs the test extra, trl included: there a missing trl fails
     pytest.importorskip("trl", reason="the TRL drop-in needs trl (pip install 'motab[trl]')")
 from datasets import Dataset  # noqa: E402  (a dependency of trl)
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from motab.integrations.trl import FusedGKDTrainer, GKDTrainer  # noqa: E402
 
@@ -33,24 +33,12 @@ VOCAB = 101
 
 
 def tiny_model(hidden, layers, seed, vocab=VOCAB):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    return AutoModelForCausalLM.from_config(config)
+    return tiny_qwen2(seed, hidden=hidden, layers=layers, vocab=vocab)
 
 
 def tokenizer():
-    vocab = {f"t{i}": i for i in range(VOCAB - 2)} | {"<pad>": VOCAB - 2, "<eos>": VOCAB - 1}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>", unk_token="t0")
+    words = [f"t{i}" for i in range(VOCAB - 2)] + ["<pad>", "<eos>"]
+    return word_tokenizer(words, "t0", pad_token="<pad>", eos_token="<eos>")
 
 
 def batch(seed=0):

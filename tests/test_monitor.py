@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from motab.monitor import Monitor, MonitorConfig
+from motab.config import MonitorConfig
+from motab.monitor import Monitor
 
 
 def monitor(**kw):

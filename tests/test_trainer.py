@@ -7,27 +7,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
+from motab.config import MonitorConfig, RolloutConfig, TrainConfig
 from motab.data import Problem
-from motab.engine import RolloutConfig
-from motab.monitor import MonitorConfig
-from motab.trainer import DistillationTrainer, TrainConfig
+from motab.trainer import DistillationTrainer
+from tests.tiny import tiny_qwen2
 
 
 def tiny(seed, hidden, layers, tied=False):
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        tie_word_embeddings=tied,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_qwen2(seed, hidden=hidden, layers=layers, tie_word_embeddings=tied).eval()
 
 
 PROBLEMS = [Problem(f"p{i}", [1 + i, 2 + i, 3 + i], str(i), None) for i in range(6)]
@@ -35,7 +23,6 @@ ROLLOUT = RolloutConfig(
     max_new_tokens=12,
     draft_len=4,
     intervention_len=2,
-    keep_teacher_hidden=True,
     monitor=MonitorConfig(rule="fixed", tau=0.5, warmup=2),
 )
 
@@ -74,6 +61,7 @@ def fixed_batch_loss(run):
         [p.prompt_ids for p in problems],
         replace(ROLLOUT, mode="off_policy"),
         seeds=list(range(len(problems))),
+        keep_teacher_hidden=True,
     )
     examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
     loss = run._micro_step(examples, trajectories, normalizer=sum(len(t.tokens) for t in trajectories))
@@ -107,6 +95,21 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     for run in runs[:-1]:
         for name, p in run.student.named_parameters():
             torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_reused_teacher_hidden_states_equal_a_teacher_forward(tmp_path):
+    """One step trained on the hidden states the rollout kept equals one trained on a fresh
+    teacher forward (the rollout's states are the teacher's own, up to fp32 rounding)."""
+    student, teacher = tiny(0, 32, 1), tiny(1, 64, 2)
+    runs = [
+        trainer(tmp_path / str(reuse), copy.deepcopy(student), teacher, steps=1, reuse_teacher_hidden=reuse)
+        for reuse in (True, False)
+    ]
+    losses = [run.train(progress=False)[0]["loss"] for run in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    reference = dict(runs[1].student.named_parameters())
+    for name, p in runs[0].student.named_parameters():
+        torch.testing.assert_close(p, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -153,14 +156,5 @@ def test_bad_configs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         trainer(tmp_path).train(resume=True, progress=False)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        other = AutoModelForCausalLM.from_config(
-            Qwen2Config(
-                vocab_size=70,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-        )
+        other = tiny_qwen2(0, hidden=32, layers=1, vocab=70)
         trainer(tmp_path, teacher=other).train(progress=False)

@@ -20,45 +20,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from motab.models import final_hidden_states
 from motab_kernels import DivergenceOutput, fused_linear_divergence
-
-# The positions whose logits a forward computes: none.
-_NO_POSITIONS = torch.zeros(0, dtype=torch.long)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # DDP, accelerate and DeepSpeed wrappers
-        model = model.module
-    return model
-
-
-def final_hidden_states(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``model``'s final (normed) hidden states ``[B, L, D]`` and its LM head's weight and bias,
-    from a forward that computes no logits."""
-    inner = _unwrap(model)
-    decoder = inner.get_decoder()
-    head = inner.get_output_embeddings()
-    captured = []
-    hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
-    try:
-        output = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_to_keep=_NO_POSITIONS.to(input_ids.device),
-            use_cache=False,
-        )
-    except TypeError as error:
-        raise TypeError(
-            f"{type(inner).__name__}.forward does not take logits_to_keep, which the fused distillation loss needs "
-            "to skip the LM head (transformers ≥ 4.50 causal LMs do)"
-        ) from error
-    finally:
-        hook.remove()
-    if output.logits is not None and output.logits.shape[-2] != 0:
-        raise RuntimeError(f"{type(inner).__name__} computed logits despite logits_to_keep=[]; refusing to go on")
-    return captured[-1], head.weight, getattr(head, "bias", None)
 
 
 def distillation_loss(
@@ -86,20 +49,19 @@ def distillation_loss(
     teacher.eval()
     with torch.no_grad():
         teacher_hidden, teacher_weight, teacher_bias = final_hidden_states(teacher, input_ids, attention_mask)
+    options = dict(kind=kind, beta=beta, temperature=temperature, ignore_index=ignore_index, impl=impl)
+    biases = dict(student_bias=student_bias, teacher_bias=teacher_bias)
+    # position i predicts labels[i + 1]: the last position has nothing to predict
+    student_hidden, teacher_hidden, target = student_hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
     return fused_linear_divergence(
-        student_hidden[:, :-1],
+        student_hidden,
         student_weight,
-        teacher_hidden[:, :-1],
+        teacher_hidden,
         teacher_weight,
-        kind=kind,
-        beta=beta,
-        temperature=temperature,
-        target=labels[:, 1:],
-        ignore_index=ignore_index,
+        target=target,
         normalizer=num_items_in_batch,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-        impl=impl,
+        **biases,
+        **options,
     )
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import motab_kernels
 from motab_kernels import FusedLinearDivergence, first_stray_index, fused_linear_divergence, logit_divergence
+from motab_kernels.divergence import api, rows
 from motab_kernels.reference import per_token_divergence
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -295,16 +295,12 @@ def test_huge_logits_stay_finite(impl, kind):
 def test_monitoring_statistics(impl, kind):
     inp = make_inputs(v=517, seed=3)
     temperature = 1.3
-    out = fused_linear_divergence(
-        inp["hs"].float(),
-        inp["ws"].float(),
-        inp["ht"].float(),
-        inp["wt"].float(),
-        kind=kind,
-        target=inp["target"],
-        temperature=temperature,
-        impl=impl,
-    )
+
+    def run(target):
+        tensors = (inp[name].float() for name in ("hs", "ws", "ht", "wt"))
+        return fused_linear_divergence(*tensors, kind=kind, target=target, temperature=temperature, impl=impl)
+
+    out = run(inp["target"])
     s = (inp["hs"] @ inp["ws"].T) / temperature
     t = (inp["ht"] @ inp["wt"].T) / temperature
     target = inp["target"]
@@ -327,17 +323,7 @@ def test_monitoring_statistics(impl, kind):
 
     top, bottom = t.argmax(-1), t.argmin(-1)
     for planted, expected in ((top, 0), (bottom, t.shape[1] - 1)):
-        out = fused_linear_divergence(
-            inp["hs"].float(),
-            inp["ws"].float(),
-            inp["ht"].float(),
-            inp["wt"].float(),
-            kind=kind,
-            target=planted,
-            temperature=temperature,
-            impl=impl,
-        )
-        assert torch.all(out.teacher_rank == expected)
+        assert torch.all(run(planted).teacher_rank == expected)
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])
@@ -346,8 +332,8 @@ def test_fused_monitor_path(kind, n, monkeypatch):
     """Forward only, triton: the fused kernel (logit tiles in registers) against float64, with
     bias, per-model scale and soft-cap, temperature and ignored rows; and it really ran."""
     launches = []
-    real = motab_kernels.divergence._fused_monitor
-    monkeypatch.setattr(motab_kernels.divergence, "_fused_monitor", lambda *a, **k: launches.append(1) or real(*a, **k))
+    real = api.fused_monitor
+    monkeypatch.setattr(api, "fused_monitor", lambda *a, **k: launches.append(1) or real(*a, **k))
     inp = make_inputs(n=n, bias=True, ignored=(3,), logit_std=6.0, seed=n)
     options = dict(kind=kind, temperature=0.8, softcap=(20.0, None), logit_scale=(1.2, 0.9))
     truth = run_monitor(inp, torch.float64, "reference", **options)
@@ -525,8 +511,8 @@ def test_auto_picks_chunked_on_cpu_and_triton_needs_a_gpu(monkeypatch):
     inp = make_inputs(device="cpu")
     args = (inp["hs"].float(), inp["ws"].float(), inp["ht"].float(), inp["wt"].float())
     calls = []
-    real = motab_kernels.divergence._rows_chunked
-    monkeypatch.setattr(motab_kernels.divergence, "_rows_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rows.rows_chunked
+    monkeypatch.setattr(rows, "rows_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused_linear_divergence(*args)
     assert calls
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -9,6 +9,7 @@ import torch
 
 from motab_kernels.paged_attention import QueryLayout, paged_attention
 from motab_kernels.paged_kv import PagedKVCache
+from motab_kernels.ragged import cu_seqlens
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -51,7 +52,7 @@ def build_case(prior, new, heads, kv_heads, head_dim, dtype, block_size=4, seed=
     new_v = torch.cat([v[prior[r] :] for r, _, v in history])
     cache.write(0, slots, new_k, new_v)
     query = torch.randn(sum(new), heads, head_dim, generator=g).to(DEVICE, dtype)
-    layout = QueryLayout.build(list(range(rows)), prior, new, heads // kv_heads, DEVICE)
+    layout = QueryLayout.build(list(range(rows)), prior, cu_seqlens(new), DEVICE)
     return cache, layout, query, history
 
 
@@ -112,7 +113,7 @@ def test_after_truncation_the_dropped_tokens_are_never_read():
         for block in cache.free_stack[: cache.num_free_blocks].tolist():
             layer_pool[block] = float("nan")
         layer_pool.view(-1, *layer_pool.shape[2:])[cache.block_table[0, 1] * 4 + 3] = float("nan")  # slot 7
-    layout = QueryLayout.build([0, 1], [6, 6], [1, 2], 2, DEVICE)  # row 0's last kept token, row 1's new ones
+    layout = QueryLayout.build([0, 1], [6, 6], [0, 1, 3], DEVICE)  # row 0's last kept token, row 1's new ones
     q = query[:3]
     for impl in ("triton", "torch"):
         out = paged_attention(

@@ -1,6 +1,6 @@
 """Tunes the demo's methods on the validation split, with the same budget for every method.
 
-    python -m motab.toy.tune --out motab/toy/assets/tuning.json
+    python -m motab.demo.tune --out motab/toy/assets/tuning.json
 
 Every setting of ``motab.demo.TUNING_GRID`` (the same number per method) distils a copy of the same
 warm-started student (seed ``--seed``) at the demo's budget and is judged by its greedy accuracy
@@ -24,18 +24,19 @@ from pathlib import Path
 
 import torch
 
+from motab.demo.run import FULL, STUDENT_SHAPE, TUNING_GRID, as_problems, distil, method_config, warm_student
+from motab.demo.toy_models import greedy_accuracy, toy_model
+from motab.toy.task import generate_split
+from motab.toy.teacher import load_teacher
+
 
 def _run_setting(warm_state: str, method: str, options: dict, size, seed: int, threads: int) -> dict:
     """One setting from the saved warm start (a worker process's whole job)."""
-    from motab.demo import STUDENT_SHAPE, _problems, distil, load_teacher, method_config
-    from motab.toy.task import generate_split
-    from motab.toy.train_teacher import toy_model
-
     torch.set_num_threads(threads)
     teacher, tokenizer = load_teacher()
     student = toy_model(tokenizer, STUDENT_SHAPE, seed)
     student.load_state_dict(torch.load(warm_state))
-    train = _problems(tokenizer, generate_split("train", 5000))
+    train = as_problems(tokenizer, generate_split("train", 5000))
     validation = generate_split("validation", size.validation)
     with tempfile.TemporaryDirectory() as folder:
         config = method_config(tokenizer, method, options, size, folder, seed)
@@ -45,10 +46,6 @@ def _run_setting(warm_state: str, method: str, options: dict, size, seed: int, t
 
 def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dict:
     """Runs every setting of ``grid``; returns the record with the best setting per method."""
-    from motab.demo import load_teacher, warm_student
-    from motab.toy.task import generate_split
-    from motab.toy.train_teacher import greedy_accuracy
-
     counts = {method: len(settings) for method, settings in grid.items()}
     if len(set(counts.values())) != 1:
         raise ValueError(f"every method needs the same tuning budget; settings per method: {counts}")
@@ -87,15 +84,13 @@ def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    from motab.demo import FULL, TUNING_GRID
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="tuning.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="settings run at once, each in its own process")
     args = parser.parse_args(argv)
     record = tune(TUNING_GRID, FULL, args.seed, args.jobs)
-    record["command"] = "python -m motab.toy.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    record["command"] = "python -m motab.demo.tune " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record["chosen"], indent=1))
 

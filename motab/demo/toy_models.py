@@ -1,33 +1,17 @@
-"""Trains the toy task's teacher from scratch (supervised on the task's worked solutions).
-
-    python -m motab.toy.train_teacher --out motab/toy/assets/teacher
-
-Reproducible: the data are the task's fixed train split, every random draw comes from ``--seed``,
-and the command, seed, steps, wall time and the measured validation and test accuracy (greedy,
-with the paged engine) are written to ``training.json`` beside the weights.
-"""
+"""The demo's toy models: Qwen2-style models built from a shape (no weights downloaded), their
+supervised training on the task's worked solutions, and their greedy solutions and accuracy with
+the paged engine. Teacher training, the warm start, the measurements and the tuning all use these."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import random
-import sys
-import time
-from datetime import date
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from motab.toy.task import generate_split, is_correct
-from motab.toy.tokenizer import build_tokenizer
-
-TEACHER_SHAPE = dict(
-    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
-)
+from motab.evaluate import generate
+from motab.toy.task import is_correct
 
 
 def toy_model(tokenizer, shape: dict, seed: int) -> torch.nn.Module:
@@ -85,8 +69,6 @@ MAX_SOLUTION_TOKENS = 96
 
 def greedy_solutions(model, tokenizer, problems, batch_size: int = 64) -> tuple[list[list[int]], list[list[int]]]:
     """Each problem's prompt ids and the model's greedy completion (paged engine, the model alone)."""
-    from motab.evaluate import generate
-
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
     return prompts, generate(model, tokenizer, prompts, max_new_tokens=MAX_SOLUTION_TOKENS, batch_size=batch_size)
 
@@ -95,55 +77,3 @@ def greedy_accuracy(model, tokenizer, problems) -> float:
     """Share of problems whose greedy completion is correct."""
     _, written = greedy_solutions(model, tokenizer, problems)
     return sum(is_correct(tokenizer.decode(tokens), p) for tokens, p in zip(written, problems)) / len(problems)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="motab/toy/assets/teacher")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-problems", type=int, default=50000)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    tokenizer = build_tokenizer()
-    model = toy_model(tokenizer, TEACHER_SHAPE, args.seed)
-    started = time.time()
-    supervised_train(
-        model,
-        tokenizer,
-        generate_split("train", args.train_problems),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device="cpu",
-        log=print,
-    )
-    seconds = time.time() - started
-    validation = greedy_accuracy(model, tokenizer, generate_split("validation", 500))
-    test = greedy_accuracy(model, tokenizer, generate_split("test", 500))
-    out = Path(args.out)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    record = dict(
-        command="python -m motab.toy.train_teacher " + " ".join(argv if argv is not None else sys.argv[1:]),
-        seed=args.seed,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        parameters=sum(p.numel() for p in model.parameters()),
-        train_seconds=round(seconds, 1),
-        validation_accuracy=validation,
-        test_accuracy=test,
-        test_problems=500,
-        date=str(date.today()),
-        machine=f"{platform.machine()} CPU, torch {torch.__version__}",
-    )
-    (out / "training.json").write_text(json.dumps(record, indent=1))
-    print(json.dumps(record, indent=1))
-
-
-if __name__ == "__main__":
-    main()

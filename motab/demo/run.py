@@ -4,7 +4,7 @@ One smaller student (same tokenizer, fewer and narrower layers) gets a brief sup
 start on a slice of the train split, so that its own samples mean something; then each method
 (``off_policy``, ``on_policy``, ``skd``, ``adaswitch``, ``motab``) distils a copy of that same
 student from the teacher for the same number of steps and prompts, with its own best setting from
-the shipped tuning record (``motab.toy.tune``: validation split only, the same budget for every
+the shipped tuning record (``motab.demo.tune``: validation split only, the same budget for every
 method), and is evaluated (greedy, the paged engine) on the validation split during training and
 on the test split at the end. The report folder gets ``results.json``, ``accuracy.png``
 (validation accuracy against the training step, per method), ``rollout.png`` (one MOTAB rollout:
@@ -17,7 +17,6 @@ student's context, the problem, or neither — the last is the reversed exposure
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import statistics
 import time
@@ -25,20 +24,15 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-import torch
-
+from motab.config import TrainConfig, build_configs, set_option
 from motab.data import Problem
+from motab.demo.measures import teacher_decay, teacher_guidance
+from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, supervised_train, toy_model
 from motab.engine import rollout, with_tokenizer_defaults
-from motab.evaluate import generate
-from motab.toy.task import generate_split, is_correct, operand_checks
-from motab.toy.train_teacher import (
-    MAX_SOLUTION_TOKENS,
-    greedy_accuracy,
-    greedy_solutions,
-    supervised_train,
-    toy_model,
-)
-from motab.trainer import DistillationTrainer, TrainConfig
+from motab.plots import plot_accuracy_curves, render_trajectory
+from motab.toy.task import generate_split
+from motab.toy.teacher import load_teacher
+from motab.trainer import DistillationTrainer
 
 METHODS = ("off_policy", "on_policy", "skd", "adaswitch", "motab")
 STUDENT_SHAPE = dict(
@@ -80,14 +74,13 @@ SHARED_OPTIONS = {
         intervention="step",
         intervention_len=24,
         max_interventions=4,
-        keep_teacher_hidden=True,
     ),
     "monitor": dict(score="fkl", rule="window", window=16, window_factor=3.0, tau_min=0.3, warmup=4),
     "student_sampling": dict(temperature=1.0),
     "teacher_sampling": dict(temperature=0.0),
 }
 
-# The tuning grid (``python -m motab.toy.tune``): the same number of settings for every method —
+# The tuning grid (``python -m motab.demo.tune``): the same number of settings for every method —
 # the learning rate and one option that is the method's own — tried from the same warm start and
 # judged on the validation split only. For the two monitored methods that option is the boundary:
 # K barely matters here (a first grid over K = 3, 2, 1.5 gave the same decisions: the students'
@@ -120,27 +113,12 @@ def tuned_options() -> dict[str, dict]:
     """Each method's best validation setting in the shipped tuning record (seed 0): what the demo runs."""
     path = tuning_record_path()
     if not path.exists():
-        raise FileNotFoundError(f"the demo's tuning record is missing from {path}: run python -m motab.toy.tune")
+        raise FileNotFoundError(f"the demo's tuning record is missing from {path}: run python -m motab.demo.tune")
     return json.loads(path.read_text())["chosen"]
 
 
-def teacher_path() -> Path:
-    return Path(str(resources.files("motab.toy") / "assets" / "teacher"))
-
-
-def load_teacher(device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    path = teacher_path()
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(
-            f"the toy teacher is missing from {path}: reinstall motab or run motab.toy.train_teacher"
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-
-
-def _problems(tokenizer, toy_problems):
+def as_problems(tokenizer, toy_problems) -> list[Problem]:
+    """The pipeline's problems (prompt tokenised) of the toy task's problems."""
     return [Problem(p.prompt, tokenizer(p.prompt)["input_ids"], p.answer, p.solution) for p in toy_problems]
 
 
@@ -149,8 +127,6 @@ def method_config(
 ) -> TrainConfig:
     """A method's training configuration: SHARED_OPTIONS, then ``options`` ("section.key": value, as
     ``motab train --set`` takes them), at the demo's budget."""
-    from motab.cli import build_configs, set_option
-
     raw = {section: dict(values) for section, values in SHARED_OPTIONS.items()}
     raw["rollout"]["mode"] = method
     raw["train"].update(
@@ -177,51 +153,6 @@ def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu"):
     return student
 
 
-def teacher_decay(student, teacher, tokenizer, problems, lengths=(0, 4, 8, 16, 24)) -> dict[int, float]:
-    """Teacher accuracy when it continues (greedily) from the student's first L greedy tokens."""
-    prompts, student_text = greedy_solutions(student, tokenizer, problems, batch_size=len(problems))
-    accuracy = {}
-    for length in lengths:
-        prefixed = [prompt + tokens[:length] for prompt, tokens in zip(prompts, student_text)]
-        continued = generate(teacher, tokenizer, prefixed, max_new_tokens=MAX_SOLUTION_TOKENS, batch_size=len(prompts))
-        texts = [tokenizer.decode(s[:length] + c) for s, c in zip(student_text, continued)]
-        accuracy[length] = sum(is_correct(text, p) for text, p in zip(texts, problems)) / len(problems)
-    return accuracy
-
-
-def teacher_guidance(student, teacher, tokenizer, problems) -> dict[str, int]:
-    """What the teacher would write at the operands of the student's greedy solutions once the
-    student has written a wrong one.
-
-    ``first_wrong``: solutions with a wrong operand; ``teacher_right_at_first``: of those, where the
-    teacher (greedy, given the student's context) would have written the right value. At every later
-    operand whose value in the student's context differs from the problem's, the teacher's choice is
-    ``consistent`` (it follows the student's context), ``true`` (the problem's value) or ``other``.
-    Guidance that leaves the context ("other") is the reversed exposure bias MOTAB cuts away.
-    """
-    prompts, solutions = greedy_solutions(student, tokenizer, problems, batch_size=len(problems))
-    counts = dict(first_wrong=0, teacher_right_at_first=0, consistent=0, true=0, other=0)
-    device = next(teacher.parameters()).device
-    for problem, prompt, tokens in zip(problems, prompts, solutions):
-        pieces = [tokenizer.decode([t]) for t in tokens]
-        token_at = {start: i for i, start in enumerate(itertools.accumulate([0] + [len(x) for x in pieces]))}
-        checks = operand_checks(problem, "".join(pieces))
-        first = next((i for i, c in enumerate(checks) if c.written != c.consistent), None)
-        if first is None:
-            continue
-        with torch.no_grad():
-            # the teacher's greedy choice for each completion token, given everything before it
-            choice = teacher(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 :].argmax(-1)
-        teacher_digits = [tokenizer.decode([int(choice[token_at[c.position]])]) for c in checks]
-        counts["first_wrong"] += 1
-        counts["teacher_right_at_first"] += teacher_digits[first] == str(checks[first].consistent)
-        for check, digit in zip(checks[first + 1 :], teacher_digits[first + 1 :]):
-            if check.consistent != check.true:
-                follows = {str(check.consistent): "consistent", str(check.true): "true"}
-                counts[follows.get(digit, "other")] += 1
-    return counts
-
-
 def run_demo(
     out: str | Path = "motab-demo",
     *,
@@ -238,7 +169,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_teacher(device)
-    train = _problems(tokenizer, generate_split("train", 5000))
+    train = as_problems(tokenizer, generate_split("train", 5000))
     validation = generate_split("validation", size.validation)
     test = generate_split("test", size.test)
     options = tuned_options()
@@ -275,7 +206,7 @@ def run_demo(
             seconds=statistics.mean(r["seconds"] for r in runs),
         )
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    _plot_curves(results, out / "accuracy.png")
+    plot_accuracy_curves(results["runs"], list(METHODS), out / "accuracy.png")
     print(format_table(results))
     return results
 
@@ -311,10 +242,8 @@ def distil(student, teacher, tokenizer, train, validation, config: TrainConfig, 
 
 def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, path: Path) -> None:
     """One MOTAB rollout of the trained student: the busiest of four."""
-    from motab.cli import render_trajectory
-
     prompts = [p.prompt_ids for p in train[:4]]
-    shown = rollout(student, teacher, prompts, replace(config.rollout, keep_teacher_hidden=False), seeds=[seed])
+    shown = rollout(student, teacher, prompts, config.rollout, seeds=[seed])
     render_trajectory(max(shown, key=lambda t: (len(t.discarded), len(t.tokens))), path)
 
 
@@ -342,23 +271,3 @@ def format_table(results: dict) -> str:
             f"{guidance['true']}, neither {guidance['other']} times"
         )
     return "\n".join(lines)
-
-
-def _plot_curves(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        runs = [r for r in results["runs"] if r["method"] == method]
-        steps = [s for s, _ in runs[0]["curve"]]
-        mean = [statistics.mean(r["curve"][i][1] for r in runs) for i in range(len(steps))]
-        ax.plot(steps, [100 * m for m in mean], marker="o", label=method)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
