@@ -7,11 +7,15 @@ Every row names its kind, shape, implementation and mode:
 
 Baselines: ``naive`` materialises both [N, V] logits and applies log_softmax + KL/JSD (TRL's
 formula); ``liger`` is Liger-Kernel's ``LigerFusedLinearJSD`` when it is installed (JSD rows,
-same β; β=0/1 for fkl/rkl). The floor of ``fwd+bwd`` is the cuBLAS time of just the matmuls the op
+same β; β=0/1 for fkl/rkl), in ``fwd+bwd`` rows only: it has no forward-only path (it forms the
+input gradients inside its forward even under ``no_grad``), so a ``monitor`` row of it would time
+work a monitor never does. The floor of ``fwd+bwd`` is the cuBLAS time of just the matmuls the op
 needs (both logit GEMMs forward, the two student-gradient GEMMs backward), timed at the same shapes
 in the same run; the floor of ``monitor`` is the larger of the forward GEMM time and the time to
 read both weight matrices once at the card's measured copy bandwidth. ``scratch`` is the peak
-memory beyond inputs, outputs, gradients and one fp32 weight-gradient accumulator.
+memory beyond inputs, outputs, gradients and one fp32 weight-gradient accumulator, measured from a
+state that holds no gradients (the previous step's are freed first). Every way is timed as the
+median of ``--reps`` runs after warm-up runs at the same shape.
 
 On a CPU it runs small shapes (the Triton interpreter's timings are meaningless and are left out)
 and no memory is measured. Writes ``results.json`` and ``results.md`` under ``--out``.
@@ -74,10 +78,13 @@ def liger_loss_fn(kind, beta):
     return lambda hs, ws, ht, wt, target: module(hs, ws, ht, wt, target)
 
 
-def peak_extra_bytes(fn, device):
-    """Peak bytes allocated while ``fn`` runs, beyond what was allocated before it (GPU only)."""
+def peak_extra_bytes(fn, device, before=None):
+    """Peak bytes allocated while ``fn`` runs, beyond what was allocated before it (GPU only);
+    ``before()`` runs first, outside the measurement (to free what a previous run left)."""
     if device.type != "cuda":
         return None
+    if before is not None:
+        before()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -119,23 +126,28 @@ def loss_functions(impls, kind, beta, device, backward):
         fns["triton-buffered"] = lambda *args: buffered_monitor_loss(*args, kind=kind, beta=beta)
     fns["naive"] = lambda hs, ws, ht, wt, target: naive_loss(hs, ws, ht, wt, target, kind, beta)
     liger = liger_loss_fn(kind, beta)
-    if liger is not None and device.type == "cuda":
+    if liger is not None and device.type == "cuda" and backward:  # no forward-only path: see the docstring
         fns["liger"] = liger
     return fns
 
 
 def make_step(loss_fn, inputs, backward):
+    """The timed step, and what frees the gradients a previous step left (so that memory is
+    measured from a state without them: they are counted once, in ``accumulated``)."""
     hs, ws, ht, wt, target = inputs
+
+    def free_gradients():
+        hs.grad = ws.grad = None
 
     def step():
         if backward:
-            hs.grad = ws.grad = None
+            free_gradients()
             loss_fn(hs, ws, ht, wt, target).backward()
         else:
             with torch.no_grad():
                 loss_fn(hs, ws, ht, wt, target)
 
-    return step
+    return step, free_gradients
 
 
 def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, bandwidth):
@@ -152,10 +164,10 @@ def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, ba
             backward = mode == "fwd+bwd"
             inputs = (hs.detach().requires_grad_(backward), ws.detach().requires_grad_(backward), ht, wt, target)
             for name, loss_fn in loss_functions(impls, kind, beta, device, backward).items():
-                step = make_step(loss_fn, inputs, backward)
+                step, free_gradients = make_step(loss_fn, inputs, backward)
                 try:
                     seconds = median_seconds(step, device, reps)
-                    peak = peak_extra_bytes(step, device)
+                    peak = peak_extra_bytes(step, device, before=free_gradients)
                 except torch.OutOfMemoryError:
                     seconds, peak = None, "OOM"
                     torch.cuda.empty_cache()

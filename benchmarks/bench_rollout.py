@@ -6,13 +6,16 @@ teacher forward over the result scores them (full logits). Same random models (Q
 student and 7B-shaped teacher in bf16 on a GPU, tiny ones on a CPU), same prompts, batch 1/16/64.
 Random models have no natural stray rate, so ``motab`` runs a fixed boundary τ set to the
 ``--stray-rate`` quantile of the scores an on-policy pass produced; the measured intervention rate
-is reported. A separately timed ``motab`` run gives the time breakdown (each phase synchronised).
+is reported. Every way is run once untimed at the timed batch and length, then timed as the median
+of ``--reps`` runs. A separately timed ``motab`` run gives the time breakdown (each phase
+synchronised).
 Writes ``rollout.json`` and ``rollout.md`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import replace
 from datetime import date
@@ -53,10 +56,19 @@ def timed(fn, device):
     return result, time.perf_counter() - start
 
 
+def median_timed(fn, device, reps):
+    """``fn``'s result and the median of ``reps`` timed runs, after one untimed run at the same
+    size (compilation, autotuning, allocator and caches warm for exactly what is timed)."""
+    fn()
+    runs = [timed(fn, device) for _ in range(reps)]
+    return runs[0][0], statistics.median(seconds for _, seconds in runs)
+
+
 def main(argv=None):
     parser = bench_parser(__doc__)
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--stray-rate", type=float, default=0.02, help="share of drafted tokens above τ")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per way and batch (the median is shown)")
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     prompt_len, new_tokens = (64, 128) if on_gpu else (8, 24)
@@ -96,15 +108,14 @@ def main(argv=None):
     rows = []
     for b in batches:
         prompts = all_prompts[:b]
-        gkd_way(student, teacher, prompts[:1], 4, sampling)  # warm-up
-        tokens, seconds = timed(
-            lambda prompts=prompts: gkd_way(student, teacher, prompts, new_tokens, sampling), device
+        tokens, seconds = median_timed(
+            lambda prompts=prompts: gkd_way(student, teacher, prompts, new_tokens, sampling), device, args.reps
         )
         reference = tokens / seconds
         results = [("GKD way (HF generate + teacher forward)", reference, None)]
         for mode in ("motab", "on_policy", "off_policy"):
             config = replace(base, mode=mode, monitor=monitor)
-            trajectories, seconds = timed(lambda c=config, p=prompts: rollout(*paged, p, c), device)
+            trajectories, seconds = median_timed(lambda c=config, p=prompts: rollout(*paged, p, c), device, args.reps)
             committed = sum(len(t.tokens) for t in trajectories)
             interventions = sum(len(t.interventions) for t in trajectories)
             results.append((f"engine {mode}", committed / seconds, 100 * interventions / committed))

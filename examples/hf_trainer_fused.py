@@ -9,11 +9,12 @@ instead if you already subclass Trainer.
 
 import tempfile
 
+import torch
 from _tiny import collate, completion_rows, tiny_model
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from motab.integrations.hf import DistillationTrainer
+from motab.integrations.hf import DistillationTrainer, distillation_loss
 
 trainer = DistillationTrainer(
     model=tiny_model(hidden=32, layers=1, seed=0),
@@ -34,3 +35,15 @@ trainer = DistillationTrainer(
 )
 result = trainer.train()
 print(f"DistillationTrainer: training loss {result.training_loss:.6f}")
+
+# The loss it trains on is KL(teacher ‖ student) over the labelled tokens, as the naive way computes
+# it from both models' full logits; here it is computed without them. One batch, both ways:
+columns = completion_rows(4, seed=1)
+batch = collate([{name: values[i] for name, values in columns.items()} for i in range(4)])
+with torch.no_grad():
+    fused = distillation_loss(trainer.model, trainer.teacher_model, batch, kind="fkl").loss
+    student_logp = trainer.model(input_ids=batch["input_ids"]).logits[:, :-1].log_softmax(-1)
+    teacher_logp = trainer.teacher_model(input_ids=batch["input_ids"]).logits[:, :-1].log_softmax(-1)
+    labelled = batch["labels"][:, 1:] != -100  # position i predicts token i + 1
+    naive = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)[labelled].mean()
+print(f"one batch: fused loss {fused:.6f}, naive loss {naive:.6f}")

@@ -42,9 +42,11 @@ def test_quick_demo_writes_the_report(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["methods"]) == set(METHODS)
     for method, row in saved["methods"].items():
-        assert 0.0 <= row["test_accuracy_mean"] <= 1.0
+        correct = row["test_accuracy_mean"] * QUICK.test  # a share of the QUICK.test problems
+        assert abs(correct - round(correct)) < 1e-9, (method, correct)
         runs = [r for r in results["runs"] if r["method"] == method]
         assert row["test_accuracy_mean"] == runs[0]["test_accuracy"]  # the table is the evaluation's number
+    assert saved["teacher_test_accuracy"] >= 0.9  # the shipped teacher solves the task
     assert saved["methods"]["off_policy"]["student_tokens"] == 0
     assert saved["methods"]["on_policy"]["teacher_tokens"] == 0
     assert set(saved["teacher_decay"][0]) == {"0", "4", "8", "16", "24"}
@@ -92,7 +94,10 @@ def test_tune_picks_the_best_validation_setting_and_wants_equal_budgets():
     assert len(record["runs"]) == 2 * len(METHODS)
     for method in METHODS:
         runs = [r for r in record["runs"] if r["method"] == method]
-        assert all(0.0 <= r["validation_accuracy"] <= 1.0 for r in runs)
+        for run in runs:
+            correct = run["validation_accuracy"] * QUICK.validation  # a share of the validation problems
+            assert abs(correct - round(correct)) < 1e-9
+            assert tuple(run["curve"][-1]) == (QUICK.steps, run["validation_accuracy"])  # its curve's last point
         assert record["chosen"][method] == max(runs, key=lambda r: r["validation_accuracy"])["options"]
     with pytest.raises(ValueError, match="same tuning budget"):
         tune({"motab": grid["motab"], "skd": grid["skd"][:1]}, QUICK)

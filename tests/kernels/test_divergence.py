@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -69,6 +70,24 @@ def assert_no_worse(ours: torch.Tensor, naive: torch.Tensor, truth: torch.Tensor
     """Our error against the truth may exceed the naive float32 error by a small factor + tolerance."""
     err, err_naive = rel_err(ours, truth), rel_err(naive, truth)
     assert err <= 3.0 * err_naive + 5e-6, f"{what}: relative error {err:.3g} vs naive {err_naive:.3g}"
+
+
+def rounded(inp: dict, dtype: torch.dtype) -> dict:
+    """``inp`` with every float tensor rounded to ``dtype`` (kept in float64): the truth computed
+    from these measures the kernel's own error, not the rounding of its inputs."""
+    return {
+        k: x.to(dtype).double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for k, x in inp.items()
+    }
+
+
+def assert_half_precision_error(ours, naive, truth, dtype: torch.dtype, what: str, is_loss: bool) -> None:
+    """Half-precision inputs, truth from the same rounded inputs. The loss is formed in fp32: its
+    error must stay near fp32's (≤ 1e-4). Gradients come back in ``dtype``: rounding the result
+    alone costs up to its unit roundoff u, and the student-logit gradient is itself stored in
+    ``dtype`` before the last GEMM, so allow 8u. Either way no worse than naive PyTorch at ``dtype``."""
+    err, err_naive = rel_err(ours, truth), rel_err(naive, truth)
+    bound = 1e-4 if is_loss else 8 * torch.finfo(dtype).eps / 2
+    assert err <= bound and err <= err_naive, f"{what}: {err:.3g} (bound {bound:.3g}), naive {err_naive:.3g}"
 
 
 def make_inputs(n=N, ds=DS, dt=DT, v=V, seed=0, logit_std=3.0, bias=False, ignored=(3, 17), device=DEVICE):
@@ -144,7 +163,8 @@ def run_monitor(inp, dtype, impl, **options):
 @pytest.mark.parametrize("kind,beta", KIND_BETA)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_trl(impl, kind, beta, reduction):
-    inp = make_inputs(bias=True, seed=hash((kind, beta, reduction)) % 1000)
+    # a fixed seed per case (Python salts hash() of strings per process; crc32 is stable)
+    inp = make_inputs(bias=True, seed=zlib.crc32(repr((kind, beta, reduction)).encode()) % 1000)
     trl_reduction = {"mean": "batchmean", "sum": "sum", "none": "none"}[reduction]
     # With "none", a random upstream gradient checks that backward weights each row by it.
     grad_weights = torch.rand(N, dtype=torch.float64, device=DEVICE) + 0.5 if reduction == "none" else None
@@ -448,14 +468,13 @@ def test_never_allocates_rows_by_vocab(impl, reduction):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(impl, dtype):
     """Half-precision inputs: gradients in the inputs' dtypes, error no worse than naive at that dtype."""
-    inp = make_inputs(seed=9)
+    inp = rounded(make_inputs(seed=9), dtype)
     truth = trl_truth(inp, "jsd", 0.5, torch.float64)
     naive = trl_truth(inp, "jsd", 0.5, dtype)
     out, gh, gw, _ = run_ours(inp, impl, dtype=dtype)
     assert out.loss.dtype == torch.float32 and gh.dtype == dtype and gw.dtype == dtype
     for ours, nv, tr, name in zip((out.loss, gh, gw), naive, truth, ("loss", "d hidden", "d weight")):
-        err, err_naive = rel_err(ours, tr), rel_err(nv, tr)
-        assert err <= 1.5 * err_naive + 1e-3, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
+        assert_half_precision_error(ours, nv, tr, dtype, name, is_loss=name == "loss")
 
 
 @requires_trl
@@ -472,8 +491,10 @@ def test_mixed_dtypes_follow_the_weight_or_autocast():
         out = fused_linear_divergence(hs, ws32, inp["ht"].float(), inp["wt"].float(), target=inp["target"])
     out.loss.backward()
     assert hs.grad.dtype == torch.float32 and ws32.grad.dtype == torch.float32
+    # under autocast the GEMMs see bf16 operands: the truth is computed from those, in float64
+    truth = trl_truth(rounded(inp, torch.bfloat16), "jsd", 0.5, torch.float64)[0]
     naive = trl_truth(inp, "jsd", 0.5, torch.bfloat16)[0]
-    assert abs(out.loss.item() - naive.item()) < 0.05 * abs(naive.item())
+    assert_half_precision_error(out.loss, naive, truth, torch.bfloat16, "loss under autocast", is_loss=True)
 
 
 def test_teacher_gets_no_gradient():
@@ -574,31 +595,37 @@ def test_logit_divergence_bad_input():
 def test_gpu_half_precision_accuracy(kind, dtype):
     torch.manual_seed(0)
     n, ds, dt, v = 1024, 512, 768, 32000 + 3
-    inp = make_inputs(n, ds, dt, v)
+    inp = rounded(make_inputs(n, ds, dt, v), dtype)
     truth = trl_truth(inp, kind, 0.5, torch.float64, oracle=reference_jsd)
     naive = trl_truth(inp, kind, 0.5, dtype, oracle=reference_jsd)
     out, gh, gw, _ = run_ours(inp, "triton", dtype=dtype, kind=kind)
     for ours, nv, tr, name in zip((out.loss, gh, gw), naive, truth, ("loss", "d hidden", "d weight")):
-        err, err_naive = rel_err(ours, tr), rel_err(nv, tr)
-        assert err <= 1.5 * err_naive + 1e-3, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
+        assert_half_precision_error(ours, nv, tr, dtype, name, is_loss=name == "loss")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])
-def test_gpu_fused_monitor_bf16(kind):
-    """The compiled fused forward kernel in bf16 (tensor-core dots) against float64."""
-    n, ds, dt, v = 1024, 512, 768, 32000 + 3
-    inp = make_inputs(n, ds, dt, v, bias=True, seed=2)
+def test_fused_monitor_bf16(kind):
+    """The fused forward kernel on bf16 inputs (tensor-core dots on a GPU; interpreted on a CPU, at
+    test size) against float64 computed from the same rounded inputs: statistics at fp32
+    precision, and each teacher rank off by at most the entries whose logit lies within the fp32
+    accumulation error of the target's (those may legitimately swap sides)."""
+    n, ds, dt, v = (1024, 512, 768, 32000 + 3) if DEVICE.type == "cuda" else (N, DS, DT, V)
+    inp = rounded(make_inputs(n, ds, dt, v, bias=True, seed=2), torch.bfloat16)
     truth = run_monitor(inp, torch.float64, "reference", kind=kind)
     naive = run_monitor(inp, torch.bfloat16, "reference", kind=kind)
     ours = run_monitor(inp, torch.bfloat16, "triton", kind=kind)
     valid = inp["target"] != -100
     for name in ("per_token", "teacher_entropy", "student_logprob", "teacher_logprob"):
         x, nv, tr = (getattr(o, name)[valid] for o in (ours, naive, truth))
-        err, err_naive = rel_err(x, tr), rel_err(nv, tr)
-        assert err <= 1.5 * err_naive + 1e-3, f"{name}: {err:.3g} vs naive {err_naive:.3g}"
-    rank_gap = (ours.teacher_rank[valid] - truth.teacher_rank[valid]).abs().float()
-    assert rank_gap.mean() < 0.01 * v  # bf16 logits tie and reorder near the target, never grossly
+        assert_half_precision_error(x, nv, tr, torch.bfloat16, name, is_loss=True)
+    teacher = torch.nn.functional.linear(inp["ht"], inp["wt"], inp["bt"])
+    # |fp32 dot − exact dot| ≤ D·2⁻²⁴·Σ|h_i·w_i| (bf16 products are exact in fp32), per row at most:
+    scale = (inp["ht"].abs() @ inp["wt"].abs().T + inp["bt"].abs()).amax(-1, keepdim=True)
+    error = dt * 2.0**-24 * scale
+    target = inp["target"].clamp_min(0)[:, None]
+    near = ((teacher - teacher.gather(-1, target)).abs() <= 2 * error).sum(-1) - 1  # not the target itself
+    gap = (ours.teacher_rank - truth.teacher_rank).abs()
+    assert torch.all(gap[valid] <= near[valid]), f"rank gaps {gap[valid].max()} beyond the ties {near[valid].max()}"
 
 
 @pytest.mark.gpu
@@ -612,9 +639,13 @@ def test_gpu_auto_is_triton():
 
 @pytest.mark.gpu
 def test_gpu_int64_offsets():
-    """One chunk of rows × vocab above 2^31 elements: row offsets must be computed in int64."""
-    n, v = 16384, 131072 + 7
-    assert n * v > 2**31
+    """One chunk whose last row starts past 2^31 elements: row offsets must be computed in int64.
+
+    Sized so that the *largest offset* the kernel forms, (n − 1)·v, passes 2^31 (with n = 16384 it
+    stayed below, and the test passed without the cast). Without ``.to(tl.int64)`` on the row index
+    the last row's pointer wraps and its divergence is wrong (or the launch faults)."""
+    n, v = 16400, 131072 + 7
+    assert (n - 1) * v > 2**31
     torch.manual_seed(0)
     t = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
     s = t.clone()
