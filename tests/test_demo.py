@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from motab.config import ConfigError
 from motab.demo import (
@@ -18,8 +19,9 @@ from motab.demo import (
     tuned_options,
     tuning_record_path,
 )
-from motab.demo.toy_models import greedy_accuracy
-from motab.demo.tune import tune
+from motab.demo.run import STUDENT_SHAPE, weights_digest
+from motab.demo.toy_models import greedy_accuracy, toy_model
+from motab.demo.tune import check_distinct, tune
 from motab.toy.task import generate_split
 from motab.toy.teacher import load_teacher, teacher_path
 
@@ -41,14 +43,22 @@ def test_quick_demo_writes_the_report(tmp_path):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["methods"]) == set(METHODS)
-    for method, row in saved["methods"].items():
-        correct = row["test_accuracy_mean"] * QUICK.test  # a share of the QUICK.test problems
-        assert abs(correct - round(correct)) < 1e-9, (method, correct)
-        runs = [r for r in results["runs"] if r["method"] == method]
-        assert row["test_accuracy_mean"] == runs[0]["test_accuracy"]  # the table is the evaluation's number
-    assert saved["teacher_test_accuracy"] >= 0.9  # the shipped teacher solves the task
-    assert saved["methods"]["off_policy"]["student_tokens"] == 0
-    assert saved["methods"]["on_policy"]["teacher_tokens"] == 0
+    runs = {(r["method"], r["budget"]): r for r in results["runs"]}  # one seed: one run per method and budget
+    clock = runs["on_policy", "steps"]["train_seconds"]
+    for method, by_budget in saved["methods"].items():
+        for budget, row in by_budget.items():
+            run = runs[method, budget]
+            assert row["test_accuracy_mean"] == run["test_accuracy"]  # the table is the evaluation's number
+            correct = run["test_accuracy"] * QUICK.test  # a share of the QUICK.test problems
+            assert abs(correct - round(correct)) < 1e-9, (method, budget, correct)
+        # equal wall clock: the steps that fit in on_policy's training time at the method's own pace
+        own = runs[method, "steps"]
+        assert own["steps"] == QUICK.steps
+        assert runs[method, "time"]["steps"] == max(1, round(QUICK.steps * clock / own["train_seconds"]))
+    assert runs["on_policy", "time"] == dict(runs["on_policy", "steps"], budget="time")  # the clock's own run
+    assert saved["teacher_validation_accuracy"] >= 0.9  # the shipped teacher solves the task
+    assert saved["methods"]["off_policy"]["steps"]["student_tokens"] == 0
+    assert saved["methods"]["on_policy"]["steps"]["teacher_tokens"] == 0
     assert set(saved["teacher_decay"][0]) == {"0", "4", "8", "16", "24"}
     guidance = saved["teacher_guidance"][0]
     assert set(guidance) == {"first_wrong", "teacher_right_at_first", "consistent", "true", "other"}
@@ -101,6 +111,26 @@ def test_tune_picks_the_best_validation_setting_and_wants_equal_budgets():
         assert record["chosen"][method] == max(runs, key=lambda r: r["validation_accuracy"])["options"]
     with pytest.raises(ValueError, match="same tuning budget"):
         tune({"motab": grid["motab"], "skd": grid["skd"][:1]}, QUICK)
+
+
+def test_tune_refuses_settings_that_train_identical_weights():
+    runs = [
+        dict(method="off_policy", options={"teacher_sampling.temperature": 0.0}, weights_digest="same"),
+        dict(method="off_policy", options={"teacher_sampling.temperature": 0.7}, weights_digest="same"),
+        dict(method="motab", options={}, weights_digest="same"),
+    ]
+    with pytest.raises(ValueError, match="trained identical weights"):
+        check_distinct(runs)
+    check_distinct(runs[1:])  # two methods may well meet: only one method's own settings must differ
+
+
+def test_weights_digest_tells_weights_apart():
+    _, tokenizer = load_teacher()
+    one, other = toy_model(tokenizer, STUDENT_SHAPE, 0), toy_model(tokenizer, STUDENT_SHAPE, 0)
+    assert weights_digest(one) == weights_digest(other)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(one) != weights_digest(other)
 
 
 def test_teacher_guidance_reads_the_teachers_choice_at_each_operand(monkeypatch):

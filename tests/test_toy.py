@@ -1,5 +1,6 @@
 """The toy task: generator, splits, grader and tokenizer."""
 
+import collections
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from motab.toy.task import (
     is_correct,
     make_problem,
     operand_checks,
+    split_of,
 )
 from motab.toy.tokenizer import build_tokenizer
 
@@ -49,6 +51,23 @@ def test_splits_are_fixed_and_the_knob_sets_the_steps():
         generate_split("dev", 3)
     with pytest.raises(ValueError, match="steps must lie"):
         make_problem(random.Random(0), 20)
+
+
+def test_splits_are_disjoint_by_construction():
+    """The splits at the sizes the teacher's training and the demo draw: no prompt in two of them,
+    every problem in the split its prompt hashes to, and the problem space shared 80 / 10 / 10."""
+    splits = {"train": generate_split("train", 50000), "validation": generate_split("validation", 500)}
+    splits["test"] = generate_split("test", 500)
+    prompts = {name: {p.prompt for p in problems} for name, problems in splits.items()}
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["validation"] & prompts["test"]
+    for name, problems in splits.items():
+        assert {split_of(p.prompt) for p in problems} == {name}
+    rng = random.Random(0)
+    shares = collections.Counter(split_of(make_problem(rng, rng.randint(2, 5)).prompt) for _ in range(20000))
+    for name, share in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+        assert abs(shares[name] / 20000 - share) < 0.01, shares
 
 
 def test_answers_are_varied():

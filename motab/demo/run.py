@@ -17,12 +17,15 @@ student's context, the problem, or neither — the last is the reversed exposure
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import statistics
 import time
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+
+import torch
 
 from motab.config import TrainConfig, build_configs, set_option
 from motab.data import Problem
@@ -35,6 +38,10 @@ from motab.toy.teacher import load_teacher
 from motab.trainer import DistillationTrainer
 
 METHODS = ("off_policy", "on_policy", "skd", "adaswitch", "motab")
+# The two budgets of the final tables: equal steps × prompts, and equal wall clock — the training
+# time the on-policy (GKD) baseline needs for those steps, in the same seed.
+BUDGETS = ("steps", "time")
+CLOCK_METHOD = "on_policy"
 STUDENT_SHAPE = dict(
     hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
@@ -80,13 +87,15 @@ SHARED_OPTIONS = {
     "teacher_sampling": dict(temperature=0.0),
 }
 
-# The tuning grid (``python -m motab.demo.tune``): the same number of settings for every method —
-# the learning rate and one option that is the method's own — tried from the same warm start and
-# judged on the validation split only. For the two monitored methods that option is the boundary:
-# K barely matters here (a first grid over K = 3, 2, 1.5 gave the same decisions: the students'
-# windowed mean divergence is so small that the τ_min floor is the boundary), so the grid varies
-# the floor and the score — fkl measures the student's uncertainty whatever it wrote, the
-# teacher's surprise (teacher_nll) what it wrote.
+# The tuning grid (``python -m motab.demo.tune``, the README's protocol): the same number of
+# distinct settings for every method — the learning rate and one option that is the method's own —
+# tried from the same warm start and judged on the validation split only. The off_policy teacher's
+# temperatures are spread (0 / 1 / 2): the teacher is so sure of itself that 0.7 sampled exactly
+# what greedy decoding writes, and identical runs do not count. For the two monitored methods the
+# option is the boundary: K barely matters here (a grid over K = 3, 2, 1.5 gave the same
+# decisions: the students' windowed mean divergence is so small that the τ_min floor is the
+# boundary), so the grid varies the floor and the score — fkl measures the student's uncertainty
+# whatever it wrote, the teacher's surprise (teacher_nll) what it wrote.
 BOUNDARIES = (
     {"monitor.score": "fkl", "monitor.tau_min": 0.3},
     {"monitor.score": "fkl", "monitor.tau_min": 1.0},
@@ -94,7 +103,7 @@ BOUNDARIES = (
 )
 TUNING_GRID = {
     "off_policy": [
-        {"train.learning_rate": lr, "teacher_sampling.temperature": t} for lr in (1e-3, 3e-3) for t in (0.0, 0.7, 1.0)
+        {"train.learning_rate": lr, "teacher_sampling.temperature": t} for lr in (1e-3, 3e-3) for t in (0.0, 1.0, 2.0)
     ],
     "on_policy": [
         {"train.learning_rate": lr, "student_sampling.temperature": t} for lr in (1e-3, 3e-3) for t in (1.0, 0.7, 0.5)
@@ -162,7 +171,10 @@ def run_demo(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Runs every method for every seed and writes the report; returns the results."""
+    """Runs every method for every seed under the README's protocol and writes the report; returns
+    the results. Per seed, one warm start; every method trains from it twice over: at equal steps
+    (``size.steps``) and at equal wall clock (the training time ``CLOCK_METHOD`` needs for those
+    steps); the test split is read only to evaluate those final students."""
     size = QUICK if quick else FULL
     if steps is not None:
         size = replace(size, steps=steps)
@@ -173,55 +185,83 @@ def run_demo(
     validation = generate_split("validation", size.validation)
     test = generate_split("test", size.test)
     options = tuned_options()
-    results = dict(size=size.__dict__, seeds=seeds, methods={}, teacher_test_accuracy=None, runs=[])
-    results["teacher_test_accuracy"] = greedy_accuracy(teacher, tokenizer, test)
+    results = dict(size=size.__dict__, seeds=seeds, methods={}, runs=[])
+    results["teacher_validation_accuracy"] = greedy_accuracy(teacher, tokenizer, validation)
     for seed in range(seeds):
         student = warm_student(tokenizer, seed, size, device)
-        warm_accuracy = greedy_accuracy(student, tokenizer, test)
-        decay = teacher_decay(student, teacher, tokenizer, test[: size.decay_problems])
-        results.setdefault("teacher_guidance", []).append(teacher_guidance(student, teacher, tokenizer, validation))
-        for method in METHODS:
-            trained = copy.deepcopy(student)
-            config = method_config(tokenizer, method, options[method], size, out / f"seed{seed}-{method}", seed)
-            run = distil(trained, teacher, tokenizer, train, validation, config, progress)
-            run.update(
-                seed=seed,
-                warm_start_accuracy=warm_accuracy,
-                options=options[method],
-                test_accuracy=greedy_accuracy(trained, tokenizer, test),
-            )
-            results["runs"].append(run)
-            if method == "motab":
-                _render_rollout(trained, teacher, train, config, seed, out / "rollout.png")
-        results.setdefault("teacher_decay", []).append(decay)
-    for method in METHODS:
-        runs = [r for r in results["runs"] if r["method"] == method]
-        accuracies = [r["test_accuracy"] for r in runs]
-        results["methods"][method] = dict(
-            test_accuracy_mean=statistics.mean(accuracies),
-            test_accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            interventions_per_100=statistics.mean(r["interventions_per_100"] for r in runs),
-            student_tokens=sum(r["student_tokens"] for r in runs),
-            teacher_tokens=sum(r["teacher_tokens"] for r in runs),
-            seconds=statistics.mean(r["seconds"] for r in runs),
+        warm_accuracy = greedy_accuracy(student, tokenizer, validation)
+        results.setdefault("teacher_decay", []).append(
+            teacher_decay(student, teacher, tokenizer, validation[: size.decay_problems])
         )
+        results.setdefault("teacher_guidance", []).append(teacher_guidance(student, teacher, tokenizer, validation))
+
+        def train_method(method: str, steps: int, budget: str, student=student, seed=seed, warm=warm_accuracy) -> dict:
+            trained = copy.deepcopy(student)
+            folder = out / f"seed{seed}-{method}-{budget}"
+            config = replace(method_config(tokenizer, method, options[method], size, folder, seed), steps=steps)
+            run = distil(trained, teacher, tokenizer, train, validation, config, progress)
+            run.update(seed=seed, budget=budget, warm_start_validation_accuracy=warm, options=options[method])
+            run["test_accuracy"] = greedy_accuracy(trained, tokenizer, test)
+            if method == "motab" and budget == "steps":
+                _render_rollout(trained, teacher, train, config, seed, out / "rollout.png")
+            return run
+
+        equal_steps = {method: train_method(method, size.steps, "steps") for method in METHODS}
+        clock = equal_steps[CLOCK_METHOD]["train_seconds"]
+        for method, run in equal_steps.items():
+            results["runs"].append(run)
+            steps_in_clock = max(1, round(size.steps * clock / run["train_seconds"]))
+            if steps_in_clock == size.steps:  # the same training: the same student, evaluated once
+                results["runs"].append(dict(run, budget="time"))
+            else:
+                results["runs"].append(train_method(method, steps_in_clock, "time"))
+    results["methods"] = summarize(results["runs"])
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot_accuracy_curves(results["runs"], list(METHODS), out / "accuracy.png")
+    curves = [r for r in results["runs"] if r["budget"] == "steps"]
+    plot_accuracy_curves(curves, list(METHODS), out / "accuracy.png")
     print(format_table(results))
     return results
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Per method and budget: test accuracy (mean, std over seeds), MOTAB's lead paired by seed,
+    steps, training seconds, tokens by writer and interventions, each a mean over seeds."""
+    summary = {}
+    for method in METHODS:
+        summary[method] = {}
+        for budget in BUDGETS:
+            mine = sorted((r for r in runs if r["method"] == method and r["budget"] == budget), key=lambda r: r["seed"])
+            motab = sorted(
+                (r for r in runs if r["method"] == "motab" and r["budget"] == budget), key=lambda r: r["seed"]
+            )
+            accuracies = [r["test_accuracy"] for r in mine]
+            leads = [m["test_accuracy"] - r["test_accuracy"] for m, r in zip(motab, mine)]
+            summary[method][budget] = dict(
+                test_accuracy_mean=statistics.mean(accuracies),
+                test_accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                motab_lead=leads,
+                steps=statistics.mean(r["steps"] for r in mine),
+                train_seconds=statistics.mean(r["train_seconds"] for r in mine),
+                interventions_per_100=statistics.mean(r["interventions_per_100"] for r in mine),
+                student_tokens=statistics.mean(r["student_tokens"] for r in mine),
+                teacher_tokens=statistics.mean(r["teacher_tokens"] for r in mine),
+            )
+    return summary
+
+
 def distil(student, teacher, tokenizer, train, validation, config: TrainConfig, progress: bool = True) -> dict:
-    """Trains ``student`` in place by ``config``; its validation accuracy along the way, token counts
-    and wall time (the test split is left to the caller)."""
+    """Trains ``student`` in place by ``config``; its validation accuracy along the way, token counts,
+    the wall time of the training steps alone (rollout, loss, update; the validation evaluations are
+    not counted) and a digest of the trained weights (the test split is left to the caller)."""
     trainer = DistillationTrainer(student, teacher, tokenizer, train, config)
     method, steps = config.rollout.mode, config.steps
     eval_every = max(1, steps // 4)
-    started = time.perf_counter()
     curve = [(0, greedy_accuracy(student, tokenizer, validation))]
-    totals = dict(student_tokens=0, teacher_tokens=0, interventions=0.0)
+    totals = dict(student_tokens=0, teacher_tokens=0, interventions=0.0, train_seconds=0.0)
     for step in range(1, steps + 1):
+        started = time.perf_counter()
         metrics = trainer.train_step()
+        totals["train_seconds"] += time.perf_counter() - started
         totals["student_tokens"] += metrics["student_tokens"]
         totals["teacher_tokens"] += metrics["teacher_tokens"]
         totals["interventions"] += metrics["interventions_per_100"]
@@ -231,13 +271,24 @@ def distil(student, teacher, tokenizer, train, validation, config: TrainConfig, 
             print(f"  seed {config.seed} {method:>10}: step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
     return dict(
         method=method,
+        steps=steps,
         curve=curve,
         validation_accuracy=curve[-1][1],
         interventions_per_100=totals["interventions"] / steps,
         student_tokens=totals["student_tokens"],
         teacher_tokens=totals["teacher_tokens"],
-        seconds=time.perf_counter() - started,
+        train_seconds=totals["train_seconds"],
+        weights_digest=weights_digest(student),
     )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: two runs that trained the same weights share it."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, path: Path) -> None:
@@ -248,17 +299,24 @@ def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, pat
 
 
 def format_table(results: dict) -> str:
-    lines = [
-        "| method | test accuracy | interventions / 100 tokens | student tokens | teacher tokens | s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for method, m in results["methods"].items():
-        lines.append(
-            f"| {method} | {100 * m['test_accuracy_mean']:.1f} ± {100 * m['test_accuracy_std']:.1f} | "
-            f"{m['interventions_per_100']:.2f} | {m['student_tokens']} | {m['teacher_tokens']} | "
-            f"{m['seconds']:.0f} |"
-        )
-    lines.append(f"\nteacher test accuracy: {100 * results['teacher_test_accuracy']:.1f}%")
+    """The two tables (equal steps, equal wall clock) and the measurements on the warm starts."""
+    lines = []
+    for budget, title in (("steps", "equal steps"), ("time", f"equal wall clock ({CLOCK_METHOD}'s training time)")):
+        lines += [
+            f"\n{title}:",
+            "| method | test accuracy | MOTAB's lead by seed | steps | train s | interventions / 100 tokens | "
+            "student tokens | teacher tokens |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method, by_budget in results["methods"].items():
+            m = by_budget[budget]
+            lead = "" if method == "motab" else ", ".join(f"{100 * x:+.1f}" for x in m["motab_lead"])
+            lines.append(
+                f"| {method} | {100 * m['test_accuracy_mean']:.1f} ± {100 * m['test_accuracy_std']:.1f} | {lead} | "
+                f"{m['steps']:.0f} | {m['train_seconds']:.0f} | {m['interventions_per_100']:.2f} | "
+                f"{m['student_tokens']:.0f} | {m['teacher_tokens']:.0f} |"
+            )
+    lines.append(f"\nteacher validation accuracy: {100 * results['teacher_validation_accuracy']:.1f}%")
     for decay in results.get("teacher_decay", []):
         lines.append(
             "teacher accuracy after L student tokens: " + ", ".join(f"L={k}: {100 * v:.1f}%" for k, v in decay.items())

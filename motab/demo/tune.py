@@ -2,11 +2,12 @@
 
     python -m motab.demo.tune --out motab/toy/assets/tuning.json
 
-Every setting of ``motab.demo.TUNING_GRID`` (the same number per method) distils a copy of the same
-warm-started student (seed ``--seed``) at the demo's budget and is judged by its greedy accuracy
-on the validation split; the test split is never read. The record (command, machine, every run,
-the chosen setting per method) ships as ``motab/toy/assets/tuning.json``, and ``motab demo`` runs
-each method with the setting it chose.
+Every setting of ``motab.demo.TUNING_GRID`` (the same number of distinct settings per method: two
+settings that train identical weights are refused) distils a copy of the same warm-started student
+(seed ``--seed``) at the demo's budget and is judged by its greedy accuracy on the validation
+split; the test split is never read. The record (command, machine, every run, the chosen setting
+per method) ships as ``motab/toy/assets/tuning.json``, and ``motab demo`` runs each method with
+the setting it chose.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dic
                     f"{method:>10} {json.dumps(options)}: validation {100 * runs[-1]['validation_accuracy']:.1f}%",
                     flush=True,
                 )
+    check_distinct(runs)
     chosen = {}
     for method in grid:
         mine = [r for r in runs if r["method"] == method]
@@ -81,6 +83,21 @@ def tune(grid: dict[str, list[dict]], size, seed: int = 0, jobs: int = 1) -> dic
         date=str(date.today()),
         machine=f"{platform.machine()} CPU, torch {torch.__version__}, {jobs} job(s)",
     )
+
+
+def check_distinct(runs: list[dict]) -> None:
+    """Refuses a grid in which two settings of one method trained the same weights: identical runs
+    are one setting, and every method must get the same number of distinct ones."""
+    for method in {r["method"] for r in runs}:
+        options_by_weights = {}
+        for run in (r for r in runs if r["method"] == method):
+            twin = options_by_weights.get(run["weights_digest"])
+            if twin is not None:
+                raise ValueError(
+                    f"{method}: settings {twin} and {run['options']} trained identical weights; they count as one "
+                    "setting: change the grid so that every method has the same number of distinct settings"
+                )
+            options_by_weights[run["weights_digest"]] = run["options"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,13 +14,19 @@ line, as in the engine's default), ending in the answer after ``#``::
 
     #0
 
-Every value is a digit (all arithmetic is mod 10). ``generate_split`` draws a split with a fixed
-seed per split name, so train, validation and test never change and never overlap by
-construction (each split has its own seed). ``steps`` is the difficulty knob.
+Every value is a digit (all arithmetic is mod 10). ``steps`` is the difficulty knob.
+
+Splits are disjoint by construction: a problem's split is a fixed function of its prompt (a stable
+hash puts 80 % of the problem space in train, 10 % in validation, 10 % in test), and
+``generate_split`` keeps only the problems of its own split from a random stream seeded per split,
+so the splits never change and no problem can ever be in two of them, whatever sizes are drawn.
+Within a split problems are drawn independently: there are only 7,200 two-step problems (about 720
+per evaluation split), so a large draw repeats some of them, as sampling from a distribution does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -29,6 +35,8 @@ STEP_DELIMITER = "\n\n"
 OPERATIONS = {"+": lambda x, y: (x + y) % 10, "-": lambda x, y: (x - y) % 10, "*": lambda x, y: (x * y) % 10}
 VARIABLES = "abcdefghijkl"
 SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
+# A problem's split: its prompt's hash bucket (of 10). Train takes 8, validation and test one each.
+SPLIT_BUCKETS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 _ANSWER = re.compile(r"#(\d)")
 
 
@@ -65,12 +73,25 @@ def make_problem(rng: random.Random, steps: int, inputs: int = 2) -> ToyProblem:
     return ToyProblem(prompt, STEP_DELIMITER.join(lines + [f"#{answer}"]), answer)
 
 
+def split_of(prompt: str) -> str:
+    """The one split a problem belongs to, from a stable hash of its prompt (not Python's ``hash``,
+    which is salted per process)."""
+    bucket = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big") % 10
+    return next(name for name, buckets in SPLIT_BUCKETS.items() if bucket in buckets)
+
+
 def generate_split(split: str, count: int, steps: tuple[int, int] = (2, 5)) -> list[ToyProblem]:
-    """``count`` problems of a split ("train", "validation" or "test"), always the same ones."""
+    """``count`` problems of a split ("train", "validation" or "test"), always the same ones, each
+    of which belongs to that split alone (``split_of``)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SEEDS)}")
     rng = random.Random(SPLIT_SEEDS[split])
-    return [make_problem(rng, rng.randint(*steps)) for _ in range(count)]
+    problems = []
+    while len(problems) < count:
+        problem = make_problem(rng, rng.randint(*steps))
+        if split_of(problem.prompt) == split:
+            problems.append(problem)
+    return problems
 
 
 def extract_answer(completion: str) -> str | None:
