@@ -7,8 +7,11 @@ in float32, up to a small factor and tolerance. Inputs are fresh random draws, n
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -637,22 +640,33 @@ def test_gpu_auto_is_triton():
     assert torch.equal(auto.per_token, triton.per_token)
 
 
-@pytest.mark.gpu
-def test_gpu_int64_offsets():
-    """One chunk whose last row starts past 2^31 elements: row offsets must be computed in int64.
+# Rows 1.2e9 elements apart: an int32 stride, but row 2 starts 2.4e9 elements in, past 2^31. The
+# views cover a mostly untouched allocation, so only the rows' own pages are ever written.
+_FAR_ROWS = """
+import json, sys, torch
+from motab_kernels import logit_divergence
+device, rows, vocab, stride = sys.argv[1], 3, 1003, 1_200_000_000
+def far_apart_rows(seed):
+    storage = torch.empty((rows - 1) * stride + vocab, dtype=torch.bfloat16, device=device)
+    view = storage.as_strided((rows, vocab), (stride, 1))
+    g = torch.Generator().manual_seed(seed)
+    for r in range(rows):
+        view[r] = torch.randn(vocab, generator=g).to(device, torch.bfloat16)
+    return view
+s, t = far_apart_rows(0), far_apart_rows(1)
+ours = logit_divergence(s, t, kind="fkl", impl="triton", reduction="none").per_token
+naive = [torch.nn.functional.kl_div(s[r].float().log_softmax(-1), t[r].float().log_softmax(-1), log_target=True,
+                                    reduction="sum") for r in range(rows)]
+print(json.dumps(dict(ours=ours.tolist(), naive=[float(x) for x in naive])))
+"""
 
-    Sized so that the *largest offset* the kernel forms, (n − 1)·v, passes 2^31 (with n = 16384 it
-    stayed below, and the test passed without the cast). Without ``.to(tl.int64)`` on the row index
-    the last row's pointer wraps and its divergence is wrong (or the launch faults)."""
-    n, v = 16400, 131072 + 7
-    assert (n - 1) * v > 2**31
-    torch.manual_seed(0)
-    t = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
-    s = t.clone()
-    s[-1] = torch.randn(v, device="cuda", dtype=torch.bfloat16)  # only the last row differs
-    out = logit_divergence(s, t, kind="fkl", impl="triton", chunk_size=n, reduction="none")
-    assert torch.all(out.per_token[:-1].abs() < 1e-4)
-    expected = torch.nn.functional.kl_div(
-        s[-1].float().log_softmax(-1), t[-1].float().log_softmax(-1), log_target=True, reduction="sum"
-    )
-    torch.testing.assert_close(out.per_token[-1], expected, rtol=1e-4, atol=1e-4)
+
+def test_row_offsets_past_2_31_are_int64():
+    """The row kernel forms each row's offset in int64. Mutation run (2026-11-26, CPU interpreter):
+    without ``.to(tl.int64)`` on the row index the process died of a segmentation fault (SIGSEGV);
+    on a GPU the wrapped offset reads another row or faults. A subprocess, so that such a crash is
+    a clean failure here (and cannot poison a CUDA context shared with other tests)."""
+    result = subprocess.run([sys.executable, "-c", _FAR_ROWS, DEVICE.type], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    torch.testing.assert_close(torch.tensor(values["ours"]), torch.tensor(values["naive"]), rtol=1e-5, atol=1e-5)
