@@ -105,6 +105,7 @@ def fused_linear_divergence(
             or B lengths summing to N. Needs ``threshold``.
         cu_seqlens: the same grouping as ``B + 1`` offsets ``[0, l_0, l_0 + l_1, …, N]`` (the
             varlen form of flash-attn and FLA, see ``motab_kernels.ragged``); give one or the other.
+            Either is checked where it lies: pass it on the host to spare the device a sync.
         impl: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"chunked"`` (plain
             PyTorch over row chunks), ``"reference"`` (naive, materialises [N, V]) or ``"auto"``
             (triton on CUDA, chunked elsewhere; never a silent fallback).
