@@ -167,8 +167,7 @@ class PagedModel:
 
     def blocks_needed(self, token_counts: Sequence[int]) -> int:
         """Cache blocks that rows holding ``token_counts[i]`` tokens each take."""
-        size = self.cache.block_size
-        return sum(-(-n // size) for n in token_counts)
+        return self.cache.blocks_for(list(token_counts))
 
     def blocks_available(self, rows: Sequence[int]) -> int:
         """Free cache blocks once ``rows`` are emptied (as a rollout empties its rows first)."""

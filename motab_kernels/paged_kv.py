@@ -164,6 +164,10 @@ class PagedKVCache:
         """Host copy of the rows' lengths (no device sync)."""
         return self._lens.tolist() if rows is None else self._lens[self._checked_rows(rows)].tolist()
 
+    def blocks_for(self, lengths: list[int]) -> int:
+        """How many blocks rows of these lengths hold."""
+        return int(self._num_blocks_for(np.asarray(lengths, dtype=np.int64)).sum())
+
     def blocks_needed(self, rows: list[int], counts: list[int]) -> int:
         """How many free blocks appending ``counts[i]`` tokens to ``rows[i]`` would take."""
         rows_a, counts_a = self._checked_rows(rows), np.asarray(counts, dtype=np.int64)
