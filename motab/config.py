@@ -39,13 +39,20 @@ class MonitorConfig:
     # Hold every token of a draft to the boundary the row had when the draft began (decided by the
     # fused op's own threshold comparison); by default the boundary moves token by token.
     frozen_per_draft: bool = False
+    # The step-level modes' boundary ε0 · exp(−θ · H), H the entropy of the teacher's top-k next-token
+    # distribution before the step (the paper's Eq. 6–7; its values). ``adaptive_boundary: false``
+    # forces H = 0, the constant ε0 the reference scripts computed in effect on SGLang.
+    epsilon0: float = 0.2
+    theta: float = 1.0
+    entropy_top_k: int = 20
+    adaptive_boundary: bool = True
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"unknown monitor score {self.score!r}; expected one of {SCORES}")
         if self.rule not in RULES:
             raise ValueError(f"unknown boundary rule {self.rule!r}; expected one of {RULES}")
-        for name in ("window", "skd_top_k"):
+        for name in ("window", "skd_top_k", "entropy_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -58,6 +65,8 @@ class MonitorConfig:
             raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.epsilon0 <= 1.0 or self.theta < 0:
+            raise ValueError(f"epsilon0 must lie in (0, 1] and theta be ≥ 0, got {self.epsilon0} and {self.theta}")
 
     @property
     def divergence_kind(self) -> str:
@@ -65,7 +74,10 @@ class MonitorConfig:
         return self.score if self.score in ("fkl", "rkl", "jsd") else "fkl"
 
 
-MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch")
+MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch", "step_motab", "step_skd", "teacher_steps")
+# Modes that write rows step by step (``step_stop``, ``max_step_tokens``, ``trim_stop``): the paper's
+# pipeline and the reference scripts' two baselines.
+STEP_MODES = ("step_motab", "step_skd", "teacher_steps")
 
 
 @dataclass(frozen=True)
@@ -100,17 +112,29 @@ class RolloutConfig:
     stop_strings: tuple[str, ...] = ()
     vocab_size: int | None = None  # score and sample over ids below this (the tokenizer's)
     block_size: int = 16
+    # Step modes (see motab.steps). A step ends at the first occurrence of ``step_stop``, at EOS or
+    # after ``max_step_tokens``; ``trim_stop`` cuts the stop string off as SGLang does for the scripts.
+    step_stop: str = ".\n\n"
+    trim_stop: bool = False
+    max_step_tokens: int = 8192
+    # step_motab's correction: the teacher writes up to EOS or max(this, budget − tokens before t*).
+    min_correction_tokens: int = 256
+    step_skd_gamma: float = 0.9  # keep a student step when V_teacher > γ · the student's own
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown rollout mode {self.mode!r}; expected one of {MODES}")
         if self.backtrack not in ("token", "step") or self.intervention not in ("tokens", "step"):
             raise ValueError("backtrack must be 'token' or 'step'; intervention 'tokens' or 'step'")
-        for name in ("max_new_tokens", "draft_len", "intervention_len"):
+        for name in ("max_new_tokens", "draft_len", "intervention_len", "max_step_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_interventions < 0:
             raise ValueError(f"max_interventions must be ≥ 0, got {self.max_interventions}")
+        if not self.step_stop:
+            raise ValueError("step_stop must be a non-empty string")
+        if self.min_correction_tokens < 0 or self.step_skd_gamma < 0:
+            raise ValueError("min_correction_tokens and step_skd_gamma must be ≥ 0")
 
 
 @dataclass

@@ -35,6 +35,16 @@ import torch
 from motab.config import RolloutConfig, SamplingConfig
 from motab.models import PagedModel
 from motab.monitor import Monitor
+from motab.policy import POLICIES, intervention_budget, policy_for
+from motab.steps import (
+    SCRIPT_SEPARATOR,
+    contains_stop_at_end,
+    entropy_boundary,
+    oracle_value,
+    root_cause,
+    topk_entropy,
+    trim_at_stop,
+)
 from motab_kernels import OutOfBlocksError, fused_linear_divergence, ragged
 
 # RolloutConfig is frozen: one shared default is safe.
@@ -45,7 +55,14 @@ DEFAULT_ROLLOUT = RolloutConfig()
 class Trajectory:
     """One row's rollout. ``sources[i]`` says who wrote ``tokens[i]`` ("student" or "teacher");
     ``scores``/``boundaries`` are the monitored score of a student token and the boundary it was
-    held to (NaN where none applied: teacher tokens, unmonitored or warm-up tokens have +inf)."""
+    held to (NaN where none applied: teacher tokens, unmonitored or warm-up tokens have +inf).
+
+    Step modes also fill ``steps``: every step written, in order, rewound ones included, as dicts
+    with ``start`` (the response index where the step began), ``tokens`` (as they stood in the
+    context), ``writer``, ``end`` (why it ended), ``oracle_value``, ``entropy``, ``boundary``,
+    ``student_value`` (None where not computed) and ``kept`` (whether it stands in the final
+    response); and ``root_cause``: the step t* a breach rewound to (None without a breach). The
+    correction is then ``interventions[-1]``."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
@@ -56,6 +73,8 @@ class Trajectory:
     interventions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in tokens
     counters: dict = field(default_factory=lambda: dict(drafted=0, backtracks=0, discarded_tokens=0))
     finish_reason: str | None = None
+    steps: list[dict] = field(default_factory=list)
+    root_cause: int | None = None
     # [len(tokens), teacher hidden] final hidden states whose LM-head output predicted each token
     # (``rollout(..., keep_teacher_hidden=True)``): the teacher side of the distillation loss, already computed.
     teacher_hidden: torch.Tensor | None = None
@@ -70,21 +89,70 @@ class Trajectory:
 
 
 @dataclass
+class _Step:
+    """The step a row is writing: where it began and what was measured of it so far."""
+
+    start: int  # response index of its first token
+    writer: str
+    rewrite: bool = False  # the teacher rewriting a rejected student step (step_skd)
+    separator: int = 0  # tokens a trim appended after the step's text
+    teacher_logprobs: list[float] = field(default_factory=list)  # of each token, temperature 1
+    student_logprobs: list[float] = field(default_factory=list)  # under the student's sampling distribution
+    entropy: float | None = None  # the teacher's top-k entropy before the step
+
+
 class _Row:
-    index: int
-    trajectory: Trajectory
-    seed: int
-    student_draws: int = 0  # tokens this row's student stream has sampled (the RNG counter)
-    teacher_draws: int = 0
-    teacher_writes: bool = False  # off_policy, or adaswitch after its switch
-    hidden: list[torch.Tensor] = field(default_factory=list)  # teacher hidden per committed token
-    interventions_used: int = 0
-    since_intervention: int = 0  # response index where the current student stretch starts
-    finished: bool = False
+    """One row and the only owner of its committed state: the trajectory, the teacher hidden
+    states kept per token, the monitor's history of the row and both caches' lengths change
+    together, through ``commit`` and ``cut``."""
+
+    def __init__(self, index: int, prompt: list[int], seed: int, engine: _Engine) -> None:
+        self.index, self.seed = index, seed
+        self.trajectory = Trajectory(list(prompt))
+        self._engine = engine
+        self.student_draws = 0  # tokens this row's student stream has sampled (the RNG counter)
+        self.teacher_draws = 0
+        self.teacher_writes = engine.policy.writer == "teacher"
+        self.hidden: list[torch.Tensor] = []  # teacher hidden per committed token
+        self.interventions_used = 0
+        self.since_intervention = 0  # response index where the current student stretch starts
+        self.limit = engine.config.max_new_tokens  # response tokens this row may hold
+        self.correction_start: int | None = None  # a root-cause correction under way
+        self.step = _Step(0, "teacher" if self.teacher_writes else "student") if engine.policy.in_steps else None
+        self.finished = False
 
     @property
     def sequence(self) -> list[int]:
         return self.trajectory.prompt + self.trajectory.tokens
+
+    def commit(self, tokens, source: str, scores, boundaries, teacher_hidden) -> None:
+        """Appends tokens to the row; a student token's score joins the monitor's history."""
+        traj = self.trajectory
+        if self._engine.keep_teacher_hidden:
+            self.hidden += list(teacher_hidden)
+        traj.tokens += tokens
+        traj.sources += [source] * len(tokens)
+        traj.scores += list(scores)
+        traj.boundaries += list(boundaries)
+        if source == "student":
+            self._engine.monitor.commit(self.index, list(scores))
+
+    def cut(self, keep: int) -> None:
+        """Keeps the first ``keep`` response tokens: trims the trajectory and the kept hidden
+        states, rewinds the monitor, and truncates both caches to the new pending token."""
+        traj = self.trajectory
+        if keep < len(traj.tokens):
+            # every committed student token's score is in the monitor's history, no teacher token's is
+            scored_before = sum(1 for s in traj.sources[:keep] if s == "student")
+            for name in ("tokens", "sources", "scores", "boundaries"):
+                del getattr(traj, name)[keep:]
+            del self.hidden[keep:]
+            self._engine.monitor.rewind(self.index, scored_before)
+        length = len(self.sequence) - 1
+        with self._engine.phase("truncation"):
+            for model in self._engine.models:
+                if model.lengths([self.index])[0] > length:  # a cache behind (a teacher step) stays behind
+                    model.truncate([self.index], [length])
 
 
 def rollout(
@@ -103,15 +171,18 @@ def rollout(
     row i's sampling, whatever else is in the batch. HF models are wrapped in PagedModels whose
     caches are sized up front (prompt + max_new_tokens + draft + intervention per row), so a
     rollout cannot run out of cache midway. ``tokenizer`` (and the teacher's, to compare) fills
-    the vocabulary size, EOS, step delimiters and stop strings. A ``timings`` dict receives
+    the vocabulary size, EOS, step delimiters and stop strings; the step modes need it (their
+    steps end at a stop string). A ``timings`` dict receives
     seconds per phase (prefill, student_decode, teacher_verify, fused_op, monitor, truncation,
     intervention, teacher_decode); measuring synchronises the device, so time throughput without it.
     ``keep_teacher_hidden`` fills ``Trajectory.teacher_hidden`` (the trainer reuses them instead of
     running the teacher again)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if student is None and config.mode != "off_policy":
-        raise ValueError(f"mode {config.mode!r} needs a student model (only off_policy runs the teacher alone)")
+    if student is None and POLICIES[config.mode].writer != "teacher":
+        raise ValueError(f"mode {config.mode!r} needs a student model (only teacher-written modes run without one)")
+    if POLICIES[config.mode].in_steps and tokenizer is None:
+        raise ValueError(f"mode {config.mode!r} writes steps up to a stop string: pass the tokenizer")
     if tokenizer is not None and teacher_tokenizer is not None:
         check_same_tokenizer(tokenizer, teacher_tokenizer)
     if tokenizer is not None:
@@ -119,7 +190,7 @@ def rollout(
     longest = max(len(p) for p in prompts)
     models = []
     for model in (teacher, student):
-        if model is None:  # off_policy without a student: the teacher's cache stands in, unused
+        if model is None:  # a teacher-written mode without a student: the teacher's cache stands in, unused
             model = models[0]
         elif not isinstance(model, PagedModel):
             model = paged_for_rollouts(model, len(prompts), longest, config)
@@ -133,8 +204,14 @@ def rollout(
 
 def _tokens_per_row(prompt_len: int, config: RolloutConfig) -> int:
     """The most tokens a row's cache can hold during a rollout: prompt, response, a draft past
-    the committed tokens and an intervention."""
-    return prompt_len + config.max_new_tokens + config.draft_len + config.intervention_len + 1
+    the committed tokens and an intervention (step modes: a root-cause correction may run
+    ``min_correction_tokens`` past the budget, and a trimmed step reads a few separator tokens)."""
+    extra = config.min_correction_tokens + _SEPARATOR_ROOM if POLICIES[config.mode].in_steps else 0
+    return prompt_len + config.max_new_tokens + config.draft_len + config.intervention_len + 1 + extra
+
+
+# Cache room for the separator a trimmed step appends past the budget ("\n\n" is one or two tokens).
+_SEPARATOR_ROOM = 8
 
 
 def paged_for_rollouts(model: torch.nn.Module, rows: int, longest_prompt: int, config: RolloutConfig) -> PagedModel:
@@ -198,6 +275,7 @@ class _Engine:
         keep_teacher_hidden: bool = False,
     ) -> None:
         self.student, self.teacher, self.config = student, teacher, config
+        self.models = (student, teacher)
         self.timings = timings
         self.keep_teacher_hidden = keep_teacher_hidden
         self._phases: list[str] = []  # open timing phases, innermost last
@@ -210,25 +288,18 @@ class _Engine:
         self.vocab = config.vocab_size or heads[0]
         if self.vocab > min(heads):
             raise ValueError(f"vocab_size {self.vocab} exceeds an LM head ({heads[0]} / {heads[1]} entries)")
-        monitor = config.monitor
-        if config.mode == "skd":
-            monitor = replace(monitor, score="teacher_rank", warmup=0)
-        elif config.mode == "adaswitch":
-            monitor = replace(monitor, rule="window")
-        self.monitor_config = monitor
+        self.policy, self.monitor_config = policy_for(config)
+        self.budget = intervention_budget(self.policy, config)
         self.delimiters = set(config.delimiter_token_ids)
         self.eos = set(config.eos_token_ids)
-        self.tokenizer = tokenizer  # decodes the response for stop strings
+        self.tokenizer = tokenizer  # decodes tails for stop strings
 
     # ---------------------------------------------------------------------------------------
     def run(self, prompts, seeds) -> list[Trajectory]:
-        rows = [_Row(i, Trajectory(list(p)), s) for i, (p, s) in enumerate(zip(prompts, seeds))]
-        self.monitor = Monitor(self.monitor_config, len(rows))
-        teacher_only = self.config.mode == "off_policy"
-        for row in rows:
-            row.teacher_writes = teacher_only
-        models = [self.teacher] if teacher_only else [self.student, self.teacher]
-        with self._phase("prefill"):
+        self.monitor = Monitor(self.monitor_config, len(prompts))
+        rows = [_Row(i, p, s, self) for i, (p, s) in enumerate(zip(prompts, seeds))]
+        models = [self.teacher] if self.policy.writer == "teacher" else [self.student, self.teacher]
+        with self.phase("prefill"):
             for model in models:
                 model.reset(range(len(rows)))
                 model.extend([r.index for r in rows], [r.sequence[:-1] for r in rows])  # all but the pending token
@@ -249,32 +320,42 @@ class _Engine:
 
     # ---------------------------------------------------------------------------------------
     def _draft_round(self, rows: list[_Row]) -> None:
-        config = self.config
-        lengths = [min(config.draft_len, config.max_new_tokens - len(r.trajectory.tokens)) for r in rows]
+        lengths = [self._draft_length(r) for r in rows]
         drafts = [[] for _ in rows]
         hidden = [[] for _ in rows]
+        sampled_logprobs = [[] for _ in rows]  # the student's, under its sampling distribution (step_skd)
+        step_ends: list[str | None] = [None] * len(rows)
         feed = [[r.sequence[-1]] for r in rows]
-        with self._phase("student_decode"):
+        with self.phase("student_decode"):
             for step in range(max(lengths)):
-                live = [i for i, n in enumerate(lengths) if n > step]
+                live = [i for i, n in enumerate(lengths) if n > step and step_ends[i] is None]
+                if not live:
+                    break
                 out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
                 logits = self.student.logits(out)[:, : self.vocab]
                 tokens = self._sample(logits, [rows[i] for i in live], teacher=False)
+                logprobs = self._sampling_logprobs(logits, tokens) if self.policy.step_test == "skd_ratio" else None
                 for j, (i, token) in enumerate(zip(live, tokens)):
                     drafts[i].append(token)
                     hidden[i].append(out[j])
                     feed[i] = [token]
+                    if logprobs is not None:
+                        sampled_logprobs[i].append(logprobs[j])
+                    if self.policy.in_steps:
+                        step_ends[i] = self._step_end(rows[i], drafts[i])
         for row, draft in zip(rows, drafts):
             row.trajectory.counters["drafted"] += len(draft)
         # Where each row's draft sits in every packed tensor below (verify, scores, statistics).
         offsets = ragged.cu_seqlens([len(d) for d in drafts])
-        with self._phase("teacher_verify"):
+        with self.phase("teacher_verify"):
             verify = self.teacher.extend(
                 [r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)]
             )
+        if self.policy.step_test == "boundary":
+            self._read_step_entropies(rows, verify, offsets)
         by_op = [self._decided_by_op(r) for r in rows]
         thresholds = [self.monitor.boundary(r.index) if op else math.inf for r, op in zip(rows, by_op)]
-        with self._phase("fused_op"):
+        with self.phase("fused_op"):
             stats, first_stray = self._score(
                 torch.stack([h for hs in hidden for h in hs]),
                 verify,
@@ -283,17 +364,30 @@ class _Engine:
                 offsets,
             )
         interventions = []
-        with self._phase("monitor"):
+        with self.phase("monitor"):
             for i, (row, draft) in enumerate(zip(rows, drafts)):
                 span = slice(int(offsets[i]), int(offsets[i + 1]))
                 row_stats = {k: v[span] for k, v in stats.items()}
+                if self.policy.in_steps:
+                    self._commit_step_draft(row, draft, row_stats, verify[span], sampled_logprobs[i])
+                    continue
                 decided = (first_stray[i], thresholds[i]) if by_op[i] else None
                 action = self._decide_and_commit(row, draft, row_stats, verify[span], decided)
                 if action is not None:
                     interventions.append((row, action))
+        if self.policy.in_steps:
+            self._end_steps([(r, end) for r, end in zip(rows, step_ends) if end is not None])
         if interventions:
-            with self._phase("intervention"):
+            with self.phase("intervention"):
                 self._intervene(interventions)
+
+    def _draft_length(self, row: _Row) -> int:
+        """Tokens the row drafts this round: a draft, cut short by the row's budget and (step
+        modes) the step's."""
+        length = min(self.config.draft_len, row.limit - len(row.trajectory.tokens))
+        if row.step is not None:
+            length = min(length, self.config.max_step_tokens - (len(row.trajectory.tokens) - row.step.start))
+        return length
 
     def _decided_by_op(self, row: _Row) -> bool:
         """Whether the fused op's threshold comparison decides this row's draft (exactly)."""
@@ -305,7 +399,7 @@ class _Engine:
         return m.rule == "fixed" and self.monitor.num_committed(row.index) >= m.warmup
 
     def _monitored(self, row: _Row) -> bool:
-        return self.config.mode in ("motab", "skd", "adaswitch") and row.interventions_used < self._budget()
+        return self.policy.unit == "token" and row.interventions_used < self.budget
 
     def _score(self, student_hidden, teacher_hidden, targets, thresholds, offsets):
         """Per-token statistics of the packed drafts (rows grouped by ``offsets``) and, per row, the
@@ -343,7 +437,7 @@ class _Engine:
     def _decide_and_commit(self, row: _Row, draft: list[int], stats: dict, teacher_hidden, decided) -> str | None:
         """Commits the row's safe prefix of ``draft``; returns the intervention it needs, if any.
         ``decided`` is (first stray, boundary) when the fused op compared already."""
-        config, traj = self.config, row.trajectory
+        traj = row.trajectory
         scores = [
             self.monitor.score(d, lp, rk)
             for d, lp, rk in zip(stats["divergence"], stats["teacher_logprob"], stats["teacher_rank"])
@@ -359,8 +453,8 @@ class _Engine:
         if end is not None:  # EOS or a stop string ends the row inside the kept prefix
             kept, first = kept[: end + 1], end + 1
         start = len(traj.tokens)
-        self._append(row, kept, "student", scores[: len(kept)], boundaries[: len(kept)], teacher_hidden[: len(kept)])
-        self.monitor.commit(row.index, scores[: len(kept)])
+        n = len(kept)
+        row.commit(kept, "student", scores[:n], boundaries[:n], teacher_hidden[:n])
         if self._finish_if_done(row):
             self._release(row)
             return None
@@ -369,46 +463,35 @@ class _Engine:
         traj.discarded.append(dict(position=start + len(kept), tokens=draft[first:], scores=scores[first:]))
         traj.counters["backtracks"] += 1
         traj.counters["discarded_tokens"] += len(draft) - first
-        if config.mode == "motab" and config.backtrack == "step":
-            self._back_to_step(row)
-        self._truncate_to_pending(row)
-        if config.mode == "adaswitch":
+        row.cut(self._rewind_point(row))
+        if self.policy.on_stray == "switch":
             row.teacher_writes = True
             return None
-        return "replace" if config.mode == "skd" else "intervene"
+        return self.policy.on_stray
 
-    def _back_to_step(self, row: _Row) -> None:
-        """Cuts the row further, to just after the last delimiter of its current student stretch."""
+    def _rewind_point(self, row: _Row) -> int:
+        """Where a token-level stray rewinds the row: its safe prefix, or with ``backtrack="step"``
+        (intervening modes) just after the last delimiter of its current student stretch."""
         traj = row.trajectory
+        keep = len(traj.tokens)
+        if not (self.policy.on_stray == "intervene" and self.config.backtrack == "step"):
+            return keep
         stretch = traj.tokens[row.since_intervention :]
         cut = next((i for i in range(len(stretch) - 1, -1, -1) if stretch[i] in self.delimiters), None)
-        if cut is None:
-            return
-        keep = row.since_intervention + cut + 1
-        if keep == len(traj.tokens):
-            return
-        dropped = traj.tokens[keep:]
-        traj.discarded[-1]["position"] = keep
-        traj.discarded[-1]["tokens"] = dropped + traj.discarded[-1]["tokens"]
-        traj.discarded[-1]["scores"] = traj.scores[keep:] + traj.discarded[-1]["scores"]
+        if cut is None or row.since_intervention + cut + 1 == keep:
+            return keep
+        step_end = row.since_intervention + cut + 1
+        dropped = traj.tokens[step_end:]
+        discarded = traj.discarded[-1]
+        discarded["position"] = step_end
+        discarded["tokens"] = dropped + discarded["tokens"]
+        discarded["scores"] = traj.scores[step_end:] + discarded["scores"]
         traj.counters["discarded_tokens"] += len(dropped)
-        # every student token's score is in the monitor's history, no teacher token's is
-        scored_before = sum(1 for s in traj.sources[:keep] if s == "student")
-        for name in ("tokens", "sources", "scores", "boundaries"):
-            del getattr(traj, name)[keep:]
-        del row.hidden[keep:]
-        self.monitor.rewind(row.index, scored_before)
-
-    def _truncate_to_pending(self, row: _Row) -> None:
-        """Both caches back to the committed tokens but the last (the new pending token)."""
-        length = len(row.sequence) - 1
-        with self._phase("truncation"):
-            for model in (self.student, self.teacher):
-                model.truncate([row.index], [length])
+        return step_end
 
     def _release(self, row: _Row) -> None:
         """A finished row gives its cache blocks back."""
-        for model in (self.student, self.teacher):
+        for model in self.models:
             model.reset([row.index])
 
     def _intervene(self, requests: list[tuple[_Row, str]]) -> None:
@@ -433,7 +516,7 @@ class _Engine:
                     token in self.eos
                     or ends_step
                     or len(out) >= limits[row.index]
-                    or len(row.trajectory.tokens) + len(out) >= config.max_new_tokens
+                    or len(row.trajectory.tokens) + len(out) >= row.limit
                     or self._stops(row, out)
                 ):
                     still.append(row)
@@ -442,10 +525,8 @@ class _Engine:
         for row, kind in requests:
             tokens = written[row.index]
             start = len(row.trajectory.tokens)
-            # the teacher fed the pending token and tokens[:-1]; the student reads the same
-            feed_student = [row.sequence[-1]] + tokens[:-1]
             nan = [math.nan] * len(tokens)
-            self._append(row, tokens, "teacher", nan, nan, states[row.index])
+            row.commit(tokens, "teacher", nan, nan, states[row.index])
             row.trajectory.interventions.append((start, start + len(tokens)))
             if kind == "intervene":
                 row.interventions_used += 1
@@ -453,28 +534,210 @@ class _Engine:
             if self._finish_if_done(row):
                 self._release(row)
             else:
-                readers.append((row, feed_student))
-        if readers:
-            self.student.extend([r.index for r, _ in readers], [f for _, f in readers])
+                readers.append(row)
+        self._catch_up(self.student, readers)
+
+    def _catch_up(self, model: PagedModel, rows: list[_Row]) -> list[torch.Tensor]:
+        """Feeds each row's committed tokens the model's cache has not read (all but the pending
+        one), all rows in one extend; returns each row's new hidden states."""
+        feeds = [r.sequence[model.lengths([r.index])[0] : -1] for r in rows]
+        behind = [i for i, f in enumerate(feeds) if f]
+        out = [torch.zeros(0, 0)] * len(rows)
+        if behind:
+            hidden = model.extend([rows[i].index for i in behind], [feeds[i] for i in behind])
+            offsets = ragged.cu_seqlens([len(feeds[i]) for i in behind])
+            for j, i in enumerate(behind):
+                out[i] = hidden[int(offsets[j]) : int(offsets[j + 1])]
+        return out
 
     def _teacher_round(self, rows: list[_Row]) -> None:
-        """Rows the teacher writes alone: up to ``draft_len`` tokens each, one batched step at a time."""
-        config = self.config
-        for _ in range(config.draft_len):
-            live = [r for r in rows if not r.finished]
+        """Rows the teacher writes: up to ``draft_len`` tokens each, one batched step at a time."""
+        for _ in range(self.config.draft_len):
+            live = [r for r in rows if not r.finished and r.teacher_writes]
             if not live:
-                return
-            with self._phase("teacher_decode"):
+                break
+            with self.phase("teacher_decode"):
                 hidden = self.teacher.extend([r.index for r in live], [[r.sequence[-1]] for r in live])
             logits = self.teacher.logits(hidden)[:, : self.vocab]
+            ended = []
             for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
-                self._append(row, [token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
-                if self._finish_if_done(row):
+                row.commit([token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
+                end = self._step_end(row, []) if row.step is not None else None
+                if end is not None:
+                    ended.append((row, end))
+                elif self._finish_if_done(row):
+                    self._finish_correction(row)
                     self._release(row)
+            if ended:
+                self._end_steps(ended)
+        # rows handed back to the student (a step_skd teacher step) read what the teacher wrote
+        self._catch_up(self.student, [r for r in rows if not r.finished and not r.teacher_writes])
+
+    def _finish_correction(self, row: _Row) -> None:
+        if row.correction_start is not None:
+            row.trajectory.interventions.append((row.correction_start, len(row.trajectory.tokens)))
+            row.correction_start = None
+
+    # --------------------------------------------------------------------------------- steps
+    def _step_end(self, row: _Row, new_tokens: list[int]) -> str | None:
+        """Why the row's current step ends with ``new_tokens`` appended, if it does: its writer
+        wrote EOS, the stop string, the step's budget or the row's."""
+        step_tokens = row.trajectory.tokens[row.step.start :] + new_tokens
+        if not step_tokens:
+            return None
+        if step_tokens[-1] in self.eos:
+            return "eos"
+        if contains_stop_at_end(self.tokenizer, step_tokens, [self.config.step_stop]):
+            return "stop"
+        if len(row.trajectory.tokens) + len(new_tokens) >= row.limit:
+            return "length"
+        if len(step_tokens) >= self.config.max_step_tokens:
+            return "step_length"
+        return None
+
+    def _read_step_entropies(self, rows: list[_Row], verify: torch.Tensor, offsets) -> None:
+        """The teacher's top-k entropy before each step that starts with this draft: read from the
+        verify forward's first position of the row (the teacher's distribution after the pending
+        token), the LM head applied to those positions only."""
+        starting = [i for i, r in enumerate(rows) if r.step.entropy is None and offsets[i + 1] > offsets[i]]
+        if not starting:
+            return
+        positions = torch.tensor([int(offsets[i]) for i in starting], device=verify.device)
+        logits = self.teacher.logits(verify[positions])[:, : self.vocab]
+        entropies = topk_entropy(logits, self.monitor_config.entropy_top_k).tolist()
+        for i, h in zip(starting, entropies):
+            rows[i].step.entropy = h
+
+    def _commit_step_draft(self, row: _Row, draft, stats, teacher_hidden, sampled_logprobs) -> None:
+        """Step modes commit the whole draft (it ends at the step's end at the latest): the
+        teacher's log-prob of each token accumulates into the step's oracle value."""
+        logprobs = stats["teacher_logprob"]
+        row.commit(draft, "student", [-x for x in logprobs], [math.nan] * len(draft), teacher_hidden)
+        row.step.teacher_logprobs += logprobs
+        row.step.student_logprobs += sampled_logprobs
+
+    def _end_steps(self, ended: list[tuple[_Row, str]]) -> None:
+        """Closes the rows' finished steps: cuts the stop string off (``trim_stop``; the caches
+        read the separator, all rows in one extend per model), records each step, applies the
+        policy."""
+        trims = [(row, self._trim(row)) for row, reason in ended if reason == "stop" and self.config.trim_stop]
+        if trims:
+            rows = [row for row, _ in trims]
+            feeds = [[row.sequence[-1]] + new[:-1] for row, (new, _) in trims]
+            read = self._extend_split(self.teacher, rows, feeds)
+            # the writer's caches were aligned before the cut; a student behind a teacher step catches up later
+            students = [i for i, row in enumerate(rows) if row.step.writer == "student"]
+            if students:
+                self._extend_split(self.student, [rows[i] for i in students], [feeds[i] for i in students])
+            for (row, (new, rest)), hidden in zip(trims, read):
+                scores = [math.nan] * len(new)
+                if rest:
+                    logprobs = self._teacher_logprobs(hidden[:rest], new[:rest])
+                    row.step.teacher_logprobs += logprobs
+                    scores[:rest] = [-x for x in logprobs]
+                row.commit(new, row.step.writer, scores, [math.nan] * len(new), hidden)
+                row.step.separator = len(new) - rest
+        for row, reason in ended:
+            self._close_step(row, reason)
+
+    def _trim(self, row: _Row) -> tuple[list[int], int]:
+        """SGLang's cut of the stop string: the row is cut back to the step's tokens before it;
+        returns the tokens to append (the re-tokenised rest of the text before the stop string,
+        then the separator) and how many of them are that rest."""
+        step = row.step
+        keep, rest = trim_at_stop(self.tokenizer, row.trajectory.tokens[step.start :], self.config.step_stop)
+        rest_ids = self.tokenizer.encode(rest, add_special_tokens=False) if rest else []
+        row.cut(step.start + keep)
+        del step.teacher_logprobs[keep:]  # the student's own log-probs keep the stop token, as the scripts'
+        return rest_ids + self.tokenizer.encode(SCRIPT_SEPARATOR, add_special_tokens=False), len(rest_ids)
+
+    def _extend_split(self, model: PagedModel, rows: list[_Row], feeds: list[list[int]]) -> list[torch.Tensor]:
+        """One extend of ``feeds[i]`` into each row; each row's new hidden states."""
+        hidden = model.extend([r.index for r in rows], feeds)
+        offsets = ragged.cu_seqlens([len(f) for f in feeds])
+        return [hidden[int(offsets[i]) : int(offsets[i + 1])] for i in range(len(rows))]
+
+    def _teacher_logprobs(self, hidden: torch.Tensor, targets: list[int]) -> list[float]:
+        """log p_teacher(target) at temperature 1 for a few positions (the LM head on those only)."""
+        logp = torch.log_softmax(self.teacher.logits(hidden)[:, : self.vocab].float(), -1)
+        index = torch.tensor(targets, device=logp.device)
+        return logp[torch.arange(len(targets), device=logp.device), index].tolist()
+
+    def _close_step(self, row: _Row, reason: str) -> None:
+        """Records the row's finished step and acts on it: the next step begins, the row ends,
+        or (a breach) the policy's correction starts."""
+        step, traj = row.step, row.trajectory
+        end = len(traj.tokens) - step.separator
+        tokens = traj.tokens[step.start : end]
+        scored = step.teacher_logprobs[: len(tokens) - (reason == "eos")]  # the EOS token is not text
+        record = dict(
+            start=step.start,
+            tokens=tokens,
+            writer=step.writer,
+            end=reason,
+            oracle_value=None,
+            entropy=step.entropy,
+            boundary=None,
+            student_value=None,
+            kept=True,  # whether the step stands in the final text
+        )
+        traj.steps.append(record)
+        breach = False
+        if step.writer == "student" and self.policy.unit == "step":
+            value = oracle_value(scored)
+            record["oracle_value"] = value
+            breach = self._step_breaches(record, step)
+        record["kept"] = not breach
+        if breach and self.policy.on_stray == "root_cause":
+            self._rewind_to_root_cause(row)
+        elif breach:  # teacher_step: the teacher rewrites this step from its start
+            row.cut(step.start)
+            traj.counters["backtracks"] += 1
+            traj.counters["discarded_tokens"] += len(tokens)
+            row.teacher_writes = True
+            row.step = _Step(step.start, "teacher", rewrite=True)
+        else:
+            if step.rewrite:  # the student resumes after the teacher's step
+                traj.interventions.append((step.start, end))
+                row.teacher_writes = False
+            row.step = _Step(len(traj.tokens), "teacher" if row.teacher_writes else "student")
+        if self._finish_if_done(row):
+            self._release(row)
+
+    def _step_breaches(self, record: dict, step: _Step) -> bool:
+        """The policy's test of a finished student step (an empty step never breaches)."""
+        config, monitor = self.config, self.monitor_config
+        value = record["oracle_value"]
+        if self.policy.step_test == "boundary":
+            entropy = step.entropy if monitor.adaptive_boundary else 0.0
+            record["boundary"] = entropy_boundary(entropy, monitor.epsilon0, monitor.theta)
+            return value is not None and value < record["boundary"]
+        own = oracle_value(step.student_logprobs)
+        record["student_value"] = own
+        record["boundary"] = None if own is None else config.step_skd_gamma * own
+        return value is not None and own is not None and not value > record["boundary"]
+
+    def _rewind_to_root_cause(self, row: _Row) -> None:
+        """The paper's breach: back to the context before step t*, the teacher writes the rest of
+        the solution (no stop string; EOS or max(min_correction_tokens, budget − tokens before t*))."""
+        traj = row.trajectory
+        student_steps = [s for s in traj.steps if s["writer"] == "student"]
+        t = root_cause([s["oracle_value"] for s in student_steps], [s["boundary"] for s in student_steps])
+        traj.root_cause = t
+        start = student_steps[t]["start"]
+        for step in student_steps[t:]:
+            step["kept"] = False
+        traj.counters["backtracks"] += 1
+        traj.counters["discarded_tokens"] += len(traj.tokens) - start
+        row.cut(start)
+        row.limit = start + max(self.config.min_correction_tokens, self.config.max_new_tokens - start)
+        row.teacher_writes = True
+        row.step = None
+        row.correction_start = start
 
     # ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _phase(self, name: str):
+    def phase(self, name: str):
         """Adds the wall time of the block to ``timings[name]`` (device synchronised) when timing."""
         if self.timings is None:
             yield
@@ -505,24 +768,20 @@ class _Engine:
         sampling = self.config.teacher_sampling if teacher else self.config.student_sampling
         return sample_tokens(logits, sampling, seeds, counters).tolist()
 
-    def _budget(self) -> float:
-        return math.inf if self.config.mode == "skd" else self.config.max_interventions
-
-    def _append(self, row: _Row, tokens, source, scores, boundaries, teacher_hidden) -> None:
-        traj = row.trajectory
-        if self.keep_teacher_hidden:
-            row.hidden += list(teacher_hidden)
-        traj.tokens += tokens
-        traj.sources += [source] * len(tokens)
-        traj.scores += list(scores)
-        traj.boundaries += list(boundaries)
+    def _sampling_logprobs(self, logits: torch.Tensor, tokens: list[int]) -> list[float]:
+        """The student's log-probability of each sampled token under the distribution it sampled
+        from (temperature-scaled, before top-k/top-p, as SGLang reports it; greedy counts as
+        temperature 1)."""
+        temperature = self.config.student_sampling.temperature or 1.0
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+        index = torch.tensor(tokens, device=logp.device)
+        return logp[torch.arange(len(tokens), device=logp.device), index].tolist()
 
     def _stops(self, row: _Row, new_tokens: list[int]) -> bool:
-        """Whether the response with ``new_tokens`` appended contains a stop string."""
+        """Whether a stop string ends the response with ``new_tokens`` appended (its tail only)."""
         if not (self.config.stop_strings and self.tokenizer is not None):
             return False
-        text = self.tokenizer.decode(row.trajectory.tokens + new_tokens)
-        return any(stop in text for stop in self.config.stop_strings)
+        return contains_stop_at_end(self.tokenizer, row.trajectory.tokens + new_tokens, self.config.stop_strings)
 
     def _finish_if_done(self, row: _Row) -> bool:
         traj = row.trajectory
@@ -530,7 +789,7 @@ class _Engine:
             traj.finish_reason = "eos"
         elif self._stops(row, []):
             traj.finish_reason = "stop"
-        elif len(traj.tokens) >= self.config.max_new_tokens:
+        elif len(traj.tokens) >= row.limit:
             traj.finish_reason = "length"
         row.finished = traj.finish_reason is not None
         return row.finished

@@ -20,8 +20,19 @@ LAYERS = [
     ("kernels", ("motab_kernels",)),
     ("configuration and the toy task", ("motab.config", "motab.toy")),
     ("models on the paged cache", ("motab.models",)),
-    ("rollout", ("motab.monitor", "motab.engine")),
-    ("pipeline", ("motab.losses", "motab.trainer", "motab.data", "motab.evaluate", "motab.plots")),
+    ("rollout", ("motab.monitor", "motab.steps", "motab.policy", "motab.engine")),
+    (
+        "pipeline",
+        (
+            "motab.losses",
+            "motab.trainer",
+            "motab.data",
+            "motab.evaluate",
+            "motab.plots",
+            "motab.sft",
+            "motab.synthesis",
+        ),
+    ),
     ("front ends", ("motab.cli", "motab.demo", "motab.integrations")),
 ]
 

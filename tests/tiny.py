@@ -4,7 +4,7 @@ nothing downloaded. The same arguments (seed included) always give the same mode
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
 
@@ -29,3 +29,19 @@ def word_tokenizer(words: list[str], unk: str, **special_tokens: str) -> PreTrai
     level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=unk))
     level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=level, unk_token=unk, **special_tokens)
+
+
+# Characters of the tiny BPE tokenizer; ids 0 and 1 are <unk> and <eos>.
+_CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,=+#") + ["\n"]
+
+
+def stop_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level BPE tokenizer (47 tokens) with two merges, as Qwen's tokenizer has them:
+    "\\n\\n" and ".\\n\\n" are single tokens, so a step's stop string ".\\n\\n" may be one token
+    (".\\n\\n"), two (".", "\\n\\n") or three; its decoder joins tokens as written."""
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for piece in [*_CHARACTERS, "\n\n", ".\n\n"]:
+        vocab[piece] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n"), (".", "\n\n")], unk_token="<unk>"))
+    bpe.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>")
