@@ -21,11 +21,15 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",  # the PNG renderings of rollouts and reports
+        # the SFT stage (motab.sft) runs on TRL's SFTTrainer; 0.24 is the first whose padding-free packing sends
+        # position_ids with every attention implementation, so packed documents stay apart on sdpa/eager too.
+        "trl>=0.24,<2",
     ],
     entry_points={"console_scripts": ["motab=motab.cli:main"]},
     extras_require={
-        # trl is the independent oracle for the divergences (GKDTrainer.generalized_jsd_loss).
-        "test": ["pytest>=8", "trl>=0.20,<2", "ruff>=0.6"],
+        # trl (now a regular dependency) is also the independent oracle for the divergences
+        # (GKDTrainer.generalized_jsd_loss).
+        "test": ["pytest>=8", "ruff>=0.6"],
         # The TRL drop-in (motab.integrations.trl); the range its tests cover.
         "trl": ["trl>=0.20,<2"],
         "bench": ["liger-kernel>=0.5"],
