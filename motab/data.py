@@ -1,9 +1,10 @@
 """Reasoning data sets from disk: JSONL, Parquet or a saved ``datasets`` directory.
 
 Records map to a problem (the prompt), an optional reference solution and a final answer through
-a ``FieldMap``. Presets cover LIMO-v2 (``question`` / ``solution`` / ``answer``) and AceReason-style
-files (``problem`` / ``answer``, solution optional); ``field_map="auto"`` picks the preset whose
-fields the first record has, and an explicit ``FieldMap`` overrides both. Prompts go through the
+a ``FieldMap``. Presets cover LIMO-v2 (``question`` / ``solution`` / ``answer``), AceReason-style
+files (``problem`` / ``answer``, solution optional) and the MOTAB scripts' question files (``input``);
+``field_map="auto"`` picks the preset whose fields the first record has, and an explicit
+``FieldMap`` overrides both. Prompts go through the
 tokenizer's chat template when it has one (a user turn, then the generation prompt), else the
 raw text. Prompts longer than ``max_prompt_tokens`` are skipped and counted (``on_too_long="skip"``,
 the default) or refused (``"error"``).
@@ -26,6 +27,8 @@ class FieldMap:
 PRESETS = {
     "limo": FieldMap(prompt="question", solution="solution", answer="answer"),
     "acereason": FieldMap(prompt="problem", answer="answer", solution="solution"),
+    # the MOTAB reference scripts' question files: the question in ``input``, no answer needed
+    "input": FieldMap(prompt="input"),
 }
 
 

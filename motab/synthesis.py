@@ -1,0 +1,335 @@
+"""The paper's data synthesis: step-level rollouts of every question, turned into SFT records.
+
+For each question and each of ``responses`` samples, the engine runs a step mode
+(``step_motab`` by default; ``step_skd`` and ``teacher_steps`` are the reference scripts'
+baselines) and the trajectory becomes one JSON record:
+
+- ``output``, the training text. ``step_motab`` with a breach: *asymmetric stitching* — every
+  student step written (the flawed ones too), the marker, then the teacher's correction from the
+  root-cause step; with ``trim_stop`` exactly as the scripts join them (steps joined by "\\n\\n",
+  then "\\n\\n" + marker + "\\n\\n" + correction), by default the steps as written (each already
+  ending in its stop string), then marker + "\\n\\n" + correction. Without a breach, and in the
+  baselines, the steps that stand in the final text, joined the same way.
+- ``prompt`` and ``completion``: the same text in TRL's prompt–completion form (``motab sft``);
+  ``input`` (the question) and ``output`` load as-is in LLaMA-Factory.
+- ``id`` (the input's ``id``, else the question's 0-based index in the file), ``response_index``,
+  ``breach``, ``root_cause`` (t* or null), ``correction`` (text or null), ``steps``
+  (``{"text", "oracle_value", "boundary", "entropy"}`` in order, with ``writer`` and ``kept``),
+  ``finish_reason`` and ``tokens`` (response tokens).
+
+Each (id, response_index) samples with its own seed, so a record does not depend on which other
+rows share its batch or on the number of ranks. Records go to per-rank part files beside the output
+as each batch finishes; a rerun with ``resume`` skips every (id, response_index) already written
+(refusing different settings), and the output is the parts merged in question order, written
+atomically at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from motab.config import STEP_MODES, RolloutConfig
+from motab.data import load_records, resolve_field_map
+from motab.engine import paged_for_rollouts, rollout
+from motab.steps import SCRIPT_SEPARATOR
+
+PROMPT_FORMATS = ("raw", "chat")
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """How questions become records (the rollout itself is a ``RolloutConfig``)."""
+
+    responses: int = 5  # samples per question, as the scripts
+    prompt_format: str = "raw"  # "raw": the bare question, as the scripts; "chat": the tokenizer's template
+    marker: str = "However,"  # the transition between the student's steps and the teacher's correction
+    seed: int = 0
+    batch_size: int = 32  # rows (question × response) per rollout
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt format {self.prompt_format!r}; expected one of {PROMPT_FORMATS}")
+        if self.responses < 1 or self.batch_size < 1:
+            raise ValueError(f"responses and batch_size must be ≥ 1, got {self.responses} and {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str | int
+    text: str
+
+
+def load_questions(path: str | Path, field_map: str = "auto", limit: int | None = None) -> list[Question]:
+    """Questions of a JSONL / Parquet / ``datasets`` source: LIMO's ``question``, AceReason's
+    ``problem`` or the scripts' ``input`` field; each keeps the record's ``id`` when it has one,
+    else its 0-based index in the file."""
+    records = load_records(path)
+    fields = resolve_field_map(records[0], field_map)
+    questions = []
+    for number, record in enumerate(records[:limit] if limit else records):
+        if fields.prompt not in record:
+            raise ValueError(f"record {number} of {path} lacks {fields.prompt!r} (it has {sorted(record)})")
+        questions.append(Question(record.get("id", number), str(record[fields.prompt])))
+    seen = set()
+    for question in questions:
+        if str(question.id) in seen:
+            raise ValueError(f"{path}: the id {question.id!r} appears twice; records are keyed by (id, response_index)")
+        seen.add(str(question.id))
+    return questions
+
+
+def prompt_text(tokenizer, question: str, prompt_format: str) -> str:
+    """What the models read before the first step: the bare question, or the chat template's user
+    turn and generation prompt."""
+    if prompt_format == "raw":
+        return question
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def response_seed(seed: int, question_id, response_index: int) -> int:
+    """The sampling seed of one (question, response): a hash, so that it depends on nothing else."""
+    digest = hashlib.sha256(json.dumps([seed, str(question_id), response_index]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")  # 32 bits: the engine mixes seeds in int64 arithmetic
+
+
+def stitch(steps: Sequence[str], correction: str | None, marker: str, trim_stop: bool) -> str:
+    """The training text: the steps, then (after a breach) the marker and the correction."""
+    if trim_stop:
+        text = SCRIPT_SEPARATOR.join(steps)
+        if correction is not None:
+            text += SCRIPT_SEPARATOR + marker + SCRIPT_SEPARATOR + correction
+        return text
+    text = "".join(steps)
+    if correction is not None:
+        text += marker + SCRIPT_SEPARATOR + correction
+    return text
+
+
+def record_of(question: Question, index: int, prompt: str, trajectory, tokenizer, config, marker: str) -> dict:
+    """One JSON record of a step-mode trajectory (see the module docstring)."""
+
+    def text(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    breach = trajectory.root_cause is not None
+    steps = [
+        dict(
+            text=text(s["tokens"]),
+            oracle_value=s["oracle_value"],
+            boundary=s["boundary"],
+            entropy=s["entropy"],
+            writer=s["writer"],
+            kept=s["kept"],
+        )
+        for s in trajectory.steps
+    ]
+    correction = None
+    if breach:
+        start, end = trajectory.interventions[-1]
+        correction = text(trajectory.tokens[start:end])
+        written = [s["text"] for s in steps]  # every student step, the flawed ones too
+    else:
+        written = [s["text"] for s in steps if s["kept"]]
+    output = stitch(written, correction, marker, config.trim_stop)
+    return {
+        "id": question.id,
+        "response_index": index,
+        "input": question.text,
+        "output": output,
+        "prompt": prompt,
+        "completion": output,
+        "breach": breach,
+        "root_cause": trajectory.root_cause,
+        "correction": correction,
+        "steps": steps,
+        "finish_reason": trajectory.finish_reason,
+        "tokens": len(trajectory.tokens),
+    }
+
+
+@dataclass
+class SynthesisSummary:
+    records: int  # written by this call (all ranks)
+    skipped: int  # already there (resume)
+    breaches: int
+    tokens: int
+    seconds: float
+
+
+def synthesize(
+    student,
+    teacher,
+    tokenizer,
+    questions: Sequence[Question],
+    out: str | Path,
+    config: RolloutConfig,
+    options: SynthesisOptions = SynthesisOptions(),
+    *,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> SynthesisSummary:
+    """Synthesises ``options.responses`` records per question into ``out`` (JSONL). Under several
+    ranks each takes every ``world_size``-th row, writes its own part file, and rank 0 merges after
+    ``barrier``. Refuses an existing output or parts without ``resume``, and a resume with other settings."""
+    if config.mode not in STEP_MODES:
+        raise ValueError(f"synthesis runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
+    out = Path(out)
+    parts = _parts_dir(out)
+    settings = _settings(config, options, len(questions))
+    if rank == 0:
+        _prepare(out, parts, settings, resume)
+    if barrier is not None:
+        barrier()
+    done = _finished(parts)
+    rows = [(q, i) for q in questions for i in range(options.responses)]
+    todo = [row for n, row in enumerate(rows) if n % world_size == rank and (str(row[0].id), row[1]) not in done]
+    prompts = {q.id: prompt_text(tokenizer, q.text, options.prompt_format) for q, _ in todo}
+    ids = {
+        key: tokenizer(text, add_special_tokens=options.prompt_format == "raw")["input_ids"]
+        for key, text in prompts.items()
+    }
+    written = breaches = tokens = 0
+    started = time.perf_counter()
+    bar = _progress(len(todo), progress and rank == 0)
+    if todo:
+        longest = max(len(ids[q.id]) for q, _ in todo)
+        batch = min(options.batch_size, len(todo))
+        paged = [paged_for_rollouts(m, batch, longest, config) if m is not None else None for m in (student, teacher)]
+        part = parts / f"part-{rank}.jsonl"
+        _drop_cut_line(part)
+        with open(part, "a", encoding="utf-8") as sink:
+            for first in range(0, len(todo), batch):
+                chunk = todo[first : first + batch]
+                trajectories = rollout(
+                    paged[0],
+                    paged[1],
+                    [ids[q.id] for q, _ in chunk],
+                    config,
+                    seeds=[response_seed(options.seed, q.id, i) for q, i in chunk],
+                    tokenizer=tokenizer,
+                )
+                for (question, index), trajectory in zip(chunk, trajectories):
+                    record = record_of(
+                        question, index, prompts[question.id], trajectory, tokenizer, config, options.marker
+                    )
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    breaches += record["breach"]
+                    tokens += record["tokens"]
+                sink.flush()
+                os.fsync(sink.fileno())
+                written += len(chunk)
+                elapsed = time.perf_counter() - started
+                bar.update(len(chunk))
+                bar.set_postfix(breach=f"{breaches / written:.0%}", tok_s=f"{tokens / elapsed:.0f}")
+    bar.close()
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        _merge(out, parts, questions, options.responses)
+    return SynthesisSummary(
+        written, len(rows) // world_size - len(todo), breaches, tokens, time.perf_counter() - started
+    )
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _settings(config: RolloutConfig, options: SynthesisOptions, questions: int) -> dict:
+    """What a resumed run must share with the interrupted one (the batch size changes no record)."""
+    kept = {k: v for k, v in asdict(options).items() if k != "batch_size"}
+    return {"rollout": asdict(config), "options": kept, "questions": questions}
+
+
+def _prepare(out: Path, parts: Path, settings: dict, resume: bool) -> None:
+    """A fresh run needs a fresh output; a resume needs the same settings as the run it resumes."""
+    recorded = parts / "settings.json"
+    if not resume:
+        if out.exists() or parts.exists():
+            raise FileExistsError(
+                f"{out if out.exists() else parts} exists: pass --resume to continue that run, or choose another output"
+            )
+        parts.mkdir(parents=True)
+        _write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True))
+        return
+    if not recorded.exists():
+        raise FileNotFoundError(f"nothing to resume: {recorded} does not exist")
+    before = json.loads(recorded.read_text())
+    if before != json.loads(json.dumps(settings)):
+        changed = sorted(_differences(before, json.loads(json.dumps(settings))))
+        raise ValueError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def _part_records(parts: Path) -> list[dict]:
+    """Every complete record of the part files (a line cut short by a kill is dropped)."""
+    records = []
+    for path in sorted(parts.glob("part-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _drop_cut_line(path: Path) -> None:
+    """Cuts a part file back to its last complete line (a kill mid-write leaves a partial one,
+    which the next record would otherwise be glued to)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _finished(parts: Path) -> set[tuple[str, int]]:
+    return {(str(r["id"]), r["response_index"]) for r in _part_records(parts)}
+
+
+def _merge(out: Path, parts: Path, questions: Sequence[Question], responses: int) -> None:
+    """The output: one record per (question, response), in question order, each once."""
+    by_key = {(str(r["id"]), r["response_index"]): r for r in _part_records(parts)}
+    lines = [
+        json.dumps(by_key[(str(q.id), i)], ensure_ascii=False)
+        for q in questions
+        for i in range(responses)
+        if (str(q.id), i) in by_key
+    ]
+    _write_atomically(out, "".join(line + "\n" for line in lines))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _progress(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not show, desc="synthesize", unit="response")

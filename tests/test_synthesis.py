@@ -1,0 +1,176 @@
+"""``motab.synthesis``: the records' exact format, resumption after a kill, refusal of a used or
+changed output, and the same records from one rank or two (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from motab import synthesis
+from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
+from motab.synthesis import Question, SynthesisOptions, load_questions, stitch, synthesize
+from tests.tiny import stop_tokenizer, tiny_qwen2
+
+TOKENIZER = stop_tokenizer()
+QUESTIONS = [Question(f"q{i}", text) for i, text in enumerate(["ab = 3", "x + 1", "q + 7 = 9, so", "zz", "k = 2"])]
+# ε0 0.02 on random tiny models: some responses breach, some do not
+CONFIG = RolloutConfig(
+    mode="step_motab",
+    max_new_tokens=40,
+    draft_len=4,
+    max_step_tokens=16,
+    min_correction_tokens=6,
+    trim_stop=True,
+    monitor=MonitorConfig(epsilon0=0.0005, theta=0.0),
+    student_sampling=SamplingConfig(temperature=0.6),
+    teacher_sampling=SamplingConfig(temperature=0.6),
+)
+OPTIONS = SynthesisOptions(responses=3, batch_size=4)
+
+
+def models():
+    stop = TOKENIZER.convert_tokens_to_ids(".\n\n")
+    out = []
+    for seed in (0, 1):
+        m = tiny_qwen2(seed, vocab=len(TOKENIZER), initializer_range=0.4, tie_word_embeddings=False).eval()
+        with torch.no_grad():
+            m.lm_head.weight[stop] *= 3.0
+        out.append(m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return models()
+
+
+@pytest.fixture(scope="module")
+def reference(pair, tmp_path_factory):
+    """The records of one uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "records.jsonl"
+    synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
+    return read(out)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def assert_same_records(a, b):
+    """Equal records: every text, token count and decision exactly; the values (V, ε, H) to float32
+    rounding, which differs in the last bits with the batch a row shares (CPU matmul blocking)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        values = ("oracle_value", "boundary", "entropy")
+        assert {k: v for k, v in x.items() if k != "steps"} == {k: v for k, v in y.items() if k != "steps"}
+        assert [{k: v for k, v in s.items() if k not in values} for s in x["steps"]] == [
+            {k: v for k, v in s.items() if k not in values} for s in y["steps"]
+        ]
+        for s, t in zip(x["steps"], y["steps"]):
+            for key in values:
+                assert (s[key] is None and t[key] is None) or s[key] == pytest.approx(t[key], rel=1e-4, abs=1e-9)
+
+
+def test_stitching_is_the_scripts_format():
+    steps = ["a = 1", "so b = 2"]
+    assert stitch(steps, "b = 3.", "However,", trim_stop=True) == "a = 1\n\nso b = 2\n\nHowever,\n\nb = 3."
+    assert stitch(steps, None, "However,", trim_stop=True) == "a = 1\n\nso b = 2"
+    written = ["a = 1.\n\n", "so b = 2.\n\n"]
+    assert stitch(written, "b = 3.", "<REVISE>", trim_stop=False) == "a = 1.\n\nso b = 2.\n\n<REVISE>\n\nb = 3."
+    assert stitch(written, None, "However,", trim_stop=False) == "a = 1.\n\nso b = 2.\n\n"
+
+
+def test_records_hold_the_stitched_text_and_every_field(reference):
+    assert [(r["id"], r["response_index"]) for r in reference] == [(q.id, i) for q in QUESTIONS for i in range(3)]
+    breaches = [r for r in reference if r["breach"]]
+    assert breaches and len(breaches) < len(reference)
+    for record in reference:
+        assert record["input"] == record["prompt"] == QUESTIONS[int(record["id"][1:])].text  # raw prompts
+        assert record["completion"] == record["output"]
+        texts = [s["text"] for s in record["steps"]]
+        if record["breach"]:
+            t = record["root_cause"]
+            assert not record["steps"][-1]["kept"] and all(not s["kept"] for s in record["steps"][t:])
+            assert record["output"] == "\n\n".join(texts) + "\n\nHowever,\n\n" + record["correction"]
+            last = record["steps"][-1]
+            assert last["oracle_value"] < last["boundary"]  # the breach
+            # the steps before the breach were safe (an empty step has no value and is safe)
+            assert all(s["oracle_value"] is None or s["oracle_value"] >= s["boundary"] for s in record["steps"][:-1])
+        else:
+            assert record["correction"] is None and record["root_cause"] is None
+            assert record["output"] == "\n\n".join(texts)
+        for step in record["steps"]:
+            assert set(step) >= {"text", "oracle_value", "boundary", "entropy"} and ".\n\n" not in step["text"]
+
+
+def test_a_killed_run_resumes_to_the_same_records(pair, reference, tmp_path, monkeypatch):
+    out = tmp_path / "records.jsonl"
+    calls = []
+    original = synthesis.rollout
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "rollout", dies_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
+    monkeypatch.setattr(synthesis, "rollout", original)
+    assert not out.exists()
+    part = tmp_path / "records.jsonl.parts" / "part-0.jsonl"
+    assert len(part.read_text().splitlines()) == 8  # two batches of four
+    with open(part, "a") as f:
+        f.write('{"id": "q4", "respo')  # a line cut short by the kill
+    with pytest.raises(FileExistsError, match="--resume"):
+        synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
+    with pytest.raises(ValueError, match="changed: options.marker"):
+        synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, SynthesisOptions(responses=3, marker="But"), resume=True)
+    summary = synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, resume=True, progress=False)
+    assert summary.records == 7 and summary.skipped == 8
+    assert_same_records(read(out), reference)
+    again = synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, resume=True, progress=False)
+    assert again.records == 0
+    assert_same_records(read(out), reference)
+
+
+def test_questions_keep_their_ids_or_their_index(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"input": "a"}\n{"input": "b", "id": 7}\n')
+    assert load_questions(path) == [Question(0, "a"), Question(7, "b")]
+    path.write_text('{"question": "a", "answer": "1", "id": 1}\n{"question": "b", "answer": "2", "id": 1}\n')
+    with pytest.raises(ValueError, match="appears twice"):
+        load_questions(path)
+
+
+def _rank(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        synthesize(
+            *models(), TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, rank=rank, world_size=world,
+            barrier=dist.barrier, progress=False,
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_write_the_same_records_as_one(reference, tmp_path):
+    out = tmp_path / "records.jsonl"
+    mp.spawn(_rank, args=(2, free_port(), out), nprocs=2, join=True)
+    assert_same_records(read(out), reference)
+    assert sorted(p.name for p in (tmp_path / "records.jsonl.parts").glob("part-*")) == ["part-0.jsonl", "part-1.jsonl"]
