@@ -1,6 +1,9 @@
-"""The ``motab`` command: ``train``, ``rollout`` and ``eval``.
+"""The ``motab`` command: the paper's pipeline (``synthesize``, ``sft``), online distillation
+(``train``), ``rollout``, ``eval`` and the ``demo``.
 
-    motab train --config run.yaml                 # distil (MOTAB or a baseline); resumable
+    motab synthesize --student S --teacher T --data questions.jsonl --out records.jsonl   # the paper's data
+    motab sft --model S --data records.jsonl --out sft/                                   # SFT on those records
+    motab train --config run.yaml                 # online distillation (MOTAB or a baseline); resumable
     motab rollout --student S --teacher T --data problems.jsonl --out trajectories.jsonl --render rollout.png
     motab eval --model M --data test.jsonl --out eval/
     motab demo                                    # the toy task, on a CPU, in minutes
@@ -24,7 +27,26 @@ from pathlib import Path
 
 import yaml
 
-from motab.config import TOP_LEVEL, ConfigError, build_configs, resolve_config
+from motab.config import TOP_LEVEL, ConfigError, build_configs, resolve_config, set_option
+
+ANSWER_FORMATS = ("boxed", "toy")
+# Defaults of ``motab synthesize`` (flags and --set override them). "paper": the reference scripts'
+# budgets and sampling; "toy": the toy task, whose steps end at a blank line (one token), whose
+# vocabulary has no letters for "However," (the marker is "??": "?" never occurs in a toy solution)
+# and whose solutions are short.
+SYNTHESIS_PRESETS = {
+    "paper": dict(
+        stop=".\n\n",
+        marker="However,",
+        max_new_tokens=32768,
+        max_step_tokens=8192,
+        min_correction_tokens=256,
+        temperature=0.6,
+    ),
+    "toy": dict(
+        stop="\n\n", marker="??", max_new_tokens=96, max_step_tokens=24, min_correction_tokens=48, temperature=0.6
+    ),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"motab {args.command}: {error}", file=sys.stderr)
         return 2
 
@@ -85,6 +107,65 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(run=run_demo)
 
+    synth = commands.add_parser(
+        "synthesize",
+        help="the paper's data synthesis: step-level rollouts with rewinds, written as SFT records",
+        description="Rolls out --responses samples per question step by step (step_motab: the oracle value "
+        "against the entropy boundary, a rewind to the TD-error root cause, the teacher's correction; or the "
+        "scripts' baselines step_skd and teacher_steps) and writes one JSON record per sample. Resumable "
+        "(--resume); under torchrun each rank takes a share and rank 0 merges.",
+    )
+    _model_arguments(synth)
+    synth.add_argument("--out", required=True, help="records JSONL")
+    synth.add_argument("--preset", choices=sorted(SYNTHESIS_PRESETS), help="defaults for a setting (toy: the toy task)")
+    synth.add_argument("--mode", choices=("step_motab", "step_skd", "teacher_steps"), help="default step_motab")
+    synth.add_argument("--responses", type=int, help="samples per question (default 5)")
+    synth.add_argument("--prompt-format", choices=("raw", "chat"), help="raw: the bare question (default), chat")
+    synth.add_argument("--field-map", default="auto", help="auto, limo, acereason or input")
+    synth.add_argument("--limit", type=int, help="first N questions only")
+    synth.add_argument("--stop", help='the step stop string, escapes allowed (default ".\\n\\n")')
+    synth.add_argument("--trim-stop", action="store_true", help="cut the stop string off as SGLang does (the scripts)")
+    synth.add_argument("--epsilon0", type=float, help="boundary scale ε0 (default 0.2)")
+    synth.add_argument("--theta", type=float, help="boundary sharpness θ (default 1.0)")
+    synth.add_argument("--top-k", type=int, help="teacher tokens of the boundary's entropy (default 20)")
+    synth.add_argument(
+        "--static-boundary", action="store_true", help="H = 0: the constant ε0 the scripts computed on SGLang"
+    )
+    synth.add_argument("--gamma", type=float, help="step_skd's γ (default 0.9)")
+    synth.add_argument("--marker", help='text between the student\'s steps and the correction (default "However,")')
+    synth.add_argument("--temperature", type=float, help="sampling temperature of both models (default 0.6)")
+    synth.add_argument("--max-new-tokens", type=int, help="tokens a trajectory (default 32768)")
+    synth.add_argument("--max-step-tokens", type=int, help="tokens a step (default 8192)")
+    synth.add_argument("--batch-size", type=int, default=32, help="rows per rollout (default 32)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on CUDA)")
+    synth.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    synth.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
+    synth.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
+    synth.set_defaults(run=run_synthesize)
+
+    sft = commands.add_parser(
+        "sft",
+        help="supervised fine-tuning on synthesized records (TRL's SFTTrainer)",
+        description="Fine-tunes --model on the prompt/completion records (loss on the completion only) with "
+        "the reference scripts' defaults: lr 5e-5, 6 epochs, cosine to 1e-6, 5 %% warm-up, weight decay 0.1, "
+        "Adam β2 0.95, packing. Checkpoints are HF Trainer's; --resume continues from the latest.",
+    )
+    sft.add_argument("--model", required=True, help="the student: local folder or cached hub id")
+    sft.add_argument("--data", required=True, help="records JSONL (motab synthesize) or any prompt/completion file")
+    sft.add_argument("--out", required=True, help="folder for checkpoints and the final model")
+    sft.add_argument("--epochs", type=float, help="default 6")
+    sft.add_argument("--learning-rate", type=float, help="default 5e-5")
+    sft.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    sft.add_argument("--max-length", type=int, help="tokens per packed row (default 32768)")
+    sft.add_argument("--batch-size", type=int, help="rows per device and step (default 1)")
+    sft.add_argument("--gradient-accumulation", type=int, help="default 1")
+    sft.add_argument("--no-packing", action="store_true", help="one record per row, padded")
+    sft.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 500)")
+    sft.add_argument("--seed", type=int, help="default 0")
+    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sft.set_defaults(run=run_sft)
+
     evaluate = commands.add_parser("eval", help="accuracy of a model on a benchmark with \\boxed{} answers")
     evaluate.add_argument("--model", required=True, help="local folder or cached hub id")
     evaluate.add_argument("--data", required=True, help="JSONL / Parquet / datasets folder with answers")
@@ -93,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     evaluate.add_argument("--max-new-tokens", type=int, default=512)
     evaluate.add_argument("--limit", type=int, help="first N problems only")
+    evaluate.add_argument(
+        "--answer-format", choices=ANSWER_FORMATS, default="boxed", help="boxed: the last \\boxed{} (default); toy: #d"
+    )
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
     evaluate.set_defaults(run=run_eval)
@@ -108,31 +192,19 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model(name: str, dtype, device):
     """A causal LM from disk (a folder or a cached hub id): never a download, never a hang."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from motab.models import load_tokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
-        tokenizer = _generic_tokenizer(name) or AutoTokenizer.from_pretrained(name, local_files_only=True)
+        tokenizer = load_tokenizer(name)
     except OSError as error:
         raise ConfigError(
             f"cannot load {name!r} from disk ({str(error).splitlines()[0]}). Pass a local folder, or download the "
             f"weights first: huggingface-cli download {name}"
         ) from error
     return model.to(device), tokenizer
-
-
-def _generic_tokenizer(folder: str):
-    """A tokenizer saved as a plain ``tokenizers`` one (as motab's own toy tokenizer is), loaded as
-    such: AutoTokenizer would pick the model family's tokenizer class from config.json instead."""
-    from transformers import PreTrainedTokenizerFast
-
-    config = Path(folder) / "tokenizer_config.json"
-    if not config.exists():
-        return None
-    declared = json.loads(config.read_text()).get("tokenizer_class")
-    if declared not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return None
-    return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
 
 
 def _setup(raw):
@@ -259,9 +331,162 @@ def run_eval(args) -> int:
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature),
         out_dir=args.out,
+        answer_format=args.answer_format,
     )
     print(f"accuracy (pass@1 over {args.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
     return 0
+
+
+def run_synthesize(args) -> int:
+    import codecs
+    import os
+
+    from motab.synthesis import SynthesisOptions, load_questions, synthesize
+
+    preset = SYNTHESIS_PRESETS[args.preset or "paper"]
+
+    def chosen(flag: str, key: str | None = None):
+        value = getattr(args, flag)
+        return preset.get(key or flag) if value is None else value
+
+    temperature = chosen("temperature")
+    rollout = dict(
+        mode=args.mode or "step_motab",
+        step_stop=codecs.decode(args.stop, "unicode_escape") if args.stop else preset["stop"],
+        trim_stop=args.trim_stop,
+        max_new_tokens=chosen("max_new_tokens"),
+        max_step_tokens=chosen("max_step_tokens"),
+        min_correction_tokens=preset["min_correction_tokens"],
+    )
+    if args.gamma is not None:
+        rollout["step_skd_gamma"] = args.gamma
+    monitor = {
+        key: getattr(args, flag)
+        for key, flag in (("epsilon0", "epsilon0"), ("theta", "theta"), ("entropy_top_k", "top_k"))
+    }
+    monitor = {key: value for key, value in monitor.items() if value is not None}
+    if args.static_boundary:
+        monitor["adaptive_boundary"] = False
+    raw = {
+        "rollout": rollout,
+        "monitor": monitor,
+        "student_sampling": {"temperature": temperature},
+        "teacher_sampling": {"temperature": temperature},
+    }
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
+        set_option(raw, key, yaml.safe_load(value))
+    _, config = build_configs(raw)
+    try:
+        options = SynthesisOptions(
+            responses=5 if args.responses is None else args.responses,
+            prompt_format=args.prompt_format or "raw",
+            marker=chosen("marker"),
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    needed = ("teacher", "data") if config.mode == "teacher_steps" else ("student", "teacher", "data")
+    for name in needed:
+        if not getattr(args, name):
+            raise ConfigError(f"--{name} is required for mode {config.mode}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be ≥ 1, got {args.limit}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"cannot write to {out.parent}")
+    try:
+        questions = load_questions(args.data, args.field_map, args.limit)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    raw_device = {"device": args.device} if args.device else {}
+    rank = _init_distributed(raw_device)
+    world = _world_size()
+    device, dtype = _device_and_dtype(raw_device.get("device", args.device), args.dtype)
+    teacher, tokenizer = load_model(args.teacher, dtype, device)
+    student = None
+    if config.mode != "teacher_steps":
+        student, student_tokenizer = load_model(args.student, dtype, device)
+        _check_tokenizers(student_tokenizer, tokenizer)
+        tokenizer = student_tokenizer
+    barrier = _barrier() if world > 1 else None
+    summary = synthesize(
+        student, teacher, tokenizer, questions, out, config, options,
+        resume=args.resume, rank=rank, world_size=world, barrier=barrier, progress=rank == 0,
+    )  # fmt: skip
+    if rank == 0:
+        rate = summary.breaches / max(summary.records, 1)
+        print(
+            f"wrote {out}: {summary.records} new records ({summary.skipped} already there), breach rate {rate:.1%}, "
+            f"{summary.tokens / max(summary.seconds, 1e-9):.0f} tokens/s"
+        )
+        if args.render:
+            from motab.plots import render_steps
+
+            records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+            chosen_record = next((r for r in records if r["breach"]), records[0])
+            render_steps(chosen_record, args.render)
+            print(f"rendered record {chosen_record['id']}/{chosen_record['response_index']} to {args.render}")
+    return 0
+
+
+def run_sft(args) -> int:
+    from motab.sft import SFTOptions, resume_point, run_sft, to_dataset
+
+    given = dict(
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        max_steps=args.max_steps,
+        max_length=args.max_length,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation,
+        save_steps=args.save_steps,
+        seed=args.seed,
+    )
+    try:
+        options = SFTOptions(**{k: v for k, v in given.items() if v is not None}, packing=not args.no_packing)
+        resume_point(args.out, args.resume)  # a used folder or nothing to resume: said before anything loads
+        to_dataset(args.data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    result = run_sft(args.model, args.data, args.out, options, resume=args.resume)
+    print(f"done: {result.global_step} steps, training loss {result.training_loss:.4f}; model saved in {args.out}")
+    return 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    return dist.barrier
+
+
+def _device_and_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown dtype {name!r}; expected float32, bfloat16 or float16")
+    return device, getattr(torch, name)
+
+
+def _check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
+    from motab.engine import check_same_tokenizer
+
+    try:
+        check_same_tokenizer(student_tokenizer, teacher_tokenizer)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def run_demo(args) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from motab.config import RolloutConfig, SamplingConfig
 from motab.engine import paged_for_rollouts, rollout
 from motab.models import PagedModel
+from motab.toy.task import extract_answer as toy_answer
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -50,6 +51,16 @@ def normalize_answer(answer: str) -> str:
     if value is not None:
         return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
     return s
+
+
+def extract_answer(text: str, answer_format: str = "boxed") -> str | None:
+    """The final answer of a completion: its last ``\\boxed{}`` ("boxed"), or the toy task's
+    ``#d`` ("toy", graded as the demo grades it)."""
+    if answer_format == "boxed":
+        return extract_boxed(text)
+    if answer_format == "toy":
+        return toy_answer(text)
+    raise ValueError(f"unknown answer format {answer_format!r}; expected 'boxed' or 'toy'")
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
@@ -113,14 +124,17 @@ def evaluate(
     batch_size: int = 32,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    answer_format: str = "boxed",
 ) -> EvalResult:
     """Generates ``samples`` completions per prompt (token ids) with the paged engine and grades
     their last ``\\boxed{}`` against ``answers``. With ``out_dir``: ``problems.jsonl`` (one line
-    per problem: completions, extracted answers, correctness) and ``summary.json``."""
+    per problem: completions, extracted answers, correctness) and ``summary.json``. ``answer_format``
+    "toy" grades the toy task's ``#d`` answers instead."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if samples < 1:
         raise ValueError(f"samples must be ≥ 1, got {samples}")
+    extract_answer("", answer_format)  # an unknown format is refused before any generation
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples)]
     seeds = [seed + i * samples + k for i, k in jobs]
     written = generate(
@@ -137,7 +151,7 @@ def evaluate(
         completions[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
     per_problem = []
     for i, answer in enumerate(answers):
-        extracted = [extract_boxed(c) for c in completions[i]]
+        extracted = [extract_answer(c, answer_format) for c in completions[i]]
         correct = [answers_match(e, answer) for e in extracted]
         per_problem.append(
             dict(

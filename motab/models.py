@@ -15,9 +15,11 @@ that returns the final hidden states and LM head without computing any logits, f
 from __future__ import annotations
 
 import contextvars
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AttentionInterface
@@ -275,3 +277,18 @@ def greedy_decode(paged: PagedModel, prompts: Sequence[Sequence[int]], max_new_t
         if step + 1 < max_new_tokens:
             next_tokens = paged.logits(paged.extend(rows, [[t] for t in next_tokens.tolist()])).argmax(-1)
     return generated
+
+
+def load_tokenizer(name: str | Path):
+    """The tokenizer of a model folder or cached hub id, from disk only. One saved as a plain
+    ``tokenizers`` tokenizer (``TokenizersBackend`` / ``PreTrainedTokenizerFast``, as the toy task's
+    and the tests' are) loads as such: AutoTokenizer would build the model family's tokenizer class
+    from config.json instead, which tokenises differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(name) / "tokenizer_config.json"
+    if config.exists():
+        declared = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(name), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(name), local_files_only=True)

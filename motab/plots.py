@@ -62,3 +62,26 @@ def plot_accuracy_curves(runs: list[dict], methods: list[str], path: str | Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def render_steps(record: dict, path: str | Path) -> None:
+    """PNG of one synthesis record (``motab synthesize``): each student step's oracle value V and
+    its boundary ε (log scale), the breach and the root-cause step t* marked."""
+    plt = _pyplot()
+    steps = [s for s in record["steps"] if s["writer"] == "student"]
+    index = list(range(len(steps)))
+    values = [float("nan") if s["oracle_value"] is None else s["oracle_value"] for s in steps]
+    bounds = [float("nan") if s["boundary"] is None else s["boundary"] for s in steps]
+    fig, ax = plt.subplots(figsize=(max(6, len(steps) / 2), 3.5))
+    ax.plot(index, values, "o-", lw=1, label="oracle value V")
+    ax.step(index, bounds, where="mid", color="tab:orange", lw=1, label="boundary ε")
+    if record["breach"]:
+        ax.plot([index[-1]], [values[-1]], "rx", ms=10, label="breach")
+        ax.axvline(record["root_cause"] - 0.5, color="tab:red", ls="--", lw=1, label="t* (rewind)")
+    ax.set_yscale("log")
+    ax.set_xlabel("student step")
+    ax.set_title(f"record {record['id']} / response {record['response_index']}")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -35,9 +35,11 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
+
+from motab.models import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -259,18 +261,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in a model directory, from disk only. One saved as a plain ``tokenizers``
-    tokenizer (``TokenizersBackend``/``PreTrainedTokenizerFast``, like the tests' and the toy task's) is
-    loaded as such: AutoTokenizer would build the model family's tokenizer class from config.json."""
-    config = Path(path) / "tokenizer_config.json"
-    if config.exists():
-        declared = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
-        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _resolve_model(

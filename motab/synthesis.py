@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from motab.config import STEP_MODES, RolloutConfig
+from motab.config import STEP_MODES, ConfigError, RolloutConfig
 from motab.data import load_records, resolve_field_map
 from motab.engine import paged_for_rollouts, rollout
 from motab.steps import SCRIPT_SEPARATOR
@@ -259,18 +259,18 @@ def _prepare(out: Path, parts: Path, settings: dict, resume: bool) -> None:
     recorded = parts / "settings.json"
     if not resume:
         if out.exists() or parts.exists():
-            raise FileExistsError(
+            raise ConfigError(
                 f"{out if out.exists() else parts} exists: pass --resume to continue that run, or choose another output"
             )
         parts.mkdir(parents=True)
         _write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True))
         return
     if not recorded.exists():
-        raise FileNotFoundError(f"nothing to resume: {recorded} does not exist")
+        raise ConfigError(f"nothing to resume: {recorded} does not exist")
     before = json.loads(recorded.read_text())
     if before != json.loads(json.dumps(settings)):
         changed = sorted(_differences(before, json.loads(json.dumps(settings))))
-        raise ValueError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+        raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -155,3 +155,48 @@ def test_errors_are_clear(workspace, tmp_path, capsys):
     other = save_model(tmp_path / "other", 2, 32, 1, words=WORDS[:-1] + ["zzz"])
     assert main(["train", "--student", workspace["student"], "--teacher", other, "--data", workspace["data"]]) == 2
     assert "tokenizers differ" in capsys.readouterr().err
+
+
+def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(tmp_path, capsys):
+    """The README's three commands on the toy task (the shipped teacher, an untrained toy student)."""
+    from motab.demo.run import STUDENT_SHAPE
+    from motab.demo.toy_models import toy_model
+    from motab.toy.task import generate_split
+    from motab.toy.teacher import load_teacher, teacher_path
+
+    _, tokenizer = load_teacher()
+    student = str(tmp_path / "student")
+    toy_model(tokenizer, STUDENT_SHAPE, 0).save_pretrained(student)
+    tokenizer.save_pretrained(student)
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps(dict(question=p.prompt, answer=p.answer)) + "\n" for p in generate_split("train", 6))
+    )
+    records = tmp_path / "records.jsonl"
+    synthesize = ["synthesize", "--preset", "toy", "--student", student, "--teacher", str(teacher_path())]
+    synthesize += ["--data", str(data), "--responses", "2", "--out", str(records), "--render", str(tmp_path / "r.png")]
+    assert main(synthesize) == 0
+    written = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [(r["id"], r["response_index"]) for r in written] == [(i, k) for i in range(6) for k in range(2)]
+    assert any(r["breach"] for r in written)  # an untrained student strays at once
+    for r in written:
+        if r["breach"]:
+            assert r["output"] == "".join(s["text"] for s in r["steps"]) + "??\n\n" + r["correction"]
+    assert (tmp_path / "r.png").stat().st_size > 0
+    # a used output is refused without --resume; with it nothing is redone
+    capsys.readouterr()
+    assert main(synthesize) == 2 and "--resume" in capsys.readouterr().err
+    assert main(synthesize + ["--resume"]) == 0 and "0 new records (12 already there)" in capsys.readouterr().out
+    assert records.read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in written]
+    sft = ["sft", "--model", student, "--data", str(records), "--out", str(tmp_path / "sft"), "--max-steps", "2"]
+    assert main(sft + ["--max-length", "256", "--learning-rate", "1e-3"]) == 0
+    assert main(sft) == 2 and "already holds checkpoints" in capsys.readouterr().err
+    test = tmp_path / "test.jsonl"
+    test.write_text(
+        "".join(json.dumps(dict(question=p.prompt, answer=p.answer)) + "\n" for p in generate_split("test", 4))
+    )
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tmp_path / "sft"), "--data", str(test), "--answer-format", "toy"] + [
+        "--max-new-tokens", "48", "--out", str(out),
+    ]) == 0  # fmt: skip
+    assert json.loads((out / "summary.json").read_text())["problems"] == 4

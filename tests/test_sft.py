@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from motab.sft import SFTOptions, build_trainer, load_tokenizer, run_sft, sft_config, to_dataset
+from motab.models import load_tokenizer
+from motab.sft import SFTOptions, build_trainer, run_sft, sft_config, to_dataset
 from tests.tiny import tiny_qwen2, word_tokenizer
 
 PROMPT_WORDS = [f"q{i}" for i in range(10)]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from motab import synthesis
-from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
+from motab.config import ConfigError, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.synthesis import Question, SynthesisOptions, load_questions, stitch, synthesize
 from tests.tiny import stop_tokenizer, tiny_qwen2
 
@@ -129,9 +129,9 @@ def test_a_killed_run_resumes_to_the_same_records(pair, reference, tmp_path, mon
     assert len(part.read_text().splitlines()) == 8  # two batches of four
     with open(part, "a") as f:
         f.write('{"id": "q4", "respo')  # a line cut short by the kill
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ConfigError, match="--resume"):
         synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
-    with pytest.raises(ValueError, match="changed: options.marker"):
+    with pytest.raises(ConfigError, match="changed: options.marker"):
         synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, SynthesisOptions(responses=3, marker="But"), resume=True)
     summary = synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, resume=True, progress=False)
     assert summary.records == 7 and summary.skipped == 8
