@@ -6,7 +6,7 @@
 #   device:  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
 #            run(command="bash benchmarks/gpu_check.sh decode kv", ...)   # only some phases
 #
-# Phases: tests, divergence, kv, decode, trainers, rollout, train, resources (default: all, in order).
+# Phases: tests, divergence, kv, decode, trainers, rollout, train, synthesis, resources (default: all, in order).
 # Their time limits add up to more than one call's 10 minutes: with a 15-minute device budget, run
 # `tests divergence kv` first (the kernels' targets), then `decode rollout train` in a second call
 # if time is left; `trainers` and `resources` are the cheapest to drop. Each has its own
@@ -26,7 +26,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-phases=${*:-tests divergence kv decode trainers rollout train resources}
+phases=${*:-tests divergence kv decode trainers rollout train synthesis resources}
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -44,12 +44,14 @@ for phase in $phases; do
     trainers) timeout 150 python3 benchmarks/bench_trainers.py --out "$out" 2>&1 | tee "$out/bench_trainers.log" ;;
     rollout) timeout 240 python3 benchmarks/bench_rollout.py --out "$out" 2>&1 | tee "$out/bench_rollout.log" ;;
     train) timeout 200 python3 benchmarks/bench_train_step.py --out "$out" 2>&1 | tee "$out/bench_train.log" ;;
+    synthesis) timeout 200 python3 benchmarks/bench_synthesis.py --out "$out" 2>&1 | tee "$out/bench_synthesis.log" ;;
     resources) timeout 60 python3 benchmarks/kernel_resources.py 2>&1 | tee "$out/resources.md" | tail -20 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
 cp "$out/env.txt" "$final/"
-cat "$out"/results.md "$out"/kv_truncate.md "$out"/decode.md "$out"/trainers.md "$out"/rollout.md "$out"/train_step.md 2>/dev/null \
+cat "$out"/results.md "$out"/kv_truncate.md "$out"/decode.md "$out"/trainers.md "$out"/rollout.md "$out"/train_step.md \
+  "$out"/synthesis.md 2>/dev/null \
   > "$final/tables.md"
 cp "$out/tests.log" "$final/" 2>/dev/null
 cp "$out/resources.md" "$final/" 2>/dev/null

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import yaml
 
-from motab.config import TOP_LEVEL, ConfigError, build_configs, resolve_config, set_option
+from motab.config import TOP_LEVEL, ConfigError, apply_overrides, build_configs, resolve_config
+from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 ANSWER_FORMATS = ("boxed", "toy")
 # Defaults of ``motab synthesize`` (flags and --set override them). "paper": the reference scripts'
-# budgets and sampling; "toy": the toy task, whose steps end at a blank line (one token), whose
-# vocabulary has no letters for "However," (the marker is "??": "?" never occurs in a toy solution)
-# and whose solutions are short.
+# stop string, marker, budgets and sampling; "toy": the toy task's (``motab.toy.task.PAPER_PRESET``).
 SYNTHESIS_PRESETS = {
     "paper": dict(
         stop=".\n\n",
@@ -43,9 +42,7 @@ SYNTHESIS_PRESETS = {
         min_correction_tokens=256,
         temperature=0.6,
     ),
-    "toy": dict(
-        stop="\n\n", marker="??", max_new_tokens=96, max_step_tokens=24, min_correction_tokens=48, temperature=0.6
-    ),
+    "toy": TOY_PRESET,
 }
 
 
@@ -76,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="where checkpoints and metrics.jsonl go")
     train.add_argument("--steps", type=int, help="optimizer steps")
     train.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
+    _override_argument(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.set_defaults(run=run_train)
 
@@ -91,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--limit", type=int, default=16, help="prompts to roll out (default 16)")
     roll.add_argument("--out", required=True, help="trajectories JSONL")
     roll.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
-    roll.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
+    _override_argument(roll)
     roll.set_defaults(run=run_rollout)
 
     demo = commands.add_parser(
         "demo",
         help="MOTAB and its baselines on the toy task, with the shipped teacher (CPU, minutes)",
-        description="Distils a small student from the shipped toy teacher with off_policy, on_policy, skd, "
-        "adaswitch and motab at the same budget, evaluates each on the held-out test split and writes a report.",
+        description="Distils a small student from the shipped toy teacher with the online methods (off_policy, "
+        "on_policy, skd, adaswitch, motab) and the paper's pipeline and its baselines (step_motab, step_skd, "
+        "teacher_steps: synthesis, then SFT) at the same budget, evaluates each on the held-out test split and "
+        "writes a report.",
     )
     demo.add_argument("--out", default="motab-demo", help="report folder (default motab-demo)")
     demo.add_argument("--seeds", type=int, default=1, help="seeds per method; the table shows mean ± std")
@@ -141,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on CUDA)")
     synth.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     synth.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
-    synth.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
+    _override_argument(synth)
     synth.set_defaults(run=run_synthesize)
 
     sft = commands.add_parser(
@@ -181,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
     evaluate.set_defaults(run=run_eval)
     return parser
+
+
+def _override_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -373,11 +376,7 @@ def run_synthesize(args) -> int:
         "student_sampling": {"temperature": temperature},
         "teacher_sampling": {"temperature": temperature},
     }
-    for item in args.set:
-        key, equals, value = item.partition("=")
-        if not equals:
-            raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        set_option(raw, key, yaml.safe_load(value))
+    apply_overrides(raw, args.set)
     _, config = build_configs(raw)
     try:
         options = SynthesisOptions(

@@ -206,15 +206,20 @@ def resolve_config(path: str | Path | None, flags: dict[str, Any], overrides: li
             raw[key] = value
         else:
             set_option(raw, key, value)
+    apply_overrides(raw, overrides)
+    for key in ("student", "teacher", "data"):
+        if key not in raw:
+            raise ConfigError(f"no {key} given (config key or --{key})")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> None:
+    """Sets each ``SECTION.KEY=VALUE`` (``--set``) in ``raw``, the value read as YAML."""
     for item in overrides:
         key, equals, value = item.partition("=")
         if not equals:
             raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
         set_option(raw, key, yaml.safe_load(value))
-    for key in ("student", "teacher", "data"):
-        if key not in raw:
-            raise ConfigError(f"no {key} given (config key or --{key})")
-    return raw
 
 
 def set_option(raw: dict, key: str, value) -> None:

@@ -16,10 +16,18 @@ intervention (``intervention_len`` tokens, or until it ends a step); the student
 the intervention in one extend and the row goes on. Interventions of all rows ride in one batched
 teacher forward per token. After ``max_interventions`` a row runs unmonitored.
 
-Modes: ``motab``; ``on_policy`` (student writes, teacher only scores: GKD with λ=1);
-``off_policy`` (teacher writes every token); ``skd`` (a student token outside the teacher's top
-``skd_top_k`` is replaced by a teacher sample, no backtracking); ``adaswitch`` (the first stray
-hands the rest of the row to the teacher, no backtracking).
+Modes (``motab.policy``: each mode is a policy the engine reads): ``motab``; ``on_policy`` (student
+writes, teacher only scores: GKD with λ=1); ``off_policy`` (teacher writes every token); ``skd`` (a
+student token outside the teacher's top ``skd_top_k`` is replaced by a teacher sample, no
+backtracking); ``adaswitch`` (the first stray hands the rest of the row to the teacher, no
+backtracking). The paper's step modes (``motab.steps``): a draft ends at the end of its step; the
+verify forward gives the step's oracle value and, where a step begins, the teacher's top-k entropy
+of its boundary; ``step_motab`` rewinds a breach to the TD-error root cause and the teacher writes
+the rest; ``step_skd`` lets the teacher rewrite a rejected step; ``teacher_steps`` is the teacher
+writing step by step.
+
+Each row's committed state has one owner, ``_Row``: ``commit`` and ``cut`` change the trajectory,
+the kept teacher states, the monitor's history and both caches together.
 """
 
 from __future__ import annotations

@@ -79,6 +79,8 @@ class SFTOptions:
     max_steps: int | None = None
     #: where the Trainer reports metrics ("none", "tensorboard", "wandb", ...)
     report_to: str = "none"
+    #: the Trainer's and the data preparation's progress bars
+    progress: bool = True
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "num_train_epochs", "min_lr", "warmup_ratio", "weight_decay", "adam_beta2"):
@@ -101,7 +103,7 @@ class SFTOptions:
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and value >= 1), name, "must be None or an int >= 1", value)
         _check(_is_int(self.seed) and self.seed >= 0, "seed", "must be an int >= 0", self.seed)
-        for name in ("packing", "gradient_checkpointing"):
+        for name in ("packing", "gradient_checkpointing", "progress"):
             _check(isinstance(getattr(self, name), bool), name, "must be a bool", getattr(self, name))
         _check(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be None, True or False", self.bf16)
 
@@ -216,6 +218,7 @@ def sft_config(options: SFTOptions, output_dir: str | Path, *, model_from_path: 
         seed=options.seed,
         logging_steps=options.logging_steps,
         report_to=options.report_to,
+        disable_tqdm=not options.progress,
         dataloader_pin_memory=torch.cuda.is_available(),
         # a model given as a path is read from disk, never fetched from a hub
         model_init_kwargs={"local_files_only": True} if model_from_path else None,
@@ -312,6 +315,10 @@ def run_sft(
     options = SFTOptions() if options is None else options
     output_dir = Path(output_dir)
     start = resume_point(output_dir, resume)  # checked before any model is loaded
+    if not options.progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     trainer = build_trainer(model, records, output_dir, options, tokenizer=tokenizer)
     if start is not None:
         logger.info("resuming SFT from %s", start)

@@ -21,7 +21,7 @@ from motab.demo import (
 )
 from motab.demo.run import STUDENT_SHAPE, weights_digest
 from motab.demo.toy_models import greedy_accuracy, toy_model
-from motab.demo.tune import check_distinct, tune
+from motab.demo.tune import check_distinct, merge, tune
 from motab.toy.task import generate_split
 from motab.toy.teacher import load_teacher, teacher_path
 
@@ -59,6 +59,11 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert saved["teacher_validation_accuracy"] >= 0.9  # the shipped teacher solves the task
     assert saved["methods"]["off_policy"]["steps"]["student_tokens"] == 0
     assert saved["methods"]["on_policy"]["steps"]["teacher_tokens"] == 0
+    # the paper's pipeline: the SFT trains as many records as the online methods train rollouts
+    assert saved["methods"]["teacher_steps"]["steps"]["student_tokens"] == 0
+    paper = runs["step_motab", "steps"]
+    assert 0 < paper["synthesis_seconds"] < paper["train_seconds"] and 0 <= paper["breach_rate"] <= 1
+    assert paper["student_tokens"] > 0
     assert set(saved["teacher_decay"][0]) == {"0", "4", "8", "16", "24"}
     guidance = saved["teacher_guidance"][0]
     assert set(guidance) == {"first_wrong", "teacher_right_at_first", "consistent", "true", "other"}
@@ -84,6 +89,26 @@ def test_method_config_applies_a_methods_options_over_the_shared_ones(tmp_path):
         method_config(tokenizer, "motab", {"window_factor": 2.0}, QUICK, tmp_path, seed=0)
     with pytest.raises(ConfigError, match="unknown monitor options"):
         method_config(tokenizer, "motab", {"monitor.windw": 2}, QUICK, tmp_path, seed=0)
+
+
+def test_the_papers_methods_synthesize_with_the_toy_preset(tmp_path):
+    _, tokenizer = load_teacher()
+    config = method_config(tokenizer, "step_motab", {"monitor.epsilon0": 0.5}, QUICK, tmp_path, seed=0)
+    assert config.rollout.step_stop == "\n\n" and config.rollout.monitor.epsilon0 == 0.5
+    assert config.rollout.student_sampling.temperature == config.rollout.teacher_sampling.temperature == 0.6
+    online = method_config(tokenizer, "motab", {}, QUICK, tmp_path, seed=0)
+    assert online.rollout.student_sampling.temperature == SHARED_OPTIONS["student_sampling"]["temperature"]
+
+
+def test_a_tuning_of_some_methods_merges_into_the_record():
+    record = dict(seed=0, size={"steps": 2}, runs=[dict(method="a", x=1), dict(method="b", x=1)], chosen=dict(a=1, b=1))
+    addition = dict(seed=0, size={"steps": 2}, runs=[dict(method="b", x=2)], chosen=dict(b=2), seconds=1, date="d")
+    addition.update(machine="m", command="c")
+    merged = merge(record, addition)
+    assert merged["runs"] == [dict(method="a", x=1), dict(method="b", x=2)] and merged["chosen"] == dict(a=1, b=2)
+    assert merged["additions"][0]["methods"] == ["b"]
+    with pytest.raises(ValueError, match="same warm start"):
+        merge(record, dict(addition, seed=1))
 
 
 def test_the_demo_runs_the_settings_its_tuning_record_chose():

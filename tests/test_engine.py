@@ -16,6 +16,7 @@ from motab.config import RULES, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout
 from motab.models import PagedModel
 from motab_kernels import OutOfBlocksError
+from tests.engine_checks import check_invariant_every_round
 from tests.tiny import tiny_qwen2, word_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,30 +107,6 @@ def on_policy_scores(student, teacher, prompt, n):
     return rollout(student, teacher, [prompt], config)[0].scores
 
 
-def check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm):
-    """After every round, each live row's caches hold its committed tokens but the pending one:
-    feeding the pending token gives the hidden state a fresh forward over the sequence gives."""
-    checked = []
-    original = engine_module._Engine._draft_round
-
-    def draft_round(self, rows):
-        original(self, rows)
-        for row in rows:
-            if row.finished:
-                continue
-            sequence = row.sequence
-            for pm in (student_pm, teacher_pm):
-                assert pm.lengths([row.index]) == [len(sequence) - 1]
-                hidden = pm.extend([row.index], [[sequence[-1]]])[0]
-                fresh = pm.model.model(torch.tensor([sequence], device=DEVICE)).last_hidden_state[0, -1]
-                torch.testing.assert_close(hidden, fresh, rtol=1e-4, atol=1e-4)
-                pm.truncate([row.index], [len(sequence) - 1])
-            checked.append(row.index)
-
-    monkeypatch.setattr(engine_module._Engine, "_draft_round", draft_round)
-    return checked
-
-
 def test_token_level_backtrack_and_intervention(student, monkeypatch):
     prompt = PROMPTS[0]
     greedy, token, p, teacher = planted_case(student, prompt)
@@ -148,7 +125,7 @@ def test_token_level_backtrack_and_intervention(student, monkeypatch):
     )
     student_pm = PagedModel(student, max_rows=1, max_tokens=256, block_size=4)
     teacher_pm = PagedModel(teacher, max_rows=1, max_tokens=256, block_size=4)
-    checked = check_invariant_after_each_round(monkeypatch, student_pm, teacher_pm)
+    checked = check_invariant_every_round(monkeypatch, student_pm, teacher_pm)
     traj = rollout(student_pm, teacher_pm, [prompt], config)[0]
     assert checked
     assert traj.tokens[:p] == greedy[:p] and traj.sources[:p] == ["student"] * p

@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from motab import engine as engine_module
 from motab.config import MODES, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout
 from motab.models import PagedModel
 from motab.steps import contains_stop_at_end, entropy_boundary, oracle_value, root_cause, topk_entropy, trim_at_stop
+from tests.engine_checks import check_invariant_every_round
 from tests.tiny import stop_tokenizer, tiny_qwen2
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,37 +266,6 @@ def test_teacher_steps_is_the_teacher_writing_step_by_step(student, teacher):
         assert all(s["writer"] == "teacher" and s["oracle_value"] is None for s in traj.steps)
         # greedy: the whole response is the teacher's greedy continuation, cut into steps
         assert traj.tokens == hf_greedy(teacher, traj.prompt, len(traj.tokens))
-
-
-def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
-    """After every round, each live row's caches hold its committed tokens but the pending one
-    (the student's only while the student writes it: a row the teacher writes for good, or is
-    rewriting a step of, leaves the student's cache behind until it resumes)."""
-    checked = []
-
-    def check(self, rows):
-        for row in rows:
-            if row.finished:
-                continue
-            models = [teacher_pm] if row.teacher_writes or self.student is self.teacher else [student_pm, teacher_pm]
-            for pm in models:
-                sequence = row.sequence
-                assert pm.lengths([row.index]) == [len(sequence) - 1]
-                hidden = pm.extend([row.index], [[sequence[-1]]])[0]
-                fresh = pm.model.model(torch.tensor([sequence], device=DEVICE)).last_hidden_state[0, -1]
-                torch.testing.assert_close(hidden, fresh, rtol=1e-4, atol=1e-4)
-                pm.truncate([row.index], [len(sequence) - 1])
-            checked.append(row.index)
-
-    for name in ("_draft_round", "_teacher_round"):
-        original = getattr(engine_module._Engine, name)
-
-        def wrapped(self, rows, original=original):
-            original(self, rows)
-            check(self, rows)
-
-        monkeypatch.setattr(engine_module._Engine, name, wrapped)
-    return checked
 
 
 @pytest.mark.parametrize("mode", MODES)

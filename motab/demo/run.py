@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -33,11 +35,18 @@ from motab.demo.measures import teacher_decay, teacher_guidance
 from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, supervised_train, toy_model
 from motab.engine import rollout, with_tokenizer_defaults
 from motab.plots import plot_accuracy_curves, render_trajectory
-from motab.toy.task import generate_split
+from motab.sft import SFTOptions, run_sft
+from motab.synthesis import Question, SynthesisOptions, synthesize
+from motab.toy.task import PAPER_PRESET, generate_split
 from motab.toy.teacher import load_teacher
 from motab.trainer import DistillationTrainer
 
-METHODS = ("off_policy", "on_policy", "skd", "adaswitch", "motab")
+ONLINE_METHODS = ("off_policy", "on_policy", "skd", "adaswitch", "motab")
+# The paper's pipeline and the reference scripts' two baselines: records synthesized from the warm
+# student and the teacher (``motab.synthesis``), then SFT of the student on them (``motab.sft``).
+PAPER_METHODS = ("teacher_steps", "step_skd", "step_motab")
+METHODS = ONLINE_METHODS + PAPER_METHODS
+RESPONSES = 5  # records per question, as the scripts
 # The two budgets of the final tables: equal steps × prompts, and equal wall clock — the training
 # time the on-policy (GKD) baseline needs for those steps, in the same seed.
 BUDGETS = ("steps", "time")
@@ -89,6 +98,17 @@ SHARED_OPTIONS = {
     "student_sampling": dict(temperature=1.0),
     "teacher_sampling": dict(temperature=0.0),
 }
+# What the paper's methods share instead, from the toy preset of ``motab synthesize``: the step stop
+# (a blank line), the step and correction budgets, and the scripts' sampling temperature for both.
+PAPER_OPTIONS = {
+    "rollout": dict(
+        step_stop=PAPER_PRESET["stop"],
+        max_step_tokens=PAPER_PRESET["max_step_tokens"],
+        min_correction_tokens=PAPER_PRESET["min_correction_tokens"],
+    ),
+    "student_sampling": dict(temperature=PAPER_PRESET["temperature"]),
+    "teacher_sampling": dict(temperature=PAPER_PRESET["temperature"]),
+}
 
 # The tuning grid (``python -m motab.demo.tune``, the README's protocol): the same number of
 # distinct settings for every method — the learning rate and one option that is the method's own —
@@ -114,6 +134,18 @@ TUNING_GRID = {
     "skd": [{"train.learning_rate": lr, "monitor.skd_top_k": k} for lr in (1e-3, 3e-3) for k in (25, 10, 5)],
     "adaswitch": [{"train.learning_rate": lr, **boundary} for lr in (1e-3, 3e-3) for boundary in BOUNDARIES],
     "motab": [{"train.learning_rate": lr, **boundary} for lr in (1e-3, 3e-3) for boundary in BOUNDARIES],
+    # The paper's methods: the SFT learning rate × one option of the synthesis, each value giving
+    # other records (checked on 300 questions): the teacher's temperature (0.6, the scripts', writes
+    # what greedy decoding writes on this task); step_skd's γ; step_motab's ε0 (the toy teacher's
+    # top-20 entropy is ~0.001 nats, so ε ≈ ε0; the steps' values lie above 0.99 or below 0.5, so
+    # ε0 0.5, 0.9 and 0.99 make the same decisions).
+    "teacher_steps": [
+        {"train.learning_rate": lr, "teacher_sampling.temperature": t} for lr in (1e-3, 3e-3) for t in (0.6, 1.0, 2.0)
+    ],
+    "step_skd": [
+        {"train.learning_rate": lr, "rollout.step_skd_gamma": g} for lr in (1e-3, 3e-3) for g in (0.9, 0.7, 0.5)
+    ],
+    "step_motab": [{"train.learning_rate": lr, "monitor.epsilon0": e} for lr in (1e-3, 3e-3) for e in (0.2, 0.5, 0.05)],
 }
 
 
@@ -140,6 +172,9 @@ def method_config(
     """A method's training configuration: SHARED_OPTIONS, then ``options`` ("section.key": value, as
     ``motab train --set`` takes them), at the demo's budget."""
     raw = {section: dict(values) for section, values in SHARED_OPTIONS.items()}
+    if method in PAPER_METHODS:
+        for section, values in PAPER_OPTIONS.items():
+            raw[section].update(values)
     raw["rollout"]["mode"] = method
     raw["train"].update(
         output_dir=str(output_dir),
@@ -202,7 +237,7 @@ def run_demo(
             trained = copy.deepcopy(student)
             folder = out / f"seed{seed}-{method}-{budget}"
             config = replace(method_config(tokenizer, method, options[method], size, folder, seed), steps=steps)
-            run = distil(trained, teacher, tokenizer, train, validation, config, progress)
+            run = run_method(trained, teacher, tokenizer, train, validation, config, progress)
             run.update(seed=seed, budget=budget, warm_start_validation_accuracy=warm, options=options[method])
             run["test_accuracy"] = greedy_accuracy(trained, tokenizer, test)
             if method == "motab" and budget == "steps":
@@ -238,19 +273,23 @@ def summarize(runs: list[dict]) -> dict:
     """Per method and budget: test accuracy (mean, std over seeds), MOTAB's lead paired by seed,
     steps, training seconds, tokens by writer and interventions, each a mean over seeds."""
     summary = {}
+
+    def by_seed(method, budget):
+        return sorted((r for r in runs if r["method"] == method and r["budget"] == budget), key=lambda r: r["seed"])
+
     for method in METHODS:
         summary[method] = {}
         for budget in BUDGETS:
-            mine = sorted((r for r in runs if r["method"] == method and r["budget"] == budget), key=lambda r: r["seed"])
-            motab = sorted(
-                (r for r in runs if r["method"] == "motab" and r["budget"] == budget), key=lambda r: r["seed"]
-            )
+            mine = by_seed(method, budget)
+            if not mine:
+                continue
             accuracies = [r["test_accuracy"] for r in mine]
-            leads = [m["test_accuracy"] - r["test_accuracy"] for m, r in zip(motab, mine)]
+
             summary[method][budget] = dict(
                 test_accuracy_mean=statistics.mean(accuracies),
                 test_accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                motab_lead=leads,
+                motab_lead=_paired_lead(by_seed("motab", budget), mine),
+                step_motab_lead=_paired_lead(by_seed("step_motab", budget), mine),
                 steps=statistics.mean(r["steps"] for r in mine),
                 train_seconds=statistics.mean(r["train_seconds"] for r in mine),
                 interventions_per_100=statistics.mean(r["interventions_per_100"] for r in mine),
@@ -258,6 +297,92 @@ def summarize(runs: list[dict]) -> dict:
                 teacher_tokens=statistics.mean(r["teacher_tokens"] for r in mine),
             )
     return summary
+
+
+def run_method(student, teacher, tokenizer, train, validation, config: TrainConfig, progress: bool = True) -> dict:
+    """Trains ``student`` in place by ``config`` with its method: online distillation, or the
+    paper's pipeline (synthesis, then SFT)."""
+    if config.rollout.mode in PAPER_METHODS:
+        return synthesize_and_sft(student, teacher, tokenizer, train, validation, config, progress)
+    return distil(student, teacher, tokenizer, train, validation, config, progress)
+
+
+def synthesize_and_sft(student, teacher, tokenizer, train, validation, config: TrainConfig, progress=True) -> dict:
+    """The paper's pipeline at the demo's budget, counted as the online methods count theirs: the
+    SFT takes ``config.steps`` optimizer steps of ``prompts_per_step`` records (one epoch over
+    ``steps × prompts_per_step`` records, ``RESPONSES`` per question, questions drawn from the train
+    split by the seed), so every method trains on as many sequences; its training time is the
+    synthesis (rollouts with the warm student) plus the SFT. The learning rate is
+    ``config.learning_rate``; the rest are the scripts' SFT settings (cosine to 1e-6, 5 % warm-up,
+    weight decay 0.1, Adam β2 0.95), without packing (a batch is its records, as the online
+    methods' batch is its rollouts)."""
+    steps, batch, seed = config.steps, config.prompts_per_step, config.seed
+    count = -(-steps * batch // RESPONSES)
+    questions = [Question(i, train[i].prompt) for i in random.Random(seed).sample(range(len(train)), count)]
+    before = greedy_accuracy(student, tokenizer, validation)
+    options = SynthesisOptions(responses=RESPONSES, marker=PAPER_PRESET["marker"], seed=seed, batch_size=64)
+    sft = SFTOptions(
+        learning_rate=config.learning_rate,
+        num_train_epochs=1,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        packing=False,
+        max_length=256,
+        gradient_checkpointing=False,
+        save_steps=steps,
+        save_total_limit=1,
+        seed=seed,
+        logging_steps=max(steps // 4, 1),
+        progress=False,
+    )
+    with tempfile.TemporaryDirectory() as work:
+        records_path = Path(work) / "records.jsonl"
+        started = time.perf_counter()
+        student.eval()
+        synthesize(student, teacher, tokenizer, questions, records_path, config.rollout, options, progress=False)
+        synthesized = time.perf_counter()
+        run_sft(student, records_path, Path(work) / "sft", sft, tokenizer=tokenizer)
+        finished = time.perf_counter()
+        records = [json.loads(line) for line in records_path.read_text(encoding="utf-8").splitlines()]
+    student.eval()
+    after = greedy_accuracy(student, tokenizer, validation)
+    if progress:
+        print(f"  seed {seed} {config.rollout.mode:>13}: {len(records)} records, SFT {steps} steps", flush=True)
+    counts = training_tokens(records, tokenizer)
+    return dict(
+        method=config.rollout.mode,
+        steps=steps,
+        curve=[(0, before), (steps, after)],
+        validation_accuracy=after,
+        interventions_per_100=100 * counts["corrections"] / max(counts["student"] + counts["teacher"], 1),
+        student_tokens=counts["student"],
+        teacher_tokens=counts["teacher"],
+        train_seconds=finished - started,
+        synthesis_seconds=synthesized - started,
+        breach_rate=sum(r["breach"] for r in records) / len(records),
+        weights_digest=weights_digest(student),
+    )
+
+
+def training_tokens(records: list[dict], tokenizer) -> dict:
+    """Tokens of the training texts by writer (the marker counted for neither) and the teacher's
+    corrections in them: a step_motab correction, or a step the teacher rewrote (step_skd)."""
+    counts = dict(student=0, teacher=0, corrections=0)
+    for record in records:
+        for step in record["steps"]:
+            if step["kept"] or (record["breach"] and step["writer"] == "student"):
+                counts[step["writer"]] += len(tokenizer(step["text"])["input_ids"])
+        if record["correction"] is not None:
+            counts["teacher"] += len(tokenizer(record["correction"])["input_ids"])
+            counts["corrections"] += 1
+        elif record["steps"] and record["steps"][0]["writer"] == "student":
+            counts["corrections"] += sum(1 for s in record["steps"] if s["writer"] == "teacher")
+    return counts
+
+
+def _paired_lead(leader: list[dict], runs: list[dict]) -> list[float]:
+    """The leader's test accuracy minus the runs', seed by seed (empty when the leader did not run)."""
+    return [a["test_accuracy"] - b["test_accuracy"] for a, b in zip(leader, runs)]
 
 
 def distil(student, teacher, tokenizer, train, validation, config: TrainConfig, progress: bool = True) -> dict:
@@ -315,15 +440,21 @@ def format_table(results: dict) -> str:
     for budget, title in (("steps", "equal steps"), ("time", f"equal wall clock ({CLOCK_METHOD}'s training time)")):
         lines += [
             f"\n{title}:",
-            "| method | test accuracy | MOTAB's lead by seed | steps | train s | interventions / 100 tokens | "
-            "student tokens | teacher tokens |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | test accuracy | motab's lead by seed | step_motab's lead by seed | steps | train s | "
+            "interventions / 100 tokens | student tokens | teacher tokens |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, by_budget in results["methods"].items():
+            if budget not in by_budget:
+                continue
             m = by_budget[budget]
-            lead = "" if method == "motab" else ", ".join(f"{100 * x:+.1f}" for x in m["motab_lead"])
+            lead, paper_lead = (
+                "" if method == leader else ", ".join(f"{100 * x:+.1f}" for x in m[f"{leader}_lead"])
+                for leader in ("motab", "step_motab")
+            )
             lines.append(
                 f"| {method} | {100 * m['test_accuracy_mean']:.1f} ± {100 * m['test_accuracy_std']:.1f} | {lead} | "
+                f"{paper_lead} | "
                 f"{m['steps']:.0f} | {m['train_seconds']:.0f} | {m['interventions_per_100']:.2f} | "
                 f"{m['student_tokens']:.0f} | {m['teacher_tokens']:.0f} |"
             )

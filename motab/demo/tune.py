@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from motab.demo.run import FULL, STUDENT_SHAPE, TUNING_GRID, as_problems, distil, method_config, warm_student
+from motab.demo.run import FULL, STUDENT_SHAPE, TUNING_GRID, as_problems, method_config, run_method, warm_student
 from motab.demo.toy_models import greedy_accuracy, toy_model
 from motab.toy.task import generate_split
 from motab.toy.teacher import load_teacher
@@ -41,7 +41,7 @@ def _run_setting(warm_state: str, method: str, options: dict, size, seed: int, t
     validation = generate_split("validation", size.validation)
     with tempfile.TemporaryDirectory() as folder:
         config = method_config(tokenizer, method, options, size, folder, seed)
-        run = distil(student, teacher, tokenizer, train, validation, config, progress=False)
+        run = run_method(student, teacher, tokenizer, train, validation, config, progress=False)
     return dict(run, options=options)
 
 
@@ -105,11 +105,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="tuning.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="settings run at once, each in its own process")
+    parser.add_argument(
+        "--methods", nargs="+", choices=sorted(TUNING_GRID), help="tune these methods only and merge them into --out"
+    )
     args = parser.parse_args(argv)
-    record = tune(TUNING_GRID, FULL, args.seed, args.jobs)
-    record["command"] = "python -m motab.demo.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m motab.demo.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    grid = TUNING_GRID if not args.methods else {m: TUNING_GRID[m] for m in args.methods}
+    record = tune(grid, FULL, args.seed, args.jobs)
+    record["command"] = command
+    if args.methods:
+        record = merge(json.loads(Path(args.out).read_text()), record)
     Path(args.out).write_text(json.dumps(record, indent=1))
     print(json.dumps(record["chosen"], indent=1))
+
+
+def merge(record: dict, addition: dict) -> dict:
+    """``record`` with the methods tuned in ``addition`` (same seed and budget: the same warm start)
+    replacing or joining its own; the addition's command, date and time are kept beside the record's."""
+    if (addition["seed"], addition["size"]) != (record["seed"], record["size"]):
+        raise ValueError("a merged tuning must use the record's seed and budget (the same warm start)")
+    methods = set(addition["chosen"])
+    merged = dict(record)
+    merged["runs"] = [r for r in record["runs"] if r["method"] not in methods] + addition["runs"]
+    merged["chosen"] = {**{m: o for m, o in record["chosen"].items() if m not in methods}, **addition["chosen"]}
+    note = {k: addition[k] for k in ("seconds", "date", "machine", "command")}
+    merged["additions"] = record.get("additions", []) + [dict(note, methods=sorted(methods))]
+    return merged
 
 
 if __name__ == "__main__":

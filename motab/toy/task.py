@@ -32,6 +32,13 @@ import re
 from dataclasses import dataclass
 
 STEP_DELIMITER = "\n\n"
+# The paper's pipeline on this task (``motab synthesize --preset toy`` and the demo): steps end at
+# the delimiter (one token, so trimming it changes nothing); the vocabulary has no letters for
+# "However,", so the marker is "??" ("?" never occurs in a solution); budgets sized to solutions of
+# at most ~50 tokens; the scripts' sampling temperature.
+PAPER_PRESET = dict(
+    stop=STEP_DELIMITER, marker="??", max_new_tokens=96, max_step_tokens=24, min_correction_tokens=48, temperature=0.6
+)
 OPERATIONS = {"+": lambda x, y: (x + y) % 10, "-": lambda x, y: (x - y) % 10, "*": lambda x, y: (x * y) % 10}
 VARIABLES = "abcdefghijkl"
 SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}

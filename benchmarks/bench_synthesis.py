@@ -1,0 +1,238 @@
+"""The paper's data synthesis: our engine (``motab.synthesis``) against a faithful
+re-implementation of the reference scripts' loop on the same HF models.
+
+The scripts' loop, per trajectory (one worker): the student writes a step with ``generate`` from
+the context, its ``past_key_values`` kept across steps (as SGLang's prefix cache would keep them),
+up to the stop string, EOS or the step budget; the teacher scores the step with a forward over
+context + step (V = exp(mean log p)); the boundary's top-k entropy comes from another teacher
+forward over the context; on the first breach the TD-error root cause is found, and the teacher
+writes the rest with ``generate`` from the context before it. Our engine runs all rows in one
+batch on the paged caches: one teacher forward verifies each draft, scores it and reads the next
+boundary; a rewind truncates the caches in place.
+
+Greedy decoding on both sides, so both write the same records: the benchmark checks texts,
+breaches and root causes exactly (V to 1e-3) and reports how many agree. Random models
+(``--shape``: tiny on a CPU, Qwen2.5-0.5B-shaped on a GPU) with a character tokenizer whose
+".\\n\\n" is one token, its LM-head row raised so that steps end; ε0 is set to the median of the
+step values of an unbounded run, so that about half the steps would breach. Writes
+``synthesis.json`` and ``synthesis.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import bench_parser, parse_bench_args, run_facts, write_results
+from _models import random_lm
+from _timing import sync
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tokenizer (tests/tiny.py)
+from motab.config import MonitorConfig, RolloutConfig, SamplingConfig  # noqa: E402
+from motab.steps import contains_stop_at_end, entropy_boundary, oracle_value, root_cause, topk_entropy  # noqa: E402
+from motab.synthesis import Question, SynthesisOptions, stitch, synthesize  # noqa: E402
+from tests.tiny import stop_tokenizer  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "small": dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2
+    ),
+    # Qwen2.5-0.5B's body (its 151936-entry head replaced by the benchmark tokenizer's)
+    "qwen0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+    ),
+}
+STOP = ".\n\n"
+
+
+class StopAtString(StoppingCriteria):
+    """Ends a one-row ``generate`` when the text of its new tokens holds the stop string (the tail
+    only, as the engine checks)."""
+
+    def __init__(self, tokenizer, start: int):
+        self.tokenizer, self.start = tokenizer, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return contains_stop_at_end(self.tokenizer, input_ids[0, self.start :].tolist(), [STOP])
+
+
+def scripts_loop(student, teacher, tokenizer, prompt: list[int], config: RolloutConfig) -> dict:
+    """One trajectory the scripts' way (greedy); returns the record fields that the check compares."""
+    device = next(student.parameters()).device
+    eos = tokenizer.eos_token_id
+    context = list(prompt)
+    past = None
+    steps, values, bounds = [], [], []
+    breach = None
+    while len(context) - len(prompt) < config.max_new_tokens:
+        ids = torch.tensor([context], device=device)
+        budget = min(config.max_step_tokens, config.max_new_tokens - (len(context) - len(prompt)))
+        out = student.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=past,
+            max_new_tokens=budget,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            stopping_criteria=StoppingCriteriaList([StopAtString(tokenizer, len(context))]),
+            return_dict_in_generate=True,
+        )
+        past = out.past_key_values
+        step = out.sequences[0, len(context) :].tolist()
+        with torch.no_grad():  # the scoring request: context + step, the teacher's log-probs of the step
+            logits = teacher(torch.tensor([context + step], device=device)).logits[0].float()
+            scored = step[:-1] if step[-1] == eos else step
+            logp = logits[len(context) - 1 : len(context) - 1 + len(scored)].log_softmax(-1)
+            value = oracle_value(logp[torch.arange(len(scored)), torch.tensor(scored, device=device)].tolist())
+            # the boundary request: a teacher forward over the context alone, its top-k at the end
+            head = teacher(torch.tensor([context], device=device)).logits[0, -1:].float()
+            entropy = float(topk_entropy(head, config.monitor.entropy_top_k)[0])
+        bound = entropy_boundary(entropy, config.monitor.epsilon0, config.monitor.theta)
+        steps.append(step)
+        values.append(value)
+        bounds.append(bound)
+        if value is not None and value < bound:
+            breach = root_cause(values, bounds)
+            break
+        context += step
+        if step[-1] == eos:
+            break
+    correction = None
+    if breach is not None:
+        start = len(prompt) + sum(len(s) for s in steps[:breach])
+        rewound = torch.tensor([prompt + [t for s in steps[:breach] for t in s]], device=device)
+        made = start - len(prompt)
+        new = max(config.min_correction_tokens, config.max_new_tokens - made)
+        out = teacher.generate(
+            rewound, attention_mask=torch.ones_like(rewound), max_new_tokens=new, do_sample=False,
+            eos_token_id=eos, pad_token_id=eos,
+        )  # fmt: skip
+        correction = tokenizer.decode(out[0, rewound.shape[1] :].tolist(), skip_special_tokens=True)
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in steps]
+    return dict(
+        output=stitch(texts, correction, "However,", trim_stop=False),
+        breach=breach is not None,
+        root_cause=breach,
+        values=values,
+    )
+
+
+def main(argv=None):
+    parser = bench_parser(__doc__)
+    parser.add_argument("--shape", default=None, help=f"one of {sorted(SHAPES)} (default: qwen0.5b on a GPU, tiny)")
+    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 on a GPU, 64 on a CPU")
+    args, device = parse_bench_args(parser, argv)
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # same records need the same argmax: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    shape = SHAPES[args.shape or ("qwen0.5b" if on_gpu else "tiny")]
+    tokenizer = stop_tokenizer()
+    stop_id = tokenizer.convert_tokens_to_ids(STOP)
+    models = []
+    for seed in (0, 1):
+        model = random_lm(dict(shape, tie_word_embeddings=False), len(tokenizer), torch.float32, device, seed)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)  # random small models are near-uniform: sharpen them
+            model.lm_head.weight[stop_id] *= 1.5  # and make steps end
+        models.append(model)
+    student, teacher = models
+    g = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    questions = [
+        Question(i, "".join(letters[j] for j in torch.randint(0, 26, (12,), generator=g).tolist()))
+        for i in range(args.questions)
+    ]
+    greedy = SamplingConfig(temperature=0.0)
+    new_tokens = args.max_new_tokens or (256 if on_gpu else 64)
+    base = RolloutConfig(
+        mode="step_motab",
+        max_new_tokens=new_tokens,
+        max_step_tokens=new_tokens,
+        min_correction_tokens=new_tokens // 4,
+        draft_len=8,
+        step_stop=STOP,
+        student_sampling=greedy,
+        teacher_sampling=greedy,
+        monitor=MonitorConfig(epsilon0=1e-30),
+    )
+    options = SynthesisOptions(responses=1, batch_size=len(questions))
+
+    def ours(config):
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "records.jsonl"
+            synthesize(student, teacher, tokenizer, questions, out, config, options, progress=False)
+            return [json.loads(line) for line in out.read_text().splitlines()]
+
+    scout = ours(base)
+    values = sorted(s["oracle_value"] for r in scout for s in r["steps"] if s["oracle_value"] is not None)
+    epsilon0 = values[len(values) // 2]
+    config = RolloutConfig(**{**base.__dict__, "monitor": MonitorConfig(epsilon0=epsilon0, theta=1.0)})
+    print(f"# {len(values)} steps in the scouting run; ε0 = their median V = {epsilon0:.3g}", flush=True)
+
+    ours(config)  # warm-up: compilation, allocator
+    sync(device)
+    started = time.perf_counter()
+    records = ours(config)
+    sync(device)
+    ours_seconds = time.perf_counter() - started
+
+    prompts = [tokenizer(q.text)["input_ids"] for q in questions]
+    scripts_loop(student, teacher, tokenizer, prompts[0], config)  # warm-up
+    sync(device)
+    started = time.perf_counter()
+    theirs = [scripts_loop(student, teacher, tokenizer, p, config) for p in prompts]
+    sync(device)
+    scripts_seconds = time.perf_counter() - started
+
+    agree = 0
+    for mine, other in zip(records, theirs):
+        same = (mine["output"], mine["breach"], mine["root_cause"]) == (
+            other["output"],
+            other["breach"],
+            other["root_cause"],
+        )
+        mine_values = [s["oracle_value"] for s in mine["steps"]]
+        same = same and all(
+            (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-3))
+            for a, b in zip(mine_values, other["values"])
+        )
+        agree += same
+    tokens = sum(r["tokens"] for r in records)
+    result = run_facts(
+        device,
+        shape=shape,
+        questions=len(questions),
+        max_new_tokens=new_tokens,
+        epsilon0=epsilon0,
+        breach_rate=sum(r["breach"] for r in records) / len(records),
+        records_agree=agree,
+        engine_seconds=ours_seconds,
+        scripts_seconds=scripts_seconds,
+        engine_tokens_per_s=tokens / ours_seconds,
+        scripts_tokens_per_s=tokens / scripts_seconds,
+        speedup=scripts_seconds / ours_seconds,
+    )
+    table = (
+        f"| card | shape | records | agree | breach rate | engine s | scripts' loop s | speed-up |\n"
+        f"|---|---|---|---|---|---|---|---|\n"
+        f"| {result['card']} | {args.shape or ('qwen0.5b' if on_gpu else 'tiny')} | {len(records)} | {agree} | "
+        f"{result['breach_rate']:.0%} | {ours_seconds:.2f} | {scripts_seconds:.2f} | {result['speedup']:.1f}× |"
+    )
+    print(table)
+    write_results(args.out, "synthesis", result, table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""A check of the rollout engine's alignment invariant, for the engine's tests."""
+
+from __future__ import annotations
+
+import torch
+
+from motab import engine as engine_module
+
+
+def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
+    """After every round, each live row's caches hold its committed tokens but the pending one
+    (the student's only while the student writes it: a row the teacher writes for good, or is
+    rewriting a step of, leaves the student's cache behind until it resumes)."""
+    checked = []
+
+    def check(self, rows):
+        for row in rows:
+            if row.finished:
+                continue
+            models = [teacher_pm] if row.teacher_writes or self.student is self.teacher else [student_pm, teacher_pm]
+            for pm in models:
+                sequence = row.sequence
+                assert pm.lengths([row.index]) == [len(sequence) - 1]
+                hidden = pm.extend([row.index], [[sequence[-1]]])[0]
+                fresh = pm.model.model(torch.tensor([sequence], device=pm.device)).last_hidden_state[0, -1]
+                torch.testing.assert_close(hidden, fresh, rtol=1e-4, atol=1e-4)
+                pm.truncate([row.index], [len(sequence) - 1])
+            checked.append(row.index)
+
+    for name in ("_draft_round", "_teacher_round"):
+        original = getattr(engine_module._Engine, name)
+
+        def wrapped(self, rows, original=original):
+            original(self, rows)
+            check(self, rows)
+
+        monkeypatch.setattr(engine_module._Engine, name, wrapped)
+    return checked
