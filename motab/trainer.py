@@ -152,7 +152,9 @@ class DistillationTrainer:
         with torch.no_grad():
             prompts = [p.prompt_ids for p in problems]
             keep = config.reuse_teacher_hidden
-            trajectories = rollout(*self.paged, prompts, config.rollout, seeds=seeds, keep_teacher_hidden=keep)
+            trajectories = rollout(
+                *self.paged, prompts, config.rollout, seeds=seeds, tokenizer=self.tokenizer, keep_teacher_hidden=keep
+            )
         self.student.train()
         examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
         counted = sum(self.loss_fn.count(torch.tensor(codes)) for _, _, codes in examples)

@@ -158,3 +158,20 @@ def test_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         other = tiny_qwen2(0, hidden=32, layers=1, vocab=70)
         trainer(tmp_path, teacher=other).train(progress=False)
+
+
+def test_online_distillation_on_the_papers_step_rollouts(tmp_path):
+    """``motab train --mode step_motab``: the online variant with the paper's score, boundary and
+    rewind — the loss on the final trajectory (the kept student steps and the teacher's correction)."""
+    from tests.tiny import stop_tokenizer
+
+    tokenizer = stop_tokenizer()
+    student = tiny_qwen2(0, hidden=32, layers=1, vocab=len(tokenizer)).eval()
+    teacher = tiny_qwen2(1, hidden=64, layers=2, vocab=len(tokenizer)).eval()
+    problems = [Problem(f"p{i}", tokenizer.encode(t), "0", None) for i, t in enumerate(["ab = 1", "x", "c d", "q + 2"])]
+    rollout = RolloutConfig(mode="step_motab", max_new_tokens=16, max_step_tokens=6, min_correction_tokens=4)
+    run = DistillationTrainer(student, teacher, tokenizer, problems, config(tmp_path, steps=2, rollout=rollout))
+    before = copy.deepcopy(student.state_dict())
+    run.train(progress=False)
+    assert run.step == 2
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
