@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -32,12 +33,12 @@ import torch
 from motab.config import TrainConfig, build_configs, set_option
 from motab.data import Problem
 from motab.demo.measures import teacher_decay, teacher_guidance
-from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, supervised_train, toy_model
+from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, greedy_solutions, supervised_train, toy_model
 from motab.engine import rollout, with_tokenizer_defaults
 from motab.plots import plot_accuracy_curves, render_trajectory
 from motab.sft import SFTOptions, run_sft
 from motab.synthesis import Question, SynthesisOptions, synthesize
-from motab.toy.task import PAPER_PRESET, generate_split
+from motab.toy.task import PAPER_PRESET, generate_split, is_correct
 from motab.toy.teacher import load_teacher
 from motab.trainer import DistillationTrainer
 
@@ -239,7 +240,7 @@ def run_demo(
             config = replace(method_config(tokenizer, method, options[method], size, folder, seed), steps=steps)
             run = run_method(trained, teacher, tokenizer, train, validation, config, progress)
             run.update(seed=seed, budget=budget, warm_start_validation_accuracy=warm, options=options[method])
-            run["test_accuracy"] = greedy_accuracy(trained, tokenizer, test)
+            run.update(test_grades(trained, tokenizer, test))
             if method == "motab" and budget == "steps":
                 _render_rollout(trained, teacher, train, config, seed, out / "rollout.png")
             return run
@@ -269,6 +270,21 @@ def run_demo(
     return results
 
 
+def test_grades(model, tokenizer, test) -> dict:
+    """Greedy test accuracy as the protocol grades it (the first ``#d``), and two checks of that
+    grader for the stitched data of the paper's pipeline, which puts a flawed step (perhaps a wrong
+    answer) before the marker: the accuracy by the last ``#d``, and the share of completions that
+    write the marker at all."""
+    _, written = greedy_solutions(model, tokenizer, test)
+    texts = [tokenizer.decode(tokens) for tokens in written]
+    last = [re.findall(r"#(\d)", text) for text in texts]
+    return dict(
+        test_accuracy=sum(is_correct(text, p) for text, p in zip(texts, test)) / len(test),
+        test_accuracy_last_answer=sum(bool(a) and a[-1] == p.answer for a, p in zip(last, test)) / len(test),
+        test_marker_share=sum(PAPER_PRESET["marker"] in text for text in texts) / len(test),
+    )
+
+
 def summarize(runs: list[dict]) -> dict:
     """Per method and budget: test accuracy (mean, std over seeds), MOTAB's lead paired by seed,
     steps, training seconds, tokens by writer and interventions, each a mean over seeds."""
@@ -290,6 +306,8 @@ def summarize(runs: list[dict]) -> dict:
                 test_accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                 motab_lead=_paired_lead(by_seed("motab", budget), mine),
                 step_motab_lead=_paired_lead(by_seed("step_motab", budget), mine),
+                test_accuracy_last_answer=statistics.mean(r["test_accuracy_last_answer"] for r in mine),
+                test_marker_share=statistics.mean(r["test_marker_share"] for r in mine),
                 steps=statistics.mean(r["steps"] for r in mine),
                 train_seconds=statistics.mean(r["train_seconds"] for r in mine),
                 interventions_per_100=statistics.mean(r["interventions_per_100"] for r in mine),
