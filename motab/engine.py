@@ -50,6 +50,7 @@ from motab.steps import (
     entropy_boundary,
     oracle_value,
     root_cause,
+    tail_width,
     topk_entropy,
     trim_at_stop,
 )
@@ -131,7 +132,18 @@ class _Row:
 
     @property
     def sequence(self) -> list[int]:
+        """Prompt and response (a copy: the per-token paths use ``pending`` and ``length``)."""
         return self.trajectory.prompt + self.trajectory.tokens
+
+    @property
+    def pending(self) -> int:
+        """The last committed token, which neither cache has read yet."""
+        return (self.trajectory.tokens or self.trajectory.prompt)[-1]
+
+    @property
+    def length(self) -> int:
+        """Committed tokens, prompt included."""
+        return len(self.trajectory.prompt) + len(self.trajectory.tokens)
 
     def commit(self, tokens, source: str, scores, boundaries, teacher_hidden) -> None:
         """Appends tokens to the row; a student token's score joins the monitor's history."""
@@ -156,7 +168,7 @@ class _Row:
                 del getattr(traj, name)[keep:]
             del self.hidden[keep:]
             self._engine.monitor.rewind(self.index, scored_before)
-        length = len(self.sequence) - 1
+        length = self.length - 1
         with self._engine.phase("truncation"):
             for model in self._engine.models:
                 if model.lengths([self.index])[0] > length:  # a cache behind (a teacher step) stays behind
@@ -333,7 +345,7 @@ class _Engine:
         hidden = [[] for _ in rows]
         sampled_logprobs = [[] for _ in rows]  # the student's, under its sampling distribution (step_skd)
         step_ends: list[str | None] = [None] * len(rows)
-        feed = [[r.sequence[-1]] for r in rows]
+        feed = [[r.pending] for r in rows]
         with self.phase("student_decode"):
             for step in range(max(lengths)):
                 live = [i for i, n in enumerate(lengths) if n > step and step_ends[i] is None]
@@ -356,9 +368,7 @@ class _Engine:
         # Where each row's draft sits in every packed tensor below (verify, scores, statistics).
         offsets = ragged.cu_seqlens([len(d) for d in drafts])
         with self.phase("teacher_verify"):
-            verify = self.teacher.extend(
-                [r.index for r in rows], [[r.sequence[-1]] + d[:-1] for r, d in zip(rows, drafts)]
-            )
+            verify = self.teacher.extend([r.index for r in rows], [[r.pending] + d[:-1] for r, d in zip(rows, drafts)])
         if self.policy.step_test == "boundary":
             self._read_step_entropies(rows, verify, offsets)
         by_op = [self._decided_by_op(r) for r in rows]
@@ -509,7 +519,7 @@ class _Engine:
         states = {row.index: [] for row, _ in requests}  # the teacher hidden behind each written token
         limits = {row.index: 1 if kind == "replace" else config.intervention_len for row, kind in requests}
         live = [row for row, _ in requests]
-        feed = {row.index: [row.sequence[-1]] for row in live}
+        feed = {row.index: [row.pending] for row in live}
         while live:
             hidden = self.teacher.extend([r.index for r in live], [feed[r.index] for r in live])
             logits = self.teacher.logits(hidden)[:, : self.vocab]
@@ -565,7 +575,7 @@ class _Engine:
             if not live:
                 break
             with self.phase("teacher_decode"):
-                hidden = self.teacher.extend([r.index for r in live], [[r.sequence[-1]] for r in live])
+                hidden = self.teacher.extend([r.index for r in live], [[r.pending] for r in live])
             logits = self.teacher.logits(hidden)[:, : self.vocab]
             ended = []
             for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
@@ -590,16 +600,17 @@ class _Engine:
     def _step_end(self, row: _Row, new_tokens: list[int]) -> str | None:
         """Why the row's current step ends with ``new_tokens`` appended, if it does: its writer
         wrote EOS, the stop string, the step's budget or the row's."""
-        step_tokens = row.trajectory.tokens[row.step.start :] + new_tokens
-        if not step_tokens:
+        tokens, stops = row.trajectory.tokens, [self.config.step_stop]
+        written = len(tokens) - row.step.start + len(new_tokens)  # the step's tokens so far
+        if not written:
             return None
-        if step_tokens[-1] in self.eos:
+        if (new_tokens or tokens)[-1] in self.eos:
             return "eos"
-        if contains_stop_at_end(self.tokenizer, step_tokens, [self.config.step_stop]):
+        if contains_stop_at_end(self.tokenizer, _tail(tokens, new_tokens, row.step.start, stops), stops):
             return "stop"
-        if len(row.trajectory.tokens) + len(new_tokens) >= row.limit:
+        if len(tokens) + len(new_tokens) >= row.limit:
             return "length"
-        if len(step_tokens) >= self.config.max_step_tokens:
+        if written >= self.config.max_step_tokens:
             return "step_length"
         return None
 
@@ -631,7 +642,7 @@ class _Engine:
         trims = [(row, self._trim(row)) for row, reason in ended if reason == "stop" and self.config.trim_stop]
         if trims:
             rows = [row for row, _ in trims]
-            feeds = [[row.sequence[-1]] + new[:-1] for row, (new, _) in trims]
+            feeds = [[row.pending] + new[:-1] for row, (new, _) in trims]
             read = self._extend_split(self.teacher, rows, feeds)
             # the writer's caches were aligned before the cut; a student behind a teacher step catches up later
             students = [i for i, row in enumerate(rows) if row.step.writer == "student"]
@@ -787,9 +798,10 @@ class _Engine:
 
     def _stops(self, row: _Row, new_tokens: list[int]) -> bool:
         """Whether a stop string ends the response with ``new_tokens`` appended (its tail only)."""
-        if not (self.config.stop_strings and self.tokenizer is not None):
+        stops = self.config.stop_strings
+        if not (stops and self.tokenizer is not None):
             return False
-        return contains_stop_at_end(self.tokenizer, row.trajectory.tokens + new_tokens, self.config.stop_strings)
+        return contains_stop_at_end(self.tokenizer, _tail(row.trajectory.tokens, new_tokens, 0, stops), stops)
 
     def _finish_if_done(self, row: _Row) -> bool:
         traj = row.trajectory
@@ -801,6 +813,13 @@ class _Engine:
             traj.finish_reason = "length"
         row.finished = traj.finish_reason is not None
         return row.finished
+
+
+def _tail(tokens: list[int], new_tokens: list[int], start: int, stops) -> list[int]:
+    """The last tokens of ``tokens[start:] + new_tokens`` that a stop check reads, without copying
+    the rest (a step or a response can be 32k tokens long, checked after every token)."""
+    width = tail_width(stops)
+    return (tokens[max(start, len(tokens) - width) :] + new_tokens)[-width:]
 
 
 def _synchronize(device: torch.device) -> None:

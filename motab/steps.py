@@ -31,15 +31,19 @@ SCRIPT_SEPARATOR = "\n\n"
 _TAIL_SLACK = 4
 
 
+def tail_width(stops: Sequence[str]) -> int:
+    """Tokens of tail enough to hold the longest of ``stops`` and the newest token."""
+    return max(len(s) for s in stops) + _TAIL_SLACK
+
+
 def contains_stop_at_end(tokenizer, tokens: Sequence[int], stops: Sequence[str]) -> bool:
-    """Whether the text of the last few ``tokens`` (enough to hold the longest stop string and the
-    newest token) contains one of ``stops``. Called after every new token, it finds the first
-    occurrence without ever decoding more than a short tail (a whole response at 32k tokens
-    decoded after every token would be quadratic)."""
+    """Whether the text of the last ``tail_width(stops)`` of ``tokens`` contains one of ``stops``.
+    Called after every new token, it finds the first occurrence without ever decoding more than a
+    short tail (a whole response at 32k tokens decoded after every token would be quadratic);
+    callers pass a bounded tail for the same reason."""
     if not stops or not tokens:
         return False
-    width = max(len(s) for s in stops) + _TAIL_SLACK
-    tail = tokenizer.decode(list(tokens[-width:]))
+    tail = tokenizer.decode(list(tokens[-tail_width(stops) :]))
     return any(stop in tail for stop in stops)
 
 

@@ -71,7 +71,8 @@ class DemoSize:
     decay_problems: int
 
 
-# The default takes about 6 of the 10 minutes a 2-core CPU is allowed for one seed. The warm start
+# One seed takes about 12 minutes on a 2-core CPU (8 methods at two budgets; about 6 when the demo
+# ran 5 methods at one budget, within the 10 minutes it was then allowed). The warm start
 # (1500 steps on a 2000-problem slice) brings the student to 30–45 % so that its own samples mean
 # something (after 300 steps, at ≈ 20 %, it sat on the flat start of its learning curve and no
 # method moved it); 200 steps of distillation per method is what the remaining minutes buy.
