@@ -79,6 +79,7 @@ def render_steps(record: dict, path: str | Path) -> None:
         ax.plot([index[-1]], [values[-1]], "rx", ms=10, label="breach")
         ax.axvline(record["root_cause"] - 0.5, color="tab:red", ls="--", lw=1, label="t* (rewind)")
     ax.set_yscale("log")
+    ax.set_xticks(index)
     ax.set_xlabel("student step")
     ax.set_title(f"record {record['id']} / response {record['response_index']}")
     ax.legend(loc="lower left", fontsize=8)
