@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from motab.config import RolloutConfig, SamplingConfig
-from motab.models import PagedModel
+from motab.models import PagedModel, lm_head, shared_vocab
 from motab.monitor import Monitor
 from motab.policy import POLICIES, intervention_budget, policy_for
 from motab.steps import (
@@ -299,15 +299,7 @@ class _Engine:
         self.timings = timings
         self.keep_teacher_hidden = keep_teacher_hidden
         self._phases: list[str] = []  # open timing phases, innermost last
-        heads = (student.lm_head.weight.shape[0], teacher.lm_head.weight.shape[0])
-        if config.vocab_size is None and heads[0] != heads[1]:
-            raise ValueError(
-                f"vocabulary mismatch: student LM head has {heads[0]} entries, teacher {heads[1]}; pass the "
-                "tokenizer (or RolloutConfig.vocab_size) to score and sample over the shared ids only"
-            )
-        self.vocab = config.vocab_size or heads[0]
-        if self.vocab > min(heads):
-            raise ValueError(f"vocab_size {self.vocab} exceeds an LM head ({heads[0]} / {heads[1]} entries)")
+        self.vocab = shared_vocab(student, teacher, vocab_size=config.vocab_size)
         self.policy, self.monitor_config = policy_for(config)
         self.budget = intervention_budget(self.policy, config)
         self.delimiters = set(config.delimiter_token_ids)
@@ -352,7 +344,7 @@ class _Engine:
                 if not live:
                     break
                 out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
-                logits = self.student.logits(out)[:, : self.vocab]
+                logits = self.student.logits(out, self.vocab)
                 tokens = self._sample(logits, [rows[i] for i in live], teacher=False)
                 logprobs = self._sampling_logprobs(logits, tokens) if self.policy.step_test == "skd_ratio" else None
                 for j, (i, token) in enumerate(zip(live, tokens)):
@@ -424,15 +416,15 @@ class _Engine:
         op's first stray for ``thresholds``."""
         monitor = self.monitor_config
         device = student_hidden.device
-        student_bias, teacher_bias = (
-            None if m.lm_head.bias is None else m.lm_head.bias[: self.vocab] for m in (self.student, self.teacher)
+        (student_weight, student_bias), (teacher_weight, teacher_bias) = (
+            lm_head(m, self.vocab) for m in (self.student, self.teacher)
         )
         with torch.no_grad():
             out = fused_linear_divergence(
                 student_hidden,
-                self.student.lm_head.weight[: self.vocab],
+                student_weight,
                 teacher_hidden,
-                self.teacher.lm_head.weight[: self.vocab],
+                teacher_weight,
                 student_bias=student_bias,
                 teacher_bias=teacher_bias,
                 kind=monitor.divergence_kind,
@@ -522,7 +514,7 @@ class _Engine:
         feed = {row.index: [row.pending] for row in live}
         while live:
             hidden = self.teacher.extend([r.index for r in live], [feed[r.index] for r in live])
-            logits = self.teacher.logits(hidden)[:, : self.vocab]
+            logits = self.teacher.logits(hidden, self.vocab)
             still = []
             for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
                 out = written[row.index]
@@ -576,7 +568,7 @@ class _Engine:
                 break
             with self.phase("teacher_decode"):
                 hidden = self.teacher.extend([r.index for r in live], [[r.pending] for r in live])
-            logits = self.teacher.logits(hidden)[:, : self.vocab]
+            logits = self.teacher.logits(hidden, self.vocab)
             ended = []
             for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
                 row.commit([token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
@@ -622,7 +614,7 @@ class _Engine:
         if not starting:
             return
         positions = torch.tensor([int(offsets[i]) for i in starting], device=verify.device)
-        logits = self.teacher.logits(verify[positions])[:, : self.vocab]
+        logits = self.teacher.logits(verify[positions], self.vocab)
         entropies = topk_entropy(logits, self.monitor_config.entropy_top_k).tolist()
         for i, h in zip(starting, entropies):
             rows[i].step.entropy = h
@@ -678,7 +670,7 @@ class _Engine:
 
     def _teacher_logprobs(self, hidden: torch.Tensor, targets: list[int]) -> list[float]:
         """log p_teacher(target) at temperature 1 for a few positions (the LM head on those only)."""
-        logp = torch.log_softmax(self.teacher.logits(hidden)[:, : self.vocab].float(), -1)
+        logp = torch.log_softmax(self.teacher.logits(hidden, self.vocab).float(), -1)
         index = torch.tensor(targets, device=logp.device)
         return logp[torch.arange(len(targets), device=logp.device), index].tolist()
 

@@ -91,10 +91,13 @@ class TrajectoryDistillationLoss(nn.Module):
         targets: torch.Tensor,
         sources: torch.Tensor,
         normalizer: float | torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
     ) -> DivergenceOutput:
         """``*_hidden`` ``[..., D]`` final hidden states at every position, ``*_head`` the LM-head
-        weights, ``targets`` and ``sources`` ``[...]`` from ``trajectory_targets`` (padded with
-        ``NO_LOSS``). Returns the fused op's output; its ``loss`` is the value to backpropagate."""
+        weights and ``*_bias`` their biases (``motab.models.lm_head``: cut to the shared vocabulary),
+        ``targets`` and ``sources`` ``[...]`` from ``trajectory_targets`` (padded with ``NO_LOSS``).
+        Returns the fused op's output; its ``loss`` is the value to backpropagate."""
         if sources.shape != targets.shape:
             raise ValueError(f"sources {tuple(sources.shape)} and targets {tuple(targets.shape)} differ in shape")
         weights = self.position_weights(sources)
@@ -107,4 +110,6 @@ class TrajectoryDistillationLoss(nn.Module):
             torch.where(counted, targets, -100),
             weights=weights.reshape(-1),
             normalizer=normalizer,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
         )

@@ -210,9 +210,11 @@ class PagedModel:
             self.cache.truncate(rows, starts)
             raise
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits of final hidden states."""
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """LM-head logits of final hidden states, over the first ``vocab`` ids (all by default)."""
+        if vocab is None or vocab == self.lm_head.weight.shape[0]:
+            return self.lm_head(hidden)
+        return torch.nn.functional.linear(hidden, *lm_head(self, vocab))
 
     def truncate(self, rows: Sequence[int], new_lens: Sequence[int]) -> None:
         """Cuts rows back to ``new_lens`` tokens in place (see ``PagedKVCache.truncate``)."""
@@ -260,6 +262,42 @@ def final_hidden_states(
     if output.logits is not None and output.logits.shape[-2] != 0:
         raise RuntimeError(f"{type(inner).__name__} computed logits despite logits_to_keep=[]; refusing to go on")
     return captured[-1], head.weight, getattr(head, "bias", None)
+
+
+def lm_head(model, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head of ``model`` (an HF causal LM, a DDP-style wrapper of one, or a PagedModel) as
+    ``(weight, bias)``, both cut to the first ``vocab`` rows: the tokenizer's vocabulary, which the
+    heads of real families pad past (Qwen2.5-7B's has 152,064 rows and 1.5B's 151,936 for a
+    151,665-token tokenizer), so that two models are scored over the same ids. The bias is kept
+    when the head has one; the cut rows are views, so gradients reach the head's own rows."""
+    head = model.lm_head if isinstance(model, PagedModel) else _unwrap(model).get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if vocab is None:
+        return weight, bias
+    if not 0 < vocab <= weight.shape[0]:
+        raise ValueError(f"the vocabulary of {vocab} ids does not fit an LM head of {weight.shape[0]} rows")
+    return weight[:vocab], None if bias is None else bias[:vocab]
+
+
+def shared_vocab(student, teacher, tokenizer=None, vocab_size: int | None = None) -> int:
+    """The ids both models are scored and sampled over: ``vocab_size``, else the tokenizer's
+    length; without either, the two LM heads must have the same number of rows. Refuses a
+    vocabulary that does not fit a head, naming both heads."""
+    rows = [lm_head(m)[0].shape[0] for m in (student, teacher)]
+    vocab = vocab_size or (len(tokenizer) if tokenizer is not None else None)
+    if vocab is None:
+        if rows[0] != rows[1]:
+            raise ValueError(
+                f"vocabulary mismatch: the student's LM head has {rows[0]} rows, the teacher's {rows[1]}; pass the "
+                "tokenizer (or its vocabulary size) to score over the shared ids only"
+            )
+        return rows[0]
+    if vocab > min(rows):
+        raise ValueError(
+            f"the tokenizer's {vocab} ids do not fit the LM heads (student {rows[0]} rows, teacher {rows[1]}): "
+            "these models were not trained with this tokenizer"
+        )
+    return vocab
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from motab.config import TrainConfig
 from motab.data import Problem
 from motab.engine import paged_for_rollouts, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
-from motab.models import final_hidden_states
+from motab.models import final_hidden_states, lm_head, shared_vocab
 
 
 class DistillationTrainer:
@@ -69,6 +69,9 @@ class DistillationTrainer:
                 f"micro_batch ({config.micro_batch})"
             )
         self.per_rank = config.prompts_per_step // self.world
+        # the ids both heads are scored over, checked before any rollout (heads padded differently,
+        # as Qwen2.5-7B's and 1.5B's are, train over the tokenizer's ids only)
+        self.vocab = shared_vocab(student, teacher, tokenizer, config.rollout.vocab_size)
         self.teacher.eval().requires_grad_(False)
         self.loss_fn = TrajectoryDistillationLoss(
             kind=config.loss_kind,
@@ -210,17 +213,19 @@ class DistillationTrainer:
         mask = pad([[1] * len(e[0]) for e in examples], 0)
         loss_positions = codes != NO_LOSS
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_hidden, student_head, _ = final_hidden_states(self.train_model, ids, mask)
+            student_hidden, student_head, student_bias = final_hidden_states(self.train_model, ids, mask)
             teacher_hidden = self._teacher_hidden(ids, mask, loss_positions, trajectories)
-            teacher_head = self.teacher.get_output_embeddings().weight
+            teacher_head, teacher_bias = lm_head(self.teacher, self.vocab)
             out = self.loss_fn(
                 student_hidden[loss_positions],
-                student_head,
+                student_head[: self.vocab],
                 teacher_hidden,
                 teacher_head,
                 targets[loss_positions],
                 codes[loss_positions],
                 normalizer=normalizer,
+                student_bias=None if student_bias is None else student_bias[: self.vocab],
+                teacher_bias=teacher_bias,
             )
         (out.loss * self.world).backward()
         return float(out.loss.detach())

@@ -249,6 +249,8 @@ class PagedKVCache:
         return -(-lengths // self.block_size)
 
     def _checked_rows(self, rows) -> np.ndarray:
+        if isinstance(rows, torch.Tensor):  # row ids on any device: the plan is made on the host
+            rows = rows.detach().cpu().numpy()
         rows_a = np.asarray(rows, dtype=np.int64).reshape(-1)
         if ((rows_a < 0) | (rows_a >= self.max_rows)).any():
             raise ValueError(f"rows must lie in [0, {self.max_rows}), got {list(rows_a)}")

@@ -208,7 +208,7 @@ def test_bad_configs_and_inputs(student):
     with pytest.raises(ValueError, match="at least one token"):
         rollout(student, student, [[]])
     other = model(6, hidden=32, vocab=103)
-    with pytest.raises(ValueError, match="vocabulary mismatch: student LM head has 101 entries, teacher 103"):
+    with pytest.raises(ValueError, match="vocabulary mismatch: the student's LM head has 101 rows, the teacher's 103"):
         rollout(student, other, PROMPTS)
 
 

@@ -181,5 +181,5 @@ def test_num_items_in_batch_replaces_the_token_count():
 
 def test_vocabulary_mismatch_is_refused():
     student, teacher = tiny_model(32, 1, seed=0), tiny_model(32, 1, seed=1, vocab=VOCAB + 2)
-    with pytest.raises(ValueError, match=r"vocabulary mismatch: student LM head has 101 entries, teacher 103"):
+    with pytest.raises(ValueError, match=r"vocabulary mismatch: the student's LM head has 101 rows, the teacher's 103"):
         distillation_loss(student, teacher, batch())

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from motab.models import final_hidden_states
+from motab.models import final_hidden_states, lm_head, shared_vocab
 from motab_kernels import DivergenceOutput, fused_linear_divergence
 
 
@@ -35,6 +35,7 @@ def distillation_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
     impl: str = "auto",
+    vocab_size: int | None = None,
 ) -> DivergenceOutput:
     """The divergence between teacher and student on ``inputs`` (``input_ids``, ``labels`` and
     optional ``attention_mask``), position i scoring the prediction of ``labels[i + 1]``.
@@ -42,13 +43,17 @@ def distillation_loss(
     The loss is summed over tokens whose label is not ``ignore_index`` and divided by their
     number, or by ``num_items_in_batch`` when given (the Trainer passes the count over all
     gradient-accumulation micro-batches). The teacher runs in eval mode without gradient.
+    ``vocab_size`` (the tokenizer's length) cuts both LM heads, and their biases, to the shared
+    ids: needed when the heads are padded differently (the trainers pass it from their tokenizer).
     """
     input_ids, labels = inputs["input_ids"], inputs["labels"]
     attention_mask = inputs.get("attention_mask")
-    student_hidden, student_weight, student_bias = final_hidden_states(student, input_ids, attention_mask)
+    vocab = shared_vocab(student, teacher, vocab_size=vocab_size)
+    student_hidden, _, _ = final_hidden_states(student, input_ids, attention_mask)
     teacher.eval()
     with torch.no_grad():
-        teacher_hidden, teacher_weight, teacher_bias = final_hidden_states(teacher, input_ids, attention_mask)
+        teacher_hidden, _, _ = final_hidden_states(teacher, input_ids, attention_mask)
+    (student_weight, student_bias), (teacher_weight, teacher_bias) = (lm_head(m, vocab) for m in (student, teacher))
     options = dict(kind=kind, beta=beta, temperature=temperature, ignore_index=ignore_index, impl=impl)
     biases = dict(student_bias=student_bias, teacher_bias=teacher_bias)
     # position i predicts labels[i + 1]: the last position has nothing to predict
@@ -63,6 +68,13 @@ def distillation_loss(
         **biases,
         **options,
     )
+
+
+def tokenizer_size(trainer) -> int | None:
+    """The vocabulary of a Trainer's tokenizer (``processing_class``), if it has one: the ids the
+    two LM heads share."""
+    tokenizer = getattr(trainer, "processing_class", None)
+    return len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "get_vocab") else None
 
 
 class DistillationTrainer(Trainer):
@@ -83,7 +95,7 @@ class DistillationTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model.to(self.args.device)
-        self.distillation = dict(kind=kind, beta=beta, temperature=temperature)
+        self.distillation = dict(kind=kind, beta=beta, temperature=temperature, vocab_size=tokenizer_size(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = distillation_loss(

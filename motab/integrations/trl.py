@@ -17,7 +17,7 @@ two agree, and can be set to apply a temperature to the loss explicitly.
 
 from __future__ import annotations
 
-from motab.integrations.hf import distillation_loss
+from motab.integrations.hf import distillation_loss, tokenizer_size
 
 SUPPORTED_TRL = ">=0.20,<2"
 
@@ -56,5 +56,6 @@ class FusedGKDTrainer(GKDTrainer):
             temperature=self.loss_temperature,
             num_items_in_batch=num_items_in_batch,
             impl=self.fused_impl,
+            vocab_size=tokenizer_size(self),
         )
         return (out.loss, out) if return_outputs else out.loss
