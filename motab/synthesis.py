@@ -159,8 +159,8 @@ def record_of(question: Question, index: int, prompt: str, trajectory, tokenizer
 
 @dataclass
 class SynthesisSummary:
-    records: int  # written by this call (all ranks)
-    skipped: int  # already there (resume)
+    records: int  # written by this call on this rank
+    skipped: int  # this rank's share already there (resume)
     breaches: int
     tokens: int
     seconds: float
@@ -195,7 +195,8 @@ def synthesize(
         barrier()
     done = _finished(parts)
     rows = [(q, i) for q in questions for i in range(options.responses)]
-    todo = [row for n, row in enumerate(rows) if n % world_size == rank and (str(row[0].id), row[1]) not in done]
+    share = [row for n, row in enumerate(rows) if n % world_size == rank]
+    todo = [row for row in share if (str(row[0].id), row[1]) not in done]
     prompts = {q.id: prompt_text(tokenizer, q.text, options.prompt_format) for q, _ in todo}
     ids = {
         key: tokenizer(text, add_special_tokens=options.prompt_format == "raw")["input_ids"]
@@ -239,9 +240,7 @@ def synthesize(
         barrier()
     if rank == 0:
         _merge(out, parts, questions, options.responses)
-    return SynthesisSummary(
-        written, len(rows) // world_size - len(todo), breaches, tokens, time.perf_counter() - started
-    )
+    return SynthesisSummary(written, len(share) - len(todo), breaches, tokens, time.perf_counter() - started)
 
 
 def _parts_dir(out: Path) -> Path:
