@@ -211,19 +211,12 @@ def load_model(name: str, dtype, device):
 
 
 def _setup(raw):
-    import torch
-
     from motab.data import load_problems
-    from motab.engine import check_same_tokenizer
 
-    device = torch.device(raw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, raw.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
     student, tokenizer = load_model(raw["student"], dtype, device)
     teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device)
-    try:
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+    _check_tokenizers(tokenizer, teacher_tokenizer)
     try:
         problems, skipped = load_problems(
             raw["data"],
@@ -310,14 +303,11 @@ def run_rollout(args) -> int:
 
 
 def run_eval(args) -> int:
-    import torch
-
     from motab.config import SamplingConfig
     from motab.data import load_problems
     from motab.evaluate import evaluate
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = _device_and_dtype(args.device, None)
     model, tokenizer = load_model(args.model, dtype, device)
     try:
         problems, _ = load_problems(args.data, tokenizer, field_map=args.field_map, limit=args.limit)

@@ -547,18 +547,13 @@ class _Engine:
                 readers.append(row)
         self._catch_up(self.student, readers)
 
-    def _catch_up(self, model: PagedModel, rows: list[_Row]) -> list[torch.Tensor]:
+    def _catch_up(self, model: PagedModel, rows: list[_Row]) -> None:
         """Feeds each row's committed tokens the model's cache has not read (all but the pending
-        one), all rows in one extend; returns each row's new hidden states."""
+        one), all rows in one extend."""
         feeds = [r.sequence[model.lengths([r.index])[0] : -1] for r in rows]
-        behind = [i for i, f in enumerate(feeds) if f]
-        out = [torch.zeros(0, 0)] * len(rows)
+        behind = [(r, f) for r, f in zip(rows, feeds) if f]
         if behind:
-            hidden = model.extend([rows[i].index for i in behind], [feeds[i] for i in behind])
-            offsets = ragged.cu_seqlens([len(feeds[i]) for i in behind])
-            for j, i in enumerate(behind):
-                out[i] = hidden[int(offsets[j]) : int(offsets[j + 1])]
-        return out
+            model.extend([r.index for r, _ in behind], [f for _, f in behind])
 
     def _teacher_round(self, rows: list[_Row]) -> None:
         """Rows the teacher writes: up to ``draft_len`` tokens each, one batched step at a time."""
@@ -670,9 +665,7 @@ class _Engine:
 
     def _teacher_logprobs(self, hidden: torch.Tensor, targets: list[int]) -> list[float]:
         """log p_teacher(target) at temperature 1 for a few positions (the LM head on those only)."""
-        logp = torch.log_softmax(self.teacher.logits(hidden, self.vocab).float(), -1)
-        index = torch.tensor(targets, device=logp.device)
-        return logp[torch.arange(len(targets), device=logp.device), index].tolist()
+        return _logprobs_of(self.teacher.logits(hidden, self.vocab), targets)
 
     def _close_step(self, row: _Row, reason: str) -> None:
         """Records the row's finished step and acts on it: the next step begins, the row ends,
@@ -783,10 +776,7 @@ class _Engine:
         """The student's log-probability of each sampled token under the distribution it sampled
         from (temperature-scaled, before top-k/top-p, as SGLang reports it; greedy counts as
         temperature 1)."""
-        temperature = self.config.student_sampling.temperature or 1.0
-        logp = torch.log_softmax(logits.float() / temperature, -1)
-        index = torch.tensor(tokens, device=logp.device)
-        return logp[torch.arange(len(tokens), device=logp.device), index].tolist()
+        return _logprobs_of(logits, tokens, self.config.student_sampling.temperature or 1.0)
 
     def _stops(self, row: _Row, new_tokens: list[int]) -> bool:
         """Whether a stop string ends the response with ``new_tokens`` appended (its tail only)."""
@@ -805,6 +795,13 @@ class _Engine:
             traj.finish_reason = "length"
         row.finished = traj.finish_reason is not None
         return row.finished
+
+
+def _logprobs_of(logits: torch.Tensor, targets: list[int], temperature: float = 1.0) -> list[float]:
+    """log softmax(logits / temperature) at each row's target."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    index = torch.tensor(targets, device=logp.device)
+    return logp[torch.arange(len(targets), device=logp.device), index].tolist()
 
 
 def _tail(tokens: list[int], new_tokens: list[int], start: int, stops) -> list[int]:

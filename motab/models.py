@@ -9,7 +9,8 @@ the original would get, so the same model object still trains with gradients and
 per-token positions (``motab_kernels.ragged``'s offsets), so ragged batches need no padding.
 
 ``final_hidden_states`` is the other way this layer runs a model: an ordinary (training) forward
-that returns the final hidden states and LM head without computing any logits, for the fused loss.
+that returns the final hidden states without computing any logits, for the fused loss; ``lm_head``
+gives the head they go with, cut to the shared vocabulary.
 """
 
 from __future__ import annotations
@@ -237,12 +238,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def final_hidden_states(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``model``'s final (normed) hidden states ``[B, L, D]`` and its LM head's weight and bias,
-    from a forward that computes no logits."""
+) -> torch.Tensor:
+    """``model``'s final (normed) hidden states ``[B, L, D]``, from a forward that computes no
+    logits (the LM head they go with: ``lm_head``)."""
     inner = _unwrap(model)
     decoder = inner.get_decoder()
-    head = inner.get_output_embeddings()
     captured = []
     hook = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output[0]))
     try:
@@ -261,7 +261,7 @@ def final_hidden_states(
         hook.remove()
     if output.logits is not None and output.logits.shape[-2] != 0:
         raise RuntimeError(f"{type(inner).__name__} computed logits despite logits_to_keep=[]; refusing to go on")
-    return captured[-1], head.weight, getattr(head, "bias", None)
+    return captured[-1]
 
 
 def lm_head(model, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -213,18 +213,20 @@ class DistillationTrainer:
         mask = pad([[1] * len(e[0]) for e in examples], 0)
         loss_positions = codes != NO_LOSS
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_hidden, student_head, student_bias = final_hidden_states(self.train_model, ids, mask)
+            student_hidden = final_hidden_states(self.train_model, ids, mask)
             teacher_hidden = self._teacher_hidden(ids, mask, loss_positions, trajectories)
-            teacher_head, teacher_bias = lm_head(self.teacher, self.vocab)
+            (student_head, student_bias), (teacher_head, teacher_bias) = (
+                lm_head(m, self.vocab) for m in (self.train_model, self.teacher)
+            )
             out = self.loss_fn(
                 student_hidden[loss_positions],
-                student_head[: self.vocab],
+                student_head,
                 teacher_hidden,
                 teacher_head,
                 targets[loss_positions],
                 codes[loss_positions],
                 normalizer=normalizer,
-                student_bias=None if student_bias is None else student_bias[: self.vocab],
+                student_bias=student_bias,
                 teacher_bias=teacher_bias,
             )
         (out.loss * self.world).backward()
@@ -237,7 +239,7 @@ class DistillationTrainer:
             # loss positions of a row are exactly its response positions but the last
             return torch.cat([t.teacher_hidden[: len(t.tokens)] for t in trajectories]).to(self.device)
         with torch.no_grad():
-            hidden, _, _ = final_hidden_states(self.teacher, ids, mask)
+            hidden = final_hidden_states(self.teacher, ids, mask)
         return hidden[loss_positions]
 
     # ---------------------------------------------------------------------------------------

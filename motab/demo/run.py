@@ -20,7 +20,6 @@ import copy
 import hashlib
 import json
 import random
-import re
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ from motab.engine import rollout, with_tokenizer_defaults
 from motab.plots import plot_accuracy_curves, render_trajectory
 from motab.sft import SFTOptions, run_sft
 from motab.synthesis import Question, SynthesisOptions, synthesize
-from motab.toy.task import PAPER_PRESET, generate_split, is_correct
+from motab.toy.task import PAPER_PRESET, generate_split, is_correct, last_answer
 from motab.toy.teacher import load_teacher
 from motab.trainer import DistillationTrainer
 
@@ -278,10 +277,9 @@ def test_grades(model, tokenizer, test) -> dict:
     write the marker at all."""
     _, written = greedy_solutions(model, tokenizer, test)
     texts = [tokenizer.decode(tokens) for tokens in written]
-    last = [re.findall(r"#(\d)", text) for text in texts]
     return dict(
         test_accuracy=sum(is_correct(text, p) for text, p in zip(texts, test)) / len(test),
-        test_accuracy_last_answer=sum(bool(a) and a[-1] == p.answer for a, p in zip(last, test)) / len(test),
+        test_accuracy_last_answer=sum(last_answer(text) == p.answer for text, p in zip(texts, test)) / len(test),
         test_marker_share=sum(PAPER_PRESET["marker"] in text for text in texts) / len(test),
     )
 

@@ -49,10 +49,10 @@ def distillation_loss(
     input_ids, labels = inputs["input_ids"], inputs["labels"]
     attention_mask = inputs.get("attention_mask")
     vocab = shared_vocab(student, teacher, vocab_size=vocab_size)
-    student_hidden, _, _ = final_hidden_states(student, input_ids, attention_mask)
+    student_hidden = final_hidden_states(student, input_ids, attention_mask)
     teacher.eval()
     with torch.no_grad():
-        teacher_hidden, _, _ = final_hidden_states(teacher, input_ids, attention_mask)
+        teacher_hidden = final_hidden_states(teacher, input_ids, attention_mask)
     (student_weight, student_bias), (teacher_weight, teacher_bias) = (lm_head(m, vocab) for m in (student, teacher))
     options = dict(kind=kind, beta=beta, temperature=temperature, ignore_index=ignore_index, impl=impl)
     biases = dict(student_bias=student_bias, teacher_bias=teacher_bias)

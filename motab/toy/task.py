@@ -107,6 +107,13 @@ def extract_answer(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
+def last_answer(completion: str) -> str | None:
+    """The digit after the last ``#`` of a completion, or None (how a benchmark grader reads a
+    completion that revises its answer)."""
+    found = _ANSWER.findall(completion)
+    return found[-1] if found else None
+
+
 def is_correct(completion: str, problem: ToyProblem) -> bool:
     """Exact match of the extracted answer with the problem's."""
     return extract_answer(completion) == problem.answer
