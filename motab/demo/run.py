@@ -70,7 +70,7 @@ class DemoSize:
     decay_problems: int
 
 
-# One seed takes about 12 minutes on a 2-core CPU (8 methods at two budgets; about 6 when the demo
+# One seed takes 12–13 minutes on a 2-core CPU (8 methods at two budgets; about 6 when the demo
 # ran 5 methods at one budget, within the 10 minutes it was then allowed). The warm start
 # (1500 steps on a 2000-problem slice) brings the student to 30–45 % so that its own samples mean
 # something (after 300 steps, at ≈ 20 %, it sat on the flat start of its learning curve and no
