@@ -57,17 +57,6 @@ def naive_loss(hs, ws, ht, wt, target, kind, beta):
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
 
 
-def buffered_monitor_loss(hs, ws, ht, wt, target, kind, beta):
-    """The triton impl with its forward-only fused kernel switched off: cuBLAS logits into the
-    chunk buffer + the row kernel, to compare the two monitoring strategies on the same card."""
-    saved = api.FUSED_MONITOR_KINDS
-    api.FUSED_MONITOR_KINDS = ()
-    try:
-        return fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="triton").loss
-    finally:
-        api.FUSED_MONITOR_KINDS = saved
-
-
 def liger_loss_fn(kind, beta):
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
@@ -123,7 +112,11 @@ def loss_functions(impls, kind, beta, device, backward):
         for impl in impls
     }
     if "triton" in impls and not backward and kind in api.FUSED_MONITOR_KINDS:
-        fns["triton-buffered"] = lambda *args: buffered_monitor_loss(*args, kind=kind, beta=beta)
+        # the fused monitor kernel (logit tiles in registers), next to the default buffered
+        # ``triton`` monitor (cuBLAS logits into the chunk buffer + the row kernel), same card
+        fns["fused_monitor"] = lambda hs, ws, ht, wt, target: (
+            fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="fused_monitor").loss
+        )
     fns["naive"] = lambda hs, ws, ht, wt, target: naive_loss(hs, ws, ht, wt, target, kind, beta)
     liger = liger_loss_fn(kind, beta)
     if liger is not None and device.type == "cuda" and backward:  # no forward-only path: see the docstring

@@ -156,10 +156,13 @@ MOVE_SIGNATURE = {
     "BLOCK_TABLE": "*i32",
     "FREE_STACK": "*i32",
     "SEQ_LENS": "*i32",
-    "stack_top": "i32",
+    "SLOTS": "*i64",
     "stride_table": "i32",
     "ALLOCATE": "constexpr",
+    "BLOCK_SIZE": "constexpr",
+    "PLAN_WIDTH": "constexpr",
     "BJ": "constexpr",
+    "BT": "constexpr",
 }
 
 
@@ -233,7 +236,8 @@ def main(argv=None):
         r = resources(attention_module._paged_attention_kernel, ATTENTION_SIGNATURE, constexprs, warps, 3, args.arch)
         print(row("paged attention", f"bf16 G={group} D={head_dim} queries/row={block_q}", warps, 3, r))
     for allocate in (True, False):
-        r = resources(paged_kv._move_blocks_kernel, MOVE_SIGNATURE, dict(ALLOCATE=allocate, BJ=64), 4, 3, args.arch)
+        constexprs = dict(ALLOCATE=allocate, BLOCK_SIZE=16, PLAN_WIDTH=paged_kv.PLAN_WIDTH, BJ=64, BT=64)
+        r = resources(paged_kv._move_blocks_kernel, MOVE_SIGNATURE, constexprs, 4, 3, args.arch)
         print(row("move blocks", "allocate" if allocate else "release", 4, 3, r))
 
 

@@ -20,9 +20,10 @@ gradient is needed, the gradient w.r.t. the student logits), and two more GEMMs 
 gradient straight into ``d hidden`` and an fp32 ``d weight`` accumulator. Nothing is recomputed in
 backward: with a reduced loss, the gradients are formed during forward and backward only scales
 them by the incoming scalar (benchmarks/NOTES.md has the cost model behind this choice).
-Forward-only fkl/rkl calls (monitoring) skip the buffer: one fused kernel forms the logit tiles
-with tensor-core dots and reduces them in registers. ``logit_divergence`` runs the same pass over
-logits already in memory.
+Forward-only calls (monitoring) take the same buffered pass; on request (``impl="fused_monitor"``)
+fkl/rkl skip the buffer instead: one fused kernel forms the logit tiles with tensor-core dots and
+reduces them in registers, which measured 2× slower than the buffered pass on an H200.
+``logit_divergence`` runs the same pass over logits already in memory.
 
 Math per row (s, t: transformed student / teacher logits, q = softmax(s), p = softmax(t)):
 

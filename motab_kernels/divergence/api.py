@@ -93,7 +93,8 @@ def fused_linear_divergence(
             generalized JSD(β) as TRL's GKD computes it (β=0 is fkl, β=1 is rkl).
         beta: JSD weight of the teacher in the mixture, in [0, 1].
         target: ``[...]`` token ids; rows equal to ``ignore_index`` get no loss. Needed for the
-            target statistics; ``None`` makes every row valid.
+            target statistics; ``None`` makes every row valid. On the inputs' device, or on the
+            CPU (checked there, then copied: no wait for the device).
         reduction: ``"mean"`` = Σ_valid w_i·d_i / n_valid (n_valid = number of rows whose target
             is not ``ignore_index``, all rows without target; 0 when no row is valid),
             ``"sum"`` = Σ_valid w_i·d_i, ``"none"`` = the ``[N]`` vector w_i·d_i (0 on ignored rows).
@@ -108,7 +109,9 @@ def fused_linear_divergence(
             Either is checked where it lies: pass it on the host to spare the device a sync.
         impl: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"chunked"`` (plain
             PyTorch over row chunks), ``"reference"`` (naive, materialises [N, V]) or ``"auto"``
-            (triton on CUDA, chunked elsewhere; never a silent fallback).
+            (triton on CUDA, chunked elsewhere; never a silent fallback). ``"fused_monitor"``:
+            forward-only fkl/rkl from hidden states in one fused Triton kernel (no logit buffer;
+            slower than ``"triton"`` where measured, so never chosen by default).
         chunk_size: rows per chunk; by default as many as fit a 768 MiB scratch budget.
 
     Dtypes: the matmuls run in the weight's dtype (the hidden state is cast to it), or in the
@@ -178,17 +181,19 @@ def _first_stray(stray: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _divergence(source: LogitSource, lead_shape: torch.Size, options: Options) -> DivergenceOutput:
-    """Both public functions: checks, then the reference, fused-monitor or chunk-pass route."""
+    """Both public functions: checks, then the reference, fused-monitor or chunk-pass route.
+
+    Forward-only calls (monitoring) take the chunk pass like every other call unless
+    ``impl="fused_monitor"`` asks for the fused kernel: it lost to the buffered pass everywhere it
+    was measured (H200, bf16, 2026-11-26, fkl: 71.2 vs 31.3 ms at N, Ds, Dt, V = 8192, 4096, 4096,
+    128256; 54.1 vs 25.6 ms at 8192, 1536, 3584, 151936; 6.50 vs 3.34 ms at 1024 rows).
+    """
     call = prepare_call(options, lead_shape, source.vocab, source.device, source.dtype)
     want_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in source.student_tensors())
     if call.impl == "reference":
         loss, out = _reference_route(source, call)
-    elif (
-        isinstance(source, HiddenStates)
-        and call.impl == "triton"
-        and not want_grad
-        and call.settings.kind in FUSED_MONITOR_KINDS
-    ):
+    elif call.impl == "fused_monitor":
+        _check_fused_monitor_call(source, call, want_grad)
         out = fused_monitor(source, call.target, call.settings)
         loss = weighted_loss(call.row_weight, out.divergence, call.reduce)
     else:
@@ -198,6 +203,19 @@ def _divergence(source: LogitSource, lead_shape: torch.Size, options: Options) -
         )
         out = RowStats(*stats)
     return _finish(loss, out, call)
+
+
+def _check_fused_monitor_call(source: LogitSource, call: Call, want_grad: bool) -> None:
+    """The fused monitor kernel computes forward-only fkl/rkl from hidden states, nothing else."""
+    if not isinstance(source, HiddenStates):
+        raise ValueError("impl='fused_monitor' computes from hidden states; logit_divergence takes impl='triton'")
+    if want_grad:
+        raise ValueError("impl='fused_monitor' is forward-only; a call that needs gradients takes impl='triton'")
+    if call.settings.kind not in FUSED_MONITOR_KINDS:
+        raise ValueError(
+            f"impl='fused_monitor' computes {' and '.join(FUSED_MONITOR_KINDS)}, not {call.settings.kind}; "
+            "use impl='triton'"
+        )
 
 
 def _reference_route(source: LogitSource, call: Call) -> tuple[torch.Tensor, RowStats]:

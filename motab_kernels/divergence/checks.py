@@ -14,7 +14,7 @@ from motab_kernels import ragged
 from motab_kernels._runtime import triton_usable_on
 
 KINDS = ("fkl", "rkl", "jsd")
-IMPLS = ("auto", "triton", "chunked", "reference")
+IMPLS = ("auto", "triton", "chunked", "reference", "fused_monitor")
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -86,7 +86,7 @@ class Call:
     """A validated call: settings, the impl chosen and the per-row tensors the passes need."""
 
     settings: Settings
-    impl: str  # "triton", "chunked" or "reference"
+    impl: str  # "triton", "chunked", "reference" or "fused_monitor"
     chunk_size: int | None
     stats_dtype: torch.dtype  # fp32, or fp64 for fp64 inputs
     target: torch.Tensor | None  # [N] int64 with ignored rows clamped to id 0
@@ -112,8 +112,8 @@ def prepare_call(
         )
     impl = _resolve_impl(options.impl, device)
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if impl == "triton" and stats_dtype == torch.float64:
-        raise TypeError("impl='triton' computes in float32; use impl='chunked' or 'reference' for float64 inputs")
+    if impl in ("triton", "fused_monitor") and stats_dtype == torch.float64:
+        raise TypeError(f"impl={impl!r} computes in float32; use impl='chunked' or 'reference' for float64 inputs")
     target = options.target
     if target is None:
         valid = torch.ones(n, dtype=torch.bool, device=device)
@@ -177,9 +177,9 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "chunked"
-    if impl == "triton" and not triton_usable_on(device):
+    if impl in ("triton", "fused_monitor") and not triton_usable_on(device):
         raise ValueError(
-            f"impl='triton' needs CUDA tensors (got {device.type}); on CPU it runs only under the Triton "
+            f"impl={impl!r} needs CUDA tensors (got {device.type}); on CPU it runs only under the Triton "
             "interpreter (TRITON_INTERPRET=1), which is meant for tests"
         )
     return impl
@@ -245,7 +245,9 @@ def check_logit_inputs(s: torch.Tensor, t: torch.Tensor) -> None:
 def _checked_target(target, lead_shape, vocab, ignore_index, device) -> torch.Tensor:
     if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of token ids, got {getattr(target, 'dtype', type(target))}")
-    if target.device != device:
+    # a target on the host is checked there and copied over once (checking a device copy makes the
+    # host wait for the device: the rollout engine passes its drafts' ids from the host)
+    if target.device != device and target.device.type != "cpu":
         raise ValueError(f"target is on {target.device} but the inputs are on {device}")
     if target.shape != lead_shape and target.shape != (math.prod(lead_shape),):
         raise ValueError(f"target has shape {tuple(target.shape)}, expected {tuple(lead_shape)} (one id per row)")
@@ -256,7 +258,7 @@ def _checked_target(target, lead_shape, vocab, ignore_index, device) -> torch.Te
             f"target holds id {int(target[bad][0])} outside the vocabulary [0, {vocab}) and is not "
             f"ignore_index={ignore_index}"
         )
-    return target
+    return target.to(device, non_blocking=True)
 
 
 def _checked_row_vector(x, name: str, n: int, device: torch.device) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Forward-only monitoring straight from hidden states: the host side of the fused monitor kernel
-(its tiles and autotuning, the launch, and the merge of its per-split partials). Used for fkl and
-rkl when no gradient is wanted on CUDA: the logit tiles never leave registers, so its floor is the
-two GEMMs themselves."""
+(its tiles and autotuning, the launch, and the merge of its per-split partials). Runs fkl and rkl
+when a call asks for ``impl="fused_monitor"``: the logit tiles never leave registers, so its floor
+is the two GEMMs themselves, but on the H200 it ran 2× slower than the buffered pass (cuBLAS into
+a logit buffer + the row kernel), which is therefore the default (see ``api._divergence``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from motab_kernels.divergence.kernels import KIND_CODES, fused_monitor_kernel
 from motab_kernels.divergence.passes import HiddenStates
 from motab_kernels.divergence.rows import RowStats, last_dim_contiguous
 
-# Forward-only monitoring of these kinds runs the fully fused kernel; JSD needs both normalisers
-# before any of its terms, so without a gradient it keeps the buffered path.
+# The kinds the fused kernel computes; JSD needs both normalisers before any of its terms.
 FUSED_MONITOR_KINDS = ("fkl", "rkl")
 # Programs per SM the fused kernel aims for (counting 64-row blocks): enough waves that the last
 # one's tail stays a small fraction of the run.

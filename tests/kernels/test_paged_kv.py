@@ -1,12 +1,17 @@
-"""PagedKVCache bookkeeping: reserve, truncate, reset, errors, and the two implementations agree."""
+"""PagedKVCache bookkeeping: reserve, truncate, reset, errors, the two implementations agree, and
+what one call costs (no read-back from the device, a fixed number of ops and launches, no per-row
+Python, no plan buffer overwritten while in flight)."""
 
 from __future__ import annotations
 
+import collections
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from motab_kernels import paged_kv
 from motab_kernels.paged_kv import EMPTY_BLOCK, OutOfBlocksError, PagedKVCache
@@ -92,10 +97,9 @@ def test_truncate_frees_whole_blocks_and_moves_no_kv(impl):
         assert torch.equal(before, after)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_truncate_is_one_launch_for_any_number_of_rows(impl, monkeypatch):
-    if impl != "triton":
-        pytest.skip("counts Triton launches")
+@pytest.mark.parametrize("call", ["truncate", "reserve"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_bookkeeping_is_one_launch_for_any_number_of_rows(call, rows, monkeypatch):
     launches = []
     kernel = paged_kv._move_blocks_kernel
 
@@ -105,11 +109,14 @@ def test_truncate_is_one_launch_for_any_number_of_rows(impl, monkeypatch):
             return kernel[grid]
 
     monkeypatch.setattr(paged_kv, "_move_blocks_kernel", Counting())
-    cache = make_cache(impl, num_blocks=64, max_rows=6)
+    cache = make_cache("triton", num_blocks=64, max_rows=6)
     cache.reserve(list(range(6)), [9, 1, 17, 4, 12, 30])
     launches.clear()
-    cache.truncate(list(range(6)), [3, 0, 17, 2, 5, 1])
-    assert len(launches) == 1
+    if call == "truncate":
+        cache.truncate(list(range(rows)), [3, 0, 17, 2, 5, 1][:rows])
+    else:
+        cache.reserve(list(range(rows)), [5, 0, 3, 9, 1, 2][:rows])
+    assert launches == [(rows,)]
     check_invariants(cache)
 
 
@@ -193,3 +200,165 @@ def test_bad_construction():
     with pytest.raises(ValueError, match="unknown impl"):
         make_cache("cuda")
     assert np.array_equal(make_cache("torch").free_stack[-3:].cpu().numpy(), [2, 1, 0])
+
+
+def test_rows_and_lengths_as_tensors_act_like_lists():
+    caches = [make_cache("torch") for _ in range(2)]
+    slots = [
+        caches[0].reserve([3, 1], [6, 2]),
+        caches[1].reserve(torch.tensor([3, 1], device=DEVICE), torch.tensor([6, 2], device=DEVICE)),
+    ]
+    assert torch.equal(*slots)
+    caches[0].truncate([3, 1], [1, 2])
+    caches[1].truncate(torch.tensor([3, 1], device=DEVICE), torch.tensor([1, 2]))
+    assert_same(snapshot(caches[0]), snapshot(caches[1]))
+
+
+# --- What one call costs, checked without a GPU ----------------------------------------------
+#
+# A cache on the "meta" device stands in for a GPU whose memory the host cannot read: any
+# read-back (.item(), int(), .tolist(), .cpu(), a size taken from device data) raises there. The
+# torch implementation runs the same host path as the Triton one up to the launch, so counting
+# its ops shows whether a call's work grows with its rows.
+
+
+class OpLog(TorchDispatchMode):
+    """Every ATen op dispatched inside the context, and how many copied host memory to a device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.uploads = 0  # copies from host memory into a device tensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        if func is torch.ops.aten.copy_.default and args[0].device.type != "cpu" and args[1].device.type == "cpu":
+            self.uploads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def meta_cache(max_rows=256):
+    return PagedKVCache(2, 2, 8, num_blocks=8 * max_rows, block_size=4, max_rows=max_rows, device="meta", impl="torch")
+
+
+def logged_call(call, rows):
+    """The ops of one ``call`` on ``rows`` rows (scattered over the table), each row 9 tokens long
+    before it: truncation frees two blocks per row, reserve adds one and fills another."""
+    cache = meta_cache()
+    ids = list(range(255, 255 - 2 * rows, -2))
+    cache.reserve(ids, [9] * rows)
+    with OpLog() as log:
+        if call == "truncate":
+            cache.truncate(ids, [1] * rows)
+        else:
+            cache.reserve(ids, [6] * rows)
+    assert cache.lengths(ids) == [1 if call == "truncate" else 15] * rows
+    return log
+
+
+@pytest.mark.parametrize("call", ["truncate", "reserve"])
+def test_bookkeeping_reads_nothing_back_and_runs_the_same_ops_for_any_number_of_rows(call):
+    # From 2 rows on: with a single row torch's repeat_interleave broadcasts its one count (a view
+    # and an expand more), which is not work per row.
+    logs = {rows: logged_call(call, rows) for rows in (1, 2, 16, 128)}
+    for rows, log in logs.items():
+        assert "aten._local_scalar_dense.default" not in log.ops, f"{rows} rows: a value was read from the device"
+        assert log.uploads == 1, f"{rows} rows: the plan must travel in one copy, got {log.uploads}"
+        if rows > 2:
+            assert log.ops == logs[2].ops, f"{rows} rows ran other ops than 2 rows: {collections.Counter(log.ops)}"
+
+
+def python_lines_run(cache, call, ids, lengths):
+    lines = 0
+
+    def tracer(frame, event, arg):
+        nonlocal lines
+        lines += event == "line"
+        return tracer
+
+    previous = sys.gettrace()  # a coverage tool's, say
+    sys.settrace(tracer)
+    try:
+        getattr(cache, call)(ids, lengths)
+    finally:
+        sys.settrace(previous)
+    return lines
+
+
+@pytest.mark.parametrize("call", ["truncate", "reserve"])
+def test_bookkeeping_runs_no_python_per_row(call):
+    """Checks, plan and launch are vectorised: the Python lines a call runs do not grow with rows.
+    On the CPU, where every torch op is compiled code (on "meta" many run as Python)."""
+    lines = {}
+    for rows in (2, 200):
+        cache = PagedKVCache(1, 1, 4, num_blocks=2048, block_size=4, max_rows=256, impl="torch")
+        ids = list(range(rows))
+        cache.reserve(ids, [9] * rows)
+        lines[rows] = python_lines_run(cache, call, ids, [1 if call == "truncate" else 6] * rows)
+    assert lines[200] == lines[2], lines
+
+
+class FakeFence:
+    """Stands in for a CUDA event: "passed" only when the test says the GPU got there."""
+
+    def __init__(self) -> None:
+        self.passed = False
+
+    def record(self) -> None:
+        self.passed = False
+
+    def query(self) -> bool:
+        return self.passed
+
+    def synchronize(self) -> None:
+        self.passed = True
+
+
+def fenced_ring(rows=4, device="cpu", max_slots=64, capturing=False):
+    return paged_kv._PlanRing(rows, torch.device(device), FakeFence, max_slots=max_slots, capturing=lambda: capturing)
+
+
+def test_plan_ring_never_hands_out_a_slot_still_in_flight():
+    ring = fenced_ring()
+    first = ring.take()
+    ring.give_back(first)  # its copy and kernel are queued, not yet run
+    second = ring.take()
+    assert second is not first and second.host is not first.host
+    ring.give_back(second)
+    first.fence.passed = True
+    assert ring.take() is first  # reused once the GPU is past it
+    ring.give_back(first)
+    for _ in range(5):  # a caller the GPU keeps up with: the ring stops growing
+        second.fence.passed = first.fence.passed = True
+        ring.give_back(ring.take())
+    assert ring.size == 2
+
+
+def test_plan_ring_waits_only_when_max_slots_calls_are_in_flight():
+    ring = fenced_ring(max_slots=3)
+    in_flight = []
+    for _ in range(3):
+        in_flight.append(ring.take())
+        ring.give_back(in_flight[-1])
+    assert len({id(s) for s in in_flight}) == 3 and not any(s.fence.passed for s in in_flight)
+    assert ring.take() is in_flight[0] and in_flight[0].fence.passed  # waited for the oldest
+    assert ring.size == 2  # the other two, still in flight
+
+
+def test_plan_ring_gives_a_captured_graph_its_own_slot():
+    ring = fenced_ring(capturing=True)
+    captured = ring.take()
+    ring.give_back(captured)  # replays read it: it never returns to the ring, no event recorded
+    assert captured.fence is None and ring.size == 1 and ring.take() is not captured
+
+
+def test_a_call_leaves_the_plan_of_a_call_in_flight_alone():
+    cache = make_cache("torch", num_blocks=64)
+    cache._plans = fenced_ring(cache.max_rows, DEVICE)  # every call's copy stays queued
+    cache.reserve([0, 1, 2], [9, 4, 7])
+    in_flight = cache._plans._slots[-1]
+    plan = in_flight.host[:3].copy()
+    cache.truncate([2, 0], [1, 5])
+    cache.reserve([1], [30])
+    assert np.array_equal(in_flight.host[:3], plan)
+    check_invariants(cache)
