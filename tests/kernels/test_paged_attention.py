@@ -1,17 +1,24 @@
-"""paged_attention (Triton and PyTorch) against dense attention over each row's own K/V history."""
+"""paged_attention (Triton and PyTorch) against dense attention over each row's own K/V history,
+both Triton routes (whole context per program; context split into chunks and merged), and the
+host plan that picks the route and cuts the chunks."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from motab_kernels.paged_attention import QueryLayout, paged_attention
+from motab_kernels.paged_attention import QueryLayout, paged_attention, plan_splits, tile_key_ranges
 from motab_kernels.paged_kv import PagedKVCache
 from motab_kernels.ragged import cu_seqlens
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The package exports the function paged_attention under the module's name.
+paged_attention_module = importlib.import_module("motab_kernels.paged_attention")
 
 
 def dense_attention(q, keys, values, positions, scale, window=None):
@@ -28,13 +35,20 @@ def dense_attention(q, keys, values, positions, scale, window=None):
     return torch.einsum("htk,khd->thd", scores.softmax(-1), v)
 
 
-def build_case(prior, new, heads, kv_heads, head_dim, dtype, block_size=4, seed=0):
+def build_case(prior, new, heads, kv_heads, head_dim, dtype, block_size=4, seed=0, num_blocks=64):
     """A cache whose rows hold ``prior[i]`` old tokens plus ``new[i]`` new ones; every pool slot no
     row owns is NaN, so a read past a row's length would poison the output."""
     g = torch.Generator().manual_seed(seed)
     rows = len(prior)
     cache = PagedKVCache(
-        1, kv_heads, head_dim, num_blocks=64, block_size=block_size, max_rows=rows + 1, dtype=dtype, device=DEVICE
+        1,
+        kv_heads,
+        head_dim,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_rows=rows + 1,
+        dtype=dtype,
+        device=DEVICE,
     )
     cache.key_cache[0].fill_(float("nan"))
     cache.value_cache[0].fill_(float("nan"))
@@ -137,3 +151,208 @@ def test_bad_shapes():
         paged_attention(
             torch.cat([query, query]), cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=1.0
         )
+
+
+# --- the split-context route (flash-decoding): chunks of each row's keys over several programs ---
+
+
+def relative_error(out, expected):
+    return ((out.double() - expected).norm() / expected.norm()).item()
+
+
+def assert_as_accurate_as_torch(out, query, cache, layout, expected, scale, window=None):
+    """The kernel's error against the float64 reference is at most plain PyTorch's (SDPA at the
+    same precision) plus one unit of the dtype's precision (Cut Cross-Entropy's criterion)."""
+    assert torch.isfinite(out).all()
+    baseline = paged_attention(
+        query,
+        cache.key_cache[0],
+        cache.value_cache[0],
+        cache.block_table,
+        layout,
+        scale=scale,
+        sliding_window=window,
+        impl="torch",
+    )
+    slack = torch.finfo(query.dtype).eps
+    assert relative_error(out, expected) <= relative_error(baseline, expected) + slack
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (12, 2)])  # GQA ratios 1 and 6
+# bf16 on CUDA only: the interpreter's bf16 dot is wrong (triton issue 11584)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + [torch.bfloat16] * torch.cuda.is_available())
+@pytest.mark.parametrize("new", [[1, 1, 1, 1, 1], [3, 1, 6, 2, 1]], ids=["decode", "verify"])
+def test_split_route_matches_dense(heads, kv_heads, dtype, new):
+    # chunks of 4 keys over 4-token blocks: row 0 (76 keys) takes 19 chunks, more than the merge
+    # kernel takes per step; row 1 (4 keys: no longer than a chunk) and row 4 (no prior token) one;
+    # lengths end mid-block
+    prior = [75, 3, 21, 8, 0]
+    cache, layout, query, history = build_case(prior, new, heads, kv_heads, 32, dtype, seed=1)
+    plan = plan_splits(layout, kv_heads, block_size=4, split=4)
+    per_tile = np.bincount(plan.work[:, 0], minlength=len(prior))
+    assert per_tile.max() > paged_attention_module._MERGE_BLOCK_S and per_tile.min() == 1
+    scale = 32**-0.5
+    out = paged_attention(
+        query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=scale, impl="triton", split=4
+    )
+    assert out.dtype == dtype
+    assert_as_accurate_as_torch(out, query, cache, layout, reference_outputs(query, history, prior, new, scale), scale)
+
+
+def test_split_route_sliding_window_and_fully_masked_chunks():
+    """Window 5, chunks of 8: row 2's tokens at 20..29 see keys 16..29 in chunks [16, 24) and
+    [24, 30); tokens 20..23 see nothing in the second (causal) and token 29 nothing in the first
+    (window), so those partials carry lse −inf and must weigh nothing."""
+    prior, new = [9, 2, 20], [4, 1, 10]
+    cache, layout, query, history = build_case(prior, new, 12, 2, 32, torch.float32, seed=3)
+    plan = plan_splits(layout, 2, block_size=4, sliding_window=5, split=8)
+    assert plan.work[plan.work[:, 0] == 2, 1:].tolist() == [[16, 24], [24, 30]]
+    out = paged_attention(
+        query,
+        cache.key_cache[0],
+        cache.value_cache[0],
+        cache.block_table,
+        layout,
+        scale=0.125,
+        sliding_window=5,
+        impl="triton",
+        split=8,
+    )
+    expected = reference_outputs(query, history, prior, new, 0.125, window=5)
+    assert_as_accurate_as_torch(out, query, cache, layout, expected, 0.125, window=5)
+
+
+def test_auto_route_splits_long_decode_rows_and_equals_the_whole_context_route(monkeypatch):
+    """Two decode rows of 600 and 300 keys, 2 K/V heads: 4 programs unsplit, so the chooser splits
+    (chunks of 256 keys at the default SM count); the result equals the unsplit kernel's."""
+    chunked = []
+    monkeypatch.setattr(
+        paged_attention_module,
+        "_attend_in_chunks",
+        lambda launch, plan, out: chunked.append(plan.chunk) or attend_in_chunks(launch, plan, out),
+    )
+    prior, new = [599, 299], [1, 1]
+    cache, layout, query, history = build_case(prior, new, 12, 2, 32, torch.float32, block_size=16, num_blocks=64)
+    pools = (cache.key_cache[0], cache.value_cache[0], cache.block_table, layout)
+    out = paged_attention(query, *pools, scale=0.2, impl="triton")
+    assert chunked == [256]
+    whole = paged_attention(query, *pools, scale=0.2, impl="triton", split="off")
+    assert chunked == [256]
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)
+    assert_as_accurate_as_torch(out, query, cache, layout, reference_outputs(query, history, prior, new, 0.2), 0.2)
+
+
+attend_in_chunks = paged_attention_module._attend_in_chunks
+
+
+def decode_layout(contexts, new=None):
+    """A CPU layout of rows whose last new token sits at position ``contexts[i] − 1``."""
+    new = [1] * len(contexts) if new is None else new
+    starts = [c - n for c, n in zip(contexts, new)]
+    return QueryLayout.build(list(range(len(contexts))), starts, cu_seqlens(new), torch.device("cpu"))
+
+
+def assert_chunks_cover_each_tile(plan, layout, block_size, window=None):
+    """Every tile has ≥ 1 chunk; its chunks run back to back from its lo to its hi, none longer
+    than the chunk, boundaries on cache blocks; every token points at its own tile's chunks."""
+    lo, hi = tile_key_ranges(layout, block_size, window)
+    tile, first, end = plan.work.T
+    assert (np.diff(tile) >= 0).all() and np.array_equal(np.unique(tile), np.arange(len(lo)))
+    assert (end > first).all() and (end - first <= plan.chunk).all() and (first % block_size == 0).all()
+    for t in range(len(lo)):
+        mine = plan.work[tile == t]
+        assert mine[0, 1] == lo[t] and mine[-1, 2] == hi[t] and (mine[1:, 1] == mine[:-1, 2]).all()
+    starts, counts, index = plan.token_splits.T
+    tiles_of_tokens = np.repeat(np.arange(len(lo)), layout.tiles[:, 2].numpy())
+    assert np.array_equal(tile[starts], tiles_of_tokens) and np.array_equal(counts, np.bincount(tile)[tiles_of_tokens])
+    assert (index < layout.block_q).all()
+
+
+@pytest.mark.parametrize("rows,context", [(64, 8192), (8, 32768), (1, 32768), (16, 4096)])
+@pytest.mark.parametrize("num_sms", [132, 108])  # H100/H200, A100
+def test_chooser_fills_the_gpu(rows, context, num_sms):
+    layout = decode_layout([context] * rows)
+    plan = plan_splits(layout, n_kv_heads=2, block_size=16, num_sms=num_sms)
+    assert plan.chunk % 16 == 0 and plan.chunk >= paged_attention_module._MIN_CHUNK
+    target = paged_attention_module._PROGRAMS_PER_SM * num_sms
+    assert paged_attention_module._PROGRAMS_PER_SM >= 2
+    assert plan.num_chunks * 2 >= target or plan.chunk == paged_attention_module._MIN_CHUNK
+    assert_chunks_cover_each_tile(plan, layout, 16)
+
+
+def test_chooser_on_ragged_rows_and_verification_tiles():
+    rng = np.random.default_rng(0)
+    contexts = rng.integers(1, 32768, size=12)
+    new = rng.integers(1, 6, size=12)
+    contexts = np.maximum(contexts, new)
+    layout = decode_layout(contexts.tolist(), new.tolist())
+    plan = plan_splits(layout, n_kv_heads=4, block_size=16, num_sms=132)
+    assert plan.num_chunks * 4 >= paged_attention_module._PROGRAMS_PER_SM * 132
+    assert_chunks_cover_each_tile(plan, layout, 16)
+    windowed = plan_splits(layout, n_kv_heads=4, block_size=16, sliding_window=4096, num_sms=132)
+    assert_chunks_cover_each_tile(windowed, layout, 16, window=4096)
+    keys_read = np.bincount(windowed.work[:, 0], weights=windowed.work[:, 2] - windowed.work[:, 1])
+    assert (keys_read <= np.minimum(contexts, 4096 + new - 1 + 15)).all()  # nothing below the window's block
+
+
+@pytest.mark.parametrize(
+    "contexts,new,kv_heads",
+    [
+        ([200] * 8, None, 2),  # short: no row longer than the smallest chunk
+        ([8192] * 600, None, 1),  # 600 programs already fill 132 SMs
+        ([16384], [16384], 2),  # prefill: 1024 tiles of 16 tokens
+    ],
+    ids=["short", "wide", "prefill"],
+)
+def test_chooser_keeps_the_whole_context_route(contexts, new, kv_heads):
+    assert plan_splits(decode_layout(contexts, new), kv_heads, block_size=16, num_sms=132) is None
+
+
+def test_split_argument_checks():
+    layout = decode_layout([100, 40])
+    assert plan_splits(layout, 2, block_size=4, split="off") is None
+    assert plan_splits(layout, 2, block_size=4, split=100) is None  # one chunk holds every row
+    assert plan_splits(layout, 2, block_size=4, split=96).num_chunks == 3
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        plan_splits(layout, 2, block_size=16, split=24)
+    cache, layout, query, _ = build_case([2], [1], 4, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="split="):
+        paged_attention(
+            query, cache.key_cache[0], cache.value_cache[0], cache.block_table, layout, scale=1.0, split="always"
+        )
+
+
+def test_greedy_decode_on_the_split_route_matches_hf_generate(monkeypatch):
+    """A tiny GQA model (6 query heads on 1 K/V head) decoding on the paged cache with every
+    attention call split into chunks of 8 keys (the prefill's tiles too: causal masking inside a
+    tile across chunks) greedily writes what ``generate`` writes. (The window's semantics through
+    the split route: test_split_route_sliding_window_and_fully_masked_chunks.)"""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    import motab.models
+    from motab.models import PagedModel, greedy_decode
+
+    shape = dict(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2)
+    shape.update(num_attention_heads=6, num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.4)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**shape), attn_implementation="sdpa").to(DEVICE).eval()
+    model.generation_config.eos_token_id = None  # eight tokens from every row
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62]]
+    expected = [
+        model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=8, do_sample=False, pad_token_id=0)[
+            0, len(p) :
+        ].tolist()
+        for p in prompts
+    ]
+    chunked = []
+    monkeypatch.setattr(
+        paged_attention_module,
+        "_attend_in_chunks",
+        lambda launch, plan, out: chunked.append(plan.num_chunks) or attend_in_chunks(launch, plan, out),
+    )
+    monkeypatch.setattr(motab.models, "paged_attention", functools.partial(paged_attention, split=8))
+    pm = PagedModel(model, max_rows=4, max_tokens=128, block_size=4, attention_impl="triton")
+    got = greedy_decode(pm, prompts, 8)
+    assert len(chunked) == pm.paged_attention_calls and max(chunked) > len(prompts)
+    assert all(len(set(tokens)) >= 4 for tokens in expected), "degenerate outputs hide cache bugs"
+    assert got == expected
