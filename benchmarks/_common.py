@@ -6,10 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from datetime import date
+import time
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import torch
+
+_STARTED = time.perf_counter()
+
+
+def stage(message: str) -> None:
+    """Prints a progress line stamped with the UTC time and the seconds since the benchmark
+    started, at once (a run cut off by its time limit still shows how far it got)."""
+    now = datetime.now(timezone.utc)
+    print(f"[{now:%H:%M:%S} +{time.perf_counter() - _STARTED:6.1f}s] {message}", flush=True)
 
 
 def bench_parser(doc: str) -> argparse.ArgumentParser:

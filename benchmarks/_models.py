@@ -32,10 +32,13 @@ TINY_TEACHER = dict(
 
 
 def random_lm(shape: dict, vocab: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.nn.Module:
-    """A randomly initialised Qwen2 causal LM of ``shape`` in eval mode."""
+    """A randomly initialised Qwen2 causal LM of ``shape`` in eval mode, built where it runs:
+    initialising a 7B-shaped model on a GPU takes seconds, on the host's CPU minutes."""
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **shape)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
 
 
 def student_and_teacher(device: torch.device, cpu_vocab: int):

@@ -3,12 +3,21 @@
 Committed tokens per second of wall time for ``motab``, ``on_policy`` and ``off_policy`` in the
 paged engine, and for the GKD way: HF ``generate`` samples the student's completions, then one
 teacher forward over the result scores them (full logits). Same random models (Qwen2.5-1.5B-shaped
-student and 7B-shaped teacher in bf16 on a GPU, tiny ones on a CPU), same prompts, batch 1/16/64.
-Random models have no natural stray rate, so ``motab`` runs a fixed boundary τ set to the
-``--stray-rate`` quantile of the scores an on-policy pass produced; the measured intervention rate
-is reported. Every way is run once untimed at the timed batch and length, then timed as the median
-of ``--reps`` runs. A separately timed ``motab`` run gives the time breakdown (each phase
-synchronised).
+student and 7B-shaped teacher in bf16, built directly on the GPU; tiny ones on a CPU), same
+prompts (64 tokens, 128 new tokens on a GPU), batch 1/16/64. Random models have no natural stray
+rate, so ``motab`` runs a fixed boundary τ set to the ``--stray-rate`` quantile of the scores an
+on-policy pass produced; the measured interventions per 100 tokens are reported. Every way is run
+once untimed at the timed batch and length, then timed as the median of ``--reps`` runs.
+
+Then, at the largest batch, one ``motab`` rollout under ``torch.profiler`` (nothing synchronised):
+the host time inside the engine's phases (``motab.<phase>`` ranges; they nest: a truncation inside
+an intervention counts in both), the GPU's busy share of the wall time and its top kernels; and one
+under ``motab.profiling.count_device_work``: host synchronisations, tensor operations and Triton
+launches per decode round, and the Triton specialisations the rollout asked for.
+
+Targets (issue 12): the default run ≤ 2 minutes including the model build; engine on_policy ≥ the
+GKD way at every batch; motab ≥ 2× the GKD way at batch 64; monitor and truncation ≤ 5 % of the
+rollout's wall time. Each is printed as met or missed. Every stage prints a timestamped line.
 Writes ``rollout.json`` and ``rollout.md`` under ``--out``.
 """
 
@@ -18,16 +27,21 @@ import math
 import statistics
 import time
 from dataclasses import replace
-from datetime import date
 
 import torch
-from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
+from _common import bench_parser, card_name, parse_bench_args, run_facts, stage, write_results
 from _models import student_and_teacher
 from _timing import sync
 
+from motab import engine as engine_module
 from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout
 from motab.models import PagedModel
+from motab.profiling import count_device_work
+
+TARGET_MINUTES = 2.0
+TARGET_MOTAB_SPEEDUP = 2.0  # over the GKD way, at batch 64
+TARGET_HOST_SHARE = 0.05  # monitor + truncation, of the rollout's wall time
 
 
 def gkd_way(student, teacher, prompts, new_tokens, sampling):
@@ -64,6 +78,63 @@ def median_timed(fn, device, reps):
     return runs[0][0], statistics.median(seconds for _, seconds in runs)
 
 
+def profiled(fn, device) -> dict:
+    """Host time per engine phase, the GPU's busy share and top kernels of one ``fn()`` run."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _, wall = timed(fn, device)
+    events = prof.events()
+    phases: dict[str, float] = {}
+    for event in events:
+        if event.name.startswith("motab."):
+            phases[event.name[len("motab.") :]] = (
+                phases.get(event.name[len("motab.") :], 0.0) + event.cpu_time_total / 1e6
+            )
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = _union_seconds([(e.time_range.start, e.time_range.end) for e in kernels])
+    by_kernel: dict[str, float] = {}
+    for e in kernels:
+        by_kernel[e.name] = by_kernel.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e6
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:8]
+    return dict(wall=wall, phases=phases, gpu_busy=busy if kernels else None, kernel_launches=len(kernels), top=top)
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by µs intervals (kernels of several streams may overlap)."""
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e6
+
+
+def work_per_round(paged, prompts, config) -> tuple[list, set]:
+    """Device work of every draft round of one rollout (``motab.profiling``), and the Triton
+    specialisations the whole rollout asked for."""
+    rounds = []
+    draft_round = engine_module._Engine._draft_round
+
+    def counted(self, rows):
+        before = count.snapshot()
+        draft_round(self, rows)
+        rounds.append(count.snapshot() - before)
+
+    engine_module._Engine._draft_round = counted
+    try:
+        with count_device_work(*paged) as count:
+            rollout(*paged, prompts, config)
+    finally:
+        engine_module._Engine._draft_round = draft_round
+    return rounds, count.specialisations
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
 def main(argv=None):
     parser = bench_parser(__doc__)
     parser.add_argument("--batches", default="1,16,64")
@@ -72,7 +143,10 @@ def main(argv=None):
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     prompt_len, new_tokens = (64, 128) if on_gpu else (8, 24)
+    started = time.perf_counter()
+    stage(f"building the models on {device}")
     student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
+    stage("models built")
     batches = [int(b) for b in args.batches.split(",")]
     g = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(0, vocab, (max(batches), prompt_len), generator=g).tolist()
@@ -92,28 +166,31 @@ def main(argv=None):
     ]
 
     # τ at the requested quantile of on-policy scores (random models have no natural stray rate)
+    stage("calibrating τ with one on-policy rollout of 16 prompts")
     warm = rollout(*paged, all_prompts[:16], replace(base, mode="on_policy"))
     scores = sorted(s for t in warm for s in t.scores if math.isfinite(s))
     tau = scores[min(len(scores) - 1, int((1 - args.stray_rate) * len(scores)))]
     monitor = MonitorConfig(rule="fixed", tau=tau, warmup=0)
     card = card_name(device)
     lines = [
-        f"bench_rollout on {card}, {dtype}, {date.today()}: prompt {prompt_len}, {new_tokens} new tokens, "
+        f"bench_rollout on {card}, {dtype}: prompt {prompt_len}, {new_tokens} new tokens, "
         f"draft 8, τ = {tau:.3g} (the {1 - args.stray_rate:.0%} quantile of on-policy fkl)",
         "",
         "| batch | way | tok/s | interventions per 100 tokens | × GKD way |",
         "|---|---|---|---|---|",
     ]
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
     rows = []
     for b in batches:
         prompts = all_prompts[:b]
+        stage(f"batch {b}: the GKD way")
         tokens, seconds = median_timed(
             lambda prompts=prompts: gkd_way(student, teacher, prompts, new_tokens, sampling), device, args.reps
         )
         reference = tokens / seconds
         results = [("GKD way (HF generate + teacher forward)", reference, None)]
         for mode in ("motab", "on_policy", "off_policy"):
+            stage(f"batch {b}: engine {mode}")
             config = replace(base, mode=mode, monitor=monitor)
             trajectories, seconds = median_timed(lambda c=config, p=prompts: rollout(*paged, p, c), device, args.reps)
             committed = sum(len(t.tokens) for t in trajectories)
@@ -132,21 +209,71 @@ def main(argv=None):
             shown = "—" if intervention_rate is None else f"{intervention_rate:.2f}"
             lines.append(f"| {b} | {name} | {rate:.1f} | {shown} | {rate / reference:.2f} |")
             print(lines[-1], flush=True)
-    timings = {}
+
     b = max(batches)
-    _, total = timed(lambda: rollout(*paged, all_prompts[:b], replace(base, monitor=monitor), timings=timings), device)
-    timings["host and other"] = total - sum(timings.values())
+    config = replace(base, monitor=monitor)
+    stage(f"profiling one motab rollout at batch {b}")
+    profile = profiled(lambda: rollout(*paged, all_prompts[:b], config), device)
+    wall = profile["wall"]
     lines += [
         "",
-        f"motab time breakdown at batch {b} (phases synchronised; {total:.2f} s in all):",
+        f"motab at batch {b} under torch.profiler: {wall:.2f} s wall, "
+        + (
+            f"GPU busy {100 * profile['gpu_busy'] / wall:.1f}% ({profile['kernel_launches']} kernels)"
+            if profile["gpu_busy"] is not None
+            else "no GPU activity recorded"
+        ),
         "",
-        "| phase | s | share |",
+        "| engine phase (host time; ranges nest) | s | share of wall |",
         "|---|---|---|",
     ]
-    lines += [f"| {k} | {v:.3f} | {100 * v / total:.1f}% |" for k, v in sorted(timings.items(), key=lambda kv: -kv[1])]
-    print("\n".join(lines[-len(timings) - 4 :]))
-    meta = run_facts(device, dtype=str(dtype), tau=tau, prompt=prompt_len, new_tokens=new_tokens)
-    write_results(args.out, "rollout", dict(meta=meta, rows=rows, breakdown=timings), "\n".join(lines))
+    lines += [
+        f"| {k} | {v:.3f} | {100 * v / wall:.1f}% |"
+        for k, v in sorted(profile["phases"].items(), key=lambda kv: -kv[1])
+    ]
+    if profile["top"]:
+        lines += ["", "| kernel | GPU s |", "|---|---|"]
+        lines += [f"| {name[:80]} | {seconds:.3f} |" for name, seconds in profile["top"]]
+    print("\n".join(lines[-len(profile["phases"]) - 4 :]), flush=True)
+
+    stage(f"counting device work per round of one motab rollout at batch {b}")
+    rounds, specialisations = work_per_round(paged, all_prompts[:b], config)
+    per_round = {k: max(getattr(r, k) for r in rounds) for k in ("syncs", "ops", "triton_launches")}
+    lines += [
+        "",
+        f"device work per decode round (most over the {len(rounds)} rounds; batch {b}): "
+        f"{per_round['syncs']} host syncs, {per_round['ops']} tensor ops, {per_round['triton_launches']} Triton "
+        f"launches; {len(specialisations)} Triton specialisations in the rollout",
+    ]
+
+    by = {(r["batch"], r["way"]): r for r in rows}
+    host_share = sum(profile["phases"].get(k, 0.0) for k in ("monitor", "truncation")) / wall
+    minutes = (time.perf_counter() - started) / 60
+    on_policy = [by[(x, "engine on_policy")]["speedup"] for x in batches]
+    lines += ["", "| target | measured | verdict |", "|---|---|---|"]
+    lines.append(
+        f"| engine on_policy ≥ GKD way at every batch | {', '.join(f'{x:.2f}×' for x in on_policy)} | "
+        f"{verdict(min(on_policy) >= 1)} |"
+    )
+    if 64 in batches:
+        speedup = by[(64, "engine motab")]["speedup"]
+        lines.append(
+            f"| motab ≥ {TARGET_MOTAB_SPEEDUP:g}× GKD way at batch 64 | {speedup:.2f}× | "
+            f"{verdict(speedup >= TARGET_MOTAB_SPEEDUP)} |"
+        )
+    lines.append(
+        f"| monitor + truncation ≤ {TARGET_HOST_SHARE:.0%} of wall | {100 * host_share:.1f}% | "
+        f"{verdict(host_share <= TARGET_HOST_SHARE)} |"
+    )
+    lines.append(
+        f"| whole run ≤ {TARGET_MINUTES:g} min | {minutes:.1f} min (this line excluded) | "
+        f"{verdict(minutes <= TARGET_MINUTES)} |"
+    )
+    print("\n".join(lines[-6:]), flush=True)
+    meta = run_facts(device, dtype=str(dtype), tau=tau, prompt=prompt_len, new_tokens=new_tokens, minutes=minutes)
+    record = dict(meta=meta, rows=rows, profile=profile, work_per_round=per_round, specialisations=len(specialisations))
+    write_results(args.out, "rollout", record, "\n".join(lines))
+    stage("done")
 
 
 if __name__ == "__main__":

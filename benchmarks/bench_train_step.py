@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-from _common import bench_parser, parse_bench_args, run_facts, write_results
+from _common import bench_parser, parse_bench_args, run_facts, stage, write_results
 from _models import student_and_teacher
 from _timing import sync
 
@@ -23,11 +23,12 @@ from motab.trainer import DistillationTrainer
 
 def main(argv=None):
     parser = bench_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
+    stage(f"building the models on {device}")
     student, teacher, vocab, dtype = student_and_teacher(device, cpu_vocab=1000)
-    prompt_len, new_tokens, prompts, micro = (256, 512, 16, 4) if on_gpu else (8, 24, 8, 4)
+    prompt_len, new_tokens, prompts, micro = (256, 256, 16, 4) if on_gpu else (8, 24, 8, 4)
     g = torch.Generator().manual_seed(0)
     problems = [
         Problem(str(i), torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), None, None) for i in range(64)
@@ -49,9 +50,11 @@ def main(argv=None):
         save_every=10_000,
     )
     trainer = DistillationTrainer(student, teacher, None, problems, config)
-    trainer.train_step()  # warm-up: compilation, allocator
+    stage("warm-up step (compilation, allocator)")
+    trainer.train_step()
     times, tokens, peaks = [], [], []
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        stage(f"timed step {step + 1} of {args.steps}")
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         sync(device)

@@ -169,10 +169,9 @@ class _Row:
             del self.hidden[keep:]
             self._engine.monitor.rewind(self.index, scored_before)
         length = self.length - 1
-        with self._engine.phase("truncation"):
-            for model in self._engine.models:
-                if model.lengths([self.index])[0] > length:  # a cache behind (a teacher step) stays behind
-                    model.truncate([self.index], [length])
+        for model in self._engine.models:
+            if model.lengths([self.index])[0] > length:  # a cache behind (a teacher step) stays behind
+                self._engine.cut_later(model, self.index, length)
 
 
 def rollout(
@@ -305,6 +304,7 @@ class _Engine:
         self.delimiters = set(config.delimiter_token_ids)
         self.eos = set(config.eos_token_ids)
         self.tokenizer = tokenizer  # decodes tails for stop strings
+        self._cuts: dict[PagedModel, dict[int, int]] = {}  # per model: row → length, not yet applied
 
     # ---------------------------------------------------------------------------------------
     def run(self, prompts, seeds) -> list[Trajectory]:
@@ -314,7 +314,7 @@ class _Engine:
         with self.phase("prefill"):
             for model in models:
                 model.reset(range(len(rows)))
-                model.extend([r.index for r in rows], [r.sequence[:-1] for r in rows])  # all but the pending token
+                self._extend(model, rows, [r.sequence[:-1] for r in rows])  # all but the pending token
         while True:
             active = [r for r in rows if not r.finished]
             if not active:
@@ -325,6 +325,7 @@ class _Engine:
             writing = [r for r in active if r.teacher_writes and not r.finished]
             if writing:
                 self._teacher_round(writing)
+        self._apply_cuts()
         if self.keep_teacher_hidden:
             for row in rows:
                 row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
@@ -332,42 +333,20 @@ class _Engine:
 
     # ---------------------------------------------------------------------------------------
     def _draft_round(self, rows: list[_Row]) -> None:
-        lengths = [self._draft_length(r) for r in rows]
-        drafts = [[] for _ in rows]
-        hidden = [[] for _ in rows]
-        sampled_logprobs = [[] for _ in rows]  # the student's, under its sampling distribution (step_skd)
-        step_ends: list[str | None] = [None] * len(rows)
-        feed = [[r.pending] for r in rows]
-        with self.phase("student_decode"):
-            for step in range(max(lengths)):
-                live = [i for i, n in enumerate(lengths) if n > step and step_ends[i] is None]
-                if not live:
-                    break
-                out = self.student.extend([rows[i].index for i in live], [feed[i] for i in live])
-                logits = self.student.logits(out, self.vocab)
-                tokens = self._sample(logits, [rows[i] for i in live], teacher=False)
-                logprobs = self._sampling_logprobs(logits, tokens) if self.policy.step_test == "skd_ratio" else None
-                for j, (i, token) in enumerate(zip(live, tokens)):
-                    drafts[i].append(token)
-                    hidden[i].append(out[j])
-                    feed[i] = [token]
-                    if logprobs is not None:
-                        sampled_logprobs[i].append(logprobs[j])
-                    if self.policy.in_steps:
-                        step_ends[i] = self._step_end(rows[i], drafts[i])
+        drafts, hidden, sampled_logprobs, step_ends = self._draft(rows)
         for row, draft in zip(rows, drafts):
             row.trajectory.counters["drafted"] += len(draft)
         # Where each row's draft sits in every packed tensor below (verify, scores, statistics).
         offsets = ragged.cu_seqlens([len(d) for d in drafts])
         with self.phase("teacher_verify"):
-            verify = self.teacher.extend([r.index for r in rows], [[r.pending] + d[:-1] for r, d in zip(rows, drafts)])
+            verify = self._extend(self.teacher, rows, [[r.pending] + d[:-1] for r, d in zip(rows, drafts)])
         if self.policy.step_test == "boundary":
             self._read_step_entropies(rows, verify, offsets)
         by_op = [self._decided_by_op(r) for r in rows]
         thresholds = [self.monitor.boundary(r.index) if op else math.inf for r, op in zip(rows, by_op)]
         with self.phase("fused_op"):
             stats, first_stray = self._score(
-                torch.stack([h for hs in hidden for h in hs]),
+                hidden,
                 verify,
                 [t for d in drafts for t in d],
                 [tau for tau, d in zip(thresholds, drafts) for _ in d],
@@ -379,7 +358,7 @@ class _Engine:
                 span = slice(int(offsets[i]), int(offsets[i + 1]))
                 row_stats = {k: v[span] for k, v in stats.items()}
                 if self.policy.in_steps:
-                    self._commit_step_draft(row, draft, row_stats, verify[span], sampled_logprobs[i])
+                    self._commit_step_draft(row, draft, row_stats, verify[span], sampled_logprobs[span])
                     continue
                 decided = (first_stray[i], thresholds[i]) if by_op[i] else None
                 action = self._decide_and_commit(row, draft, row_stats, verify[span], decided)
@@ -390,6 +369,53 @@ class _Engine:
         if interventions:
             with self.phase("intervention"):
                 self._intervene(interventions)
+        self._apply_cuts()
+
+    def _draft(self, rows: list[_Row]):
+        """The student drafts for every row, one batched decode step per token. Returns the drafts,
+        the student's hidden state behind each drafted token packed row by row, the student's
+        log-prob of each token under its sampling distribution (packed the same way; step_skd only)
+        and why each row's step ended (step modes; else None).
+
+        The sampled ids stay on the device and feed the next step there: the host reads all drafts
+        once, after the last step, so the device runs the draft's steps back to back. Step modes
+        read each step's ids as they come (a step ends at a stop string, which only the host can
+        find)."""
+        lengths = [self._draft_length(r) for r in rows]
+        step_ends: list[str | None] = [None] * len(rows)
+        drafts: list[list[int]] = [[] for _ in rows]
+        read_each_step = self.policy.in_steps
+        outs, ids, logprobs, lives = [], [], [], []
+        with self.phase("student_decode"):
+            for step in range(max(lengths)):
+                live = [i for i, n in enumerate(lengths) if n > step and step_ends[i] is None]
+                if not live:
+                    break
+                if step == 0:
+                    feed = [[rows[i].pending] for i in live]
+                else:  # the previous step's ids of the rows still drafting, on the device
+                    feed = ids[-1][:, None] if live == lives[-1] else ids[-1][_positions_in(lives[-1], live)][:, None]
+                out = self._extend(self.student, [rows[i] for i in live], feed)
+                logits = self.student.logits(out, self.vocab)
+                tokens = self._sample(logits, [rows[i] for i in live], teacher=False)
+                if self.policy.step_test == "skd_ratio":
+                    logprobs.append(self._sampling_logprobs(logits, tokens))
+                outs.append(out)
+                ids.append(tokens)
+                lives.append(live)
+                if read_each_step:
+                    for i, token in zip(live, tokens.tolist()):
+                        drafts[i].append(token)
+                        step_ends[i] = self._step_end(rows[i], drafts[i])
+        if not read_each_step and ids:
+            flat = torch.cat(ids).tolist()
+            for live, first in zip(lives, ragged.cu_seqlens([len(live) for live in lives])):
+                for j, i in enumerate(live):
+                    drafts[i].append(flat[first + j])
+        order = _row_major_order(lives, len(rows))
+        hidden = torch.cat(outs)[order] if outs else None
+        sampled = torch.cat(logprobs)[order].tolist() if logprobs else []
+        return drafts, hidden, sampled, step_ends
 
     def _draft_length(self, row: _Row) -> int:
         """Tokens the row drafts this round: a draft, cut short by the row's budget and (step
@@ -413,7 +439,7 @@ class _Engine:
 
     def _score(self, student_hidden, teacher_hidden, targets, thresholds, offsets):
         """Per-token statistics of the packed drafts (rows grouped by ``offsets``) and, per row, the
-        op's first stray for ``thresholds``."""
+        op's first stray for ``thresholds``: computed on the device, read by the host at once."""
         monitor = self.monitor_config
         device = student_hidden.device
         (student_weight, student_bias), (teacher_weight, teacher_bias) = (
@@ -430,19 +456,23 @@ class _Engine:
                 kind=monitor.divergence_kind,
                 beta=monitor.beta,
                 temperature=monitor.temperature,
-                target=torch.tensor(targets, device=device),
+                # ids, offsets on the host: the op checks them there and copies them over once
+                # (checking device copies would make the host wait for the device)
+                target=torch.tensor(targets),
                 reduction="none",
                 threshold=torch.tensor(thresholds, device=device, dtype=torch.float32),
-                # on the host: the op checks the offsets there and copies them over once (checking a
-                # device copy would wait for the device three times a round)
                 cu_seqlens=torch.from_numpy(offsets),
             )
+            # one read: float64 holds the fp32 statistics and the integer ranks and indices exactly
+            columns = (out.per_token, out.teacher_logprob, out.teacher_rank, out.first_stray)
+            values = torch.cat([c.double() for c in columns]).tolist()
+        n = len(targets)
         stats = {
-            "divergence": out.per_token.tolist(),
-            "teacher_logprob": out.teacher_logprob.tolist(),
-            "teacher_rank": out.teacher_rank.tolist(),
+            "divergence": values[:n],
+            "teacher_logprob": values[n : 2 * n],
+            "teacher_rank": [int(r) for r in values[2 * n : 3 * n]],
         }
-        return stats, out.first_stray.tolist()
+        return stats, [int(f) for f in values[3 * n :]]
 
     def _decide_and_commit(self, row: _Row, draft: list[int], stats: dict, teacher_hidden, decided) -> str | None:
         """Commits the row's safe prefix of ``draft``; returns the intervention it needs, if any.
@@ -500,9 +530,26 @@ class _Engine:
         return step_end
 
     def _release(self, row: _Row) -> None:
-        """A finished row gives its cache blocks back."""
+        """A finished row gives its cache blocks back (with the round's other cuts)."""
         for model in self.models:
-            model.reset([row.index])
+            self.cut_later(model, row.index, 0)
+
+    def cut_later(self, model: PagedModel, row: int, length: int) -> None:
+        """Truncates ``row`` of ``model``'s cache to ``length`` before the next extend: all cuts of
+        a round go to the cache in one call per model (one kernel launch, not one a row)."""
+        cuts = self._cuts.setdefault(model, {})
+        cuts[row] = min(length, cuts.get(row, length))
+
+    def _apply_cuts(self) -> None:
+        with self.phase("truncation"):
+            for model, cuts in self._cuts.items():
+                model.truncate(list(cuts), list(cuts.values()))
+        self._cuts.clear()
+
+    def _extend(self, model: PagedModel, rows: list[_Row], feeds) -> torch.Tensor:
+        """``model.extend`` of ``feeds`` into the rows, after the cuts waiting for the caches."""
+        self._apply_cuts()
+        return model.extend([r.index for r in rows], feeds)
 
     def _intervene(self, requests: list[tuple[_Row, str]]) -> None:
         """The teacher writes for every requesting row at once, then the student reads it."""
@@ -513,10 +560,10 @@ class _Engine:
         live = [row for row, _ in requests]
         feed = {row.index: [row.pending] for row in live}
         while live:
-            hidden = self.teacher.extend([r.index for r in live], [feed[r.index] for r in live])
+            hidden = self._extend(self.teacher, live, [feed[r.index] for r in live])
             logits = self.teacher.logits(hidden, self.vocab)
             still = []
-            for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
+            for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True).tolist())):
                 out = written[row.index]
                 out.append(token)
                 states[row.index].append(hidden[j])
@@ -550,10 +597,11 @@ class _Engine:
     def _catch_up(self, model: PagedModel, rows: list[_Row]) -> None:
         """Feeds each row's committed tokens the model's cache has not read (all but the pending
         one), all rows in one extend."""
+        self._apply_cuts()
         feeds = [r.sequence[model.lengths([r.index])[0] : -1] for r in rows]
         behind = [(r, f) for r, f in zip(rows, feeds) if f]
         if behind:
-            model.extend([r.index for r, _ in behind], [f for _, f in behind])
+            self._extend(model, [r for r, _ in behind], [f for _, f in behind])
 
     def _teacher_round(self, rows: list[_Row]) -> None:
         """Rows the teacher writes: up to ``draft_len`` tokens each, one batched step at a time."""
@@ -562,10 +610,10 @@ class _Engine:
             if not live:
                 break
             with self.phase("teacher_decode"):
-                hidden = self.teacher.extend([r.index for r in live], [[r.pending] for r in live])
+                hidden = self._extend(self.teacher, live, [[r.pending] for r in live])
             logits = self.teacher.logits(hidden, self.vocab)
             ended = []
-            for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True))):
+            for j, (row, token) in enumerate(zip(live, self._sample(logits, live, teacher=True).tolist())):
                 row.commit([token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
                 end = self._step_end(row, []) if row.step is not None else None
                 if end is not None:
@@ -577,6 +625,7 @@ class _Engine:
                 self._end_steps(ended)
         # rows handed back to the student (a step_skd teacher step) read what the teacher wrote
         self._catch_up(self.student, [r for r in rows if not r.finished and not r.teacher_writes])
+        self._apply_cuts()
 
     def _finish_correction(self, row: _Row) -> None:
         if row.correction_start is not None:
@@ -659,13 +708,13 @@ class _Engine:
 
     def _extend_split(self, model: PagedModel, rows: list[_Row], feeds: list[list[int]]) -> list[torch.Tensor]:
         """One extend of ``feeds[i]`` into each row; each row's new hidden states."""
-        hidden = model.extend([r.index for r in rows], feeds)
+        hidden = self._extend(model, rows, feeds)
         offsets = ragged.cu_seqlens([len(f) for f in feeds])
         return [hidden[int(offsets[i]) : int(offsets[i + 1])] for i in range(len(rows))]
 
     def _teacher_logprobs(self, hidden: torch.Tensor, targets: list[int]) -> list[float]:
         """log p_teacher(target) at temperature 1 for a few positions (the LM head on those only)."""
-        return _logprobs_of(self.teacher.logits(hidden, self.vocab), targets)
+        return _logprobs_of(self.teacher.logits(hidden, self.vocab), torch.tensor(targets)).tolist()
 
     def _close_step(self, row: _Row, reason: str) -> None:
         """Records the row's finished step and acts on it: the next step begins, the row ends,
@@ -742,7 +791,17 @@ class _Engine:
     # ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Adds the wall time of the block to ``timings[name]`` (device synchronised) when timing."""
+        """Adds the wall time of the block to ``timings[name]`` (device synchronised) when timing;
+        under ``torch.profiler`` the block is a range named ``motab.<name>``."""
+        if torch.autograd.profiler._is_profiler_enabled:  # checked first: a range costs an op otherwise
+            with torch.profiler.record_function(f"motab.{name}"), self._timed(name):
+                yield
+        else:
+            with self._timed(name):
+                yield
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
         if self.timings is None:
             yield
             return
@@ -759,9 +818,10 @@ class _Engine:
             if self._phases:  # a phase nested in another counts once: its parent's time excludes it
                 self.timings[self._phases[-1]] = self.timings.get(self._phases[-1], 0.0) - elapsed
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row], teacher: bool) -> list[int]:
-        """One token per row, all rows in one batched draw; each row's draw depends only on its
-        seed and its own counter, so a row samples the same whatever else is in the batch."""
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], teacher: bool) -> torch.Tensor:
+        """One token per row (on the device), all rows in one batched draw; each row's draw depends
+        only on its seed and its own counter, so a row samples the same whatever else is in the
+        batch."""
         seeds = [(r.seed * 2 + int(teacher)) for r in rows]  # the student's and teacher's streams differ
         counters = [r.teacher_draws if teacher else r.student_draws for r in rows]
         for r in rows:
@@ -770,9 +830,9 @@ class _Engine:
             else:
                 r.student_draws += 1
         sampling = self.config.teacher_sampling if teacher else self.config.student_sampling
-        return sample_tokens(logits, sampling, seeds, counters).tolist()
+        return sample_tokens(logits, sampling, seeds, counters)
 
-    def _sampling_logprobs(self, logits: torch.Tensor, tokens: list[int]) -> list[float]:
+    def _sampling_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The student's log-probability of each sampled token under the distribution it sampled
         from (temperature-scaled, before top-k/top-p, as SGLang reports it; greedy counts as
         temperature 1)."""
@@ -797,11 +857,28 @@ class _Engine:
         return row.finished
 
 
-def _logprobs_of(logits: torch.Tensor, targets: list[int], temperature: float = 1.0) -> list[float]:
+def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at each row's target."""
     logp = torch.log_softmax(logits.float() / temperature, -1)
-    index = torch.tensor(targets, device=logp.device)
-    return logp[torch.arange(len(targets), device=logp.device), index].tolist()
+    return logp.gather(1, targets.to(logp.device).long()[:, None])[:, 0]
+
+
+def _positions_in(previous: list[int], current: list[int]) -> torch.Tensor:
+    """Where each of ``current`` (a subsequence of ``previous``) sits in ``previous``."""
+    where = {value: j for j, value in enumerate(previous)}
+    return torch.tensor([where[value] for value in current])
+
+
+def _row_major_order(lives: list[list[int]], num_rows: int) -> torch.Tensor:
+    """The order that turns step-major packed values (step s holds one value per row of
+    ``lives[s]``) into row-major (each row's values in step order)."""
+    per_row: list[list[int]] = [[] for _ in range(num_rows)]
+    first = 0
+    for live in lives:
+        for j, i in enumerate(live):
+            per_row[i].append(first + j)
+        first += len(live)
+    return torch.tensor([k for indices in per_row for k in indices], dtype=torch.long)
 
 
 def _tail(tokens: list[int], new_tokens: list[int], start: int, stops) -> list[int]:

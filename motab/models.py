@@ -15,7 +15,6 @@ gives the head they go with, cut to the shared vocabulary.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import sys
 from collections.abc import Sequence
@@ -33,9 +32,6 @@ from motab_kernels.paged_kv import PagedKVCache
 
 PAGED_KWARG = "motab_paged"
 _PREFIX = "motab_paged_"
-# Set while a PagedModel forward runs: the masks HF would build for the packed sequence (O(total²))
-# are not needed, since the paged kernels mask by position themselves.
-_paged_forward = contextvars.ContextVar("motab_paged_forward", default=False)
 
 
 @dataclass
@@ -87,11 +83,9 @@ def register_paged_attention(original: str) -> str:
                 )
         return paged.attend(module, query, key, value, scaling, kwargs.get("sliding_window"))
 
-    def mask(*args, **kwargs):
-        return None if _paged_forward.get() else original_mask(*args, **kwargs)
-
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, mask)
+    # the original's masks outside a paged forward (a paged forward passes its own 4-D mask: none is built)
+    AttentionMaskInterface.register(name, original_mask)
     return name
 
 
@@ -112,6 +106,7 @@ class PagedModel:
         block_size: tokens per cache block.
         max_seq_len: longest row (default: the config's ``max_position_embeddings``).
         attention_impl: ``"triton"``, ``"torch"`` or ``"auto"`` (triton on CUDA).
+        cache_impl: the cache's block bookkeeping, the same choices (see ``PagedKVCache``).
     """
 
     def __init__(
@@ -123,6 +118,7 @@ class PagedModel:
         block_size: int = 16,
         max_seq_len: int | None = None,
         attention_impl: str = "auto",
+        cache_impl: str = "auto",
     ) -> None:
         config = model.config
         for attribute in ("final_logit_softcapping", "logits_scaling", "attn_logit_softcapping"):
@@ -151,9 +147,12 @@ class PagedModel:
             max_blocks_per_row=-(-max_seq_len // block_size),
             dtype=parameter.dtype,
             device=parameter.device,
+            impl=cache_impl,
         )
         self.attention_impl = attention_impl
         self.paged_attention_calls = 0  # counts layer calls that ran on the paged cache
+        # the attention mask of every paged forward: the paged kernels mask by position themselves
+        self._no_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=parameter.device)
 
     @property
     def device(self) -> torch.device:
@@ -177,39 +176,52 @@ class PagedModel:
         return self.cache.num_free_blocks + self.blocks_needed(self.cache.lengths(list(rows)))
 
     @torch.no_grad()
-    def extend(self, rows: Sequence[int], tokens: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
+    def extend(
+        self, rows: Sequence[int], tokens: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor
+    ) -> torch.Tensor:
         """Feeds ``tokens[i]`` to row ``rows[i]`` (positions continue from the row's length) and
         returns the final hidden states of all new tokens, packed ``[total, hidden]`` in the order
-        given. Rows with no tokens are allowed. On any error the cache is left as it was."""
+        given. ``tokens`` is one sequence per row (rows with none are allowed), or a
+        ``[len(rows), n]`` tensor: n tokens for every row, e.g. the ids just sampled on the device,
+        used where they are and not range-checked (checking them there would make the host wait
+        for the device). On any error the cache is left as it was."""
         rows = list(rows)
         if len(tokens) != len(rows):
             raise ValueError(f"{len(rows)} rows but {len(tokens)} token sequences")
-        ids = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in tokens]
-        flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {int(flat.min())}..{int(flat.max())}")
-        counts = [len(t) for t in ids]
+        flat, counts = self._packed_ids(tokens)
         starts = self.cache.lengths(rows)
         slots = self.cache.reserve(rows, counts)
         try:
             if not flat.numel():
                 return torch.zeros(0, self.model.config.hidden_size, device=self.device)
             layout = QueryLayout.build(rows, starts, ragged.cu_seqlens(counts), self.device)
-            paged = PagedForward(self, slots, layout)
-            flag = _paged_forward.set(True)
-            try:
-                out = self.decoder(
-                    input_ids=flat.to(self.device)[None],
-                    position_ids=layout.positions.long()[None],
-                    use_cache=False,
-                    **{PAGED_KWARG: paged},
-                )
-            finally:
-                _paged_forward.reset(flag)
+            out = self.decoder(
+                input_ids=flat.to(self.device)[None],
+                position_ids=layout.positions.long()[None],
+                # a 4-D mask is taken as given: HF builds no mask for the packed sequence (O(total²),
+                # and its packed-sequence detection reads the positions back to the host)
+                attention_mask=self._no_mask,
+                use_cache=False,
+                **{PAGED_KWARG: PagedForward(self, slots, layout)},
+            )
             return out.last_hidden_state[0]
         except BaseException:
             self.cache.truncate(rows, starts)
             raise
+
+    def _packed_ids(self, tokens) -> tuple[torch.Tensor, list[int]]:
+        """All rows' ids in one 1-D tensor, and each row's count; ids given as sequences are
+        range-checked on the host (a token tensor is used as it is)."""
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 2 or tokens.is_floating_point():
+                shape = tuple(tokens.shape)
+                raise ValueError(f"a token tensor must hold integer ids [rows, n], got {shape} {tokens.dtype}")
+            return tokens.reshape(-1).long(), [tokens.shape[1]] * tokens.shape[0]
+        pieces = [t.reshape(-1).tolist() if isinstance(t, torch.Tensor) else list(t) for t in tokens]
+        ids = [i for piece in pieces for i in piece]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        return torch.tensor(ids, dtype=torch.long), [len(piece) for piece in pieces]
 
     def logits(self, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
         """LM-head logits of final hidden states, over the first ``vocab`` ids (all by default)."""

@@ -47,7 +47,22 @@ class _RowState:
     history: list[float] = field(default_factory=list)  # committed scores, in order
     ema_mean: float = 0.0
     ema_var: float = 0.0
-    ordered: list[float] = field(default_factory=list)  # history, sorted (quantile rule)
+    ordered: list[float] = field(default_factory=list)  # history, sorted (quantile rule only)
+
+    @property
+    def count(self) -> int:
+        return len(self.history)
+
+    def last(self, k: int) -> list[float]:
+        return self.history[-k:]
+
+    def append(self, value: float, keep_sorted: bool) -> None:
+        self.history.append(value)
+        if keep_sorted:  # O(length) per score: kept for the rule that reads it only
+            bisect.insort(self.ordered, value)
+
+    def quantile(self, q: float) -> float:
+        return _quantile(self.ordered, q)
 
 
 class Monitor:
@@ -73,17 +88,16 @@ class Monitor:
 
     def scan(self, row: int, scores: list[float]) -> tuple[int, list[float]]:
         """Index of the first stray among a draft's ``scores`` (``len(scores)`` if none) and the
-        boundary each examined token was held to. The row's state is not changed."""
-        state = _RowState(
-            list(self.rows[row].history), self.rows[row].ema_mean, self.rows[row].ema_var, list(self.rows[row].ordered)
-        )
+        boundary each examined token was held to. The row's state is not changed (nor copied: a
+        row's history grows to the response's length, tens of thousands of scores)."""
+        draft = _Draft(self.rows[row])
         boundaries = []
         for j, value in enumerate(scores):
-            limit = self._boundary(state)
+            limit = self._boundary(draft)
             boundaries.append(limit)
             if value > limit:
                 return j, boundaries
-            self._add(state, value)
+            self._add(draft, value)
         return len(scores), boundaries
 
     def commit(self, row: int, scores: list[float]) -> None:
@@ -104,37 +118,86 @@ class Monitor:
         return len(self.rows[row].history)
 
     # ---------------------------------------------------------------------------------------
-    def _boundary(self, state: _RowState) -> float:
+    def _boundary(self, state: _RowState | _Draft) -> float:
         c = self.config
+        n = state.count
         if c.score == "teacher_rank":  # SKD's top-k test: rank ≥ k strays
-            return c.skd_top_k - 0.5 if len(state.history) >= c.warmup else math.inf
-        if len(state.history) < c.warmup:
+            return c.skd_top_k - 0.5 if n >= c.warmup else math.inf
+        if n < c.warmup:
             return math.inf
         if c.rule == "fixed":
             return c.tau
-        if not state.history:
+        if not n:
             return c.tau_min
         if c.rule == "window":
-            recent = state.history[-c.window :]
+            recent = state.last(c.window)
             return max(c.window_factor * sum(recent) / len(recent), c.tau_min)
         if c.rule == "ema":
             return max(state.ema_mean + c.ema_std_factor * math.sqrt(state.ema_var), c.tau_min)
-        return max(_quantile(state.ordered, c.quantile), c.tau_min)
+        return max(state.quantile(c.quantile), c.tau_min)
 
-    def _add(self, state: _RowState, value: float) -> None:
-        if state.history:
+    def _add(self, state: _RowState | _Draft, value: float) -> None:
+        if state.count:
             delta = value - state.ema_mean
             alpha = self.config.ema_decay
             state.ema_mean += alpha * delta
             state.ema_var = (1.0 - alpha) * (state.ema_var + alpha * delta * delta)
         else:
             state.ema_mean, state.ema_var = value, 0.0
-        state.history.append(value)
-        bisect.insort(state.ordered, value)
+        state.append(value, keep_sorted=self.config.rule == "quantile")
 
 
-def _quantile(ordered: list[float], q: float) -> float:
-    """Linear-interpolation quantile of a sorted list (numpy's default method)."""
+class _Draft:
+    """A row's committed state plus the draft scores a scan has accepted so far, read through
+    without copying the committed part."""
+
+    def __init__(self, row: _RowState) -> None:
+        self.row = row
+        self.scores: list[float] = []  # accepted draft scores, in order
+        self.ema_mean, self.ema_var = row.ema_mean, row.ema_var
+
+    @property
+    def count(self) -> int:
+        return self.row.count + len(self.scores)
+
+    def last(self, k: int) -> list[float]:
+        """The last ``k`` scores, committed then drafted."""
+        drafted = self.scores[-k:]
+        if k == len(drafted):
+            return drafted
+        return self.row.history[max(0, len(self.row.history) - (k - len(drafted))) :] + drafted
+
+    def append(self, value: float, keep_sorted: bool) -> None:
+        self.scores.append(value)
+
+    def quantile(self, q: float) -> float:
+        merged = _MergedOrder(self.row.ordered, sorted(self.scores))
+        return _quantile(merged, q)
+
+
+class _MergedOrder:
+    """Two sorted lists read as one (a long one and a few extra values), by position."""
+
+    def __init__(self, long: list[float], short: list[float]) -> None:
+        self.long, self.short = long, short
+
+    def __len__(self) -> int:
+        return len(self.long) + len(self.short)
+
+    def __getitem__(self, k: int) -> float:
+        """The k-th smallest (0-based): the short list's values split the long one into runs."""
+        for i, value in enumerate(self.short):
+            # long values before ``value``: ties go to the long list first, as one sorted list would order them
+            before = bisect.bisect_right(self.long, value)
+            if k < before + i:
+                return self.long[k - i]
+            if k == before + i:
+                return value
+        return self.long[k - len(self.short)]
+
+
+def _quantile(ordered, q: float) -> float:
+    """Linear-interpolation quantile of a sorted sequence (numpy's default method)."""
     position = q * (len(ordered) - 1)
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)

@@ -1,6 +1,8 @@
-"""The boundary rules on hand-made score sequences (each expected value worked out by hand)."""
+"""The boundary rules on hand-made score sequences (each expected value worked out by hand), and
+scans against token-by-token commits on random ones."""
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -84,3 +86,26 @@ def test_rows_are_independent_and_scores_clamped():
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MonitorConfig(**kwargs)
+
+
+@pytest.mark.parametrize("rule", ["window", "ema", "quantile", "fixed"])
+def test_a_scan_decides_as_committing_token_by_token(rule):
+    """``scan`` reads the committed history through (no copy); its decisions and boundaries must be
+    those of a row that commits each kept draft score before the next is examined."""
+    rng = random.Random(rule)
+    for _ in range(300):
+        config = MonitorConfig(rule=rule, warmup=rng.randint(0, 5), window=rng.randint(1, 6))
+        history = [rng.choice([0.1, 0.5, 1.0, 3 * rng.random()]) for _ in range(rng.randint(0, 30))]
+        draft = [rng.choice([0.5, 1.0, 3 * rng.random()]) for _ in range(rng.randint(1, 8))]
+        scanned, stepwise = Monitor(config, 1), Monitor(config, 1)
+        scanned.commit(0, history)
+        stepwise.commit(0, history)
+        boundaries, first = [], len(draft)
+        for j, value in enumerate(draft):
+            boundaries.append(stepwise.boundary(0))
+            if value > boundaries[-1]:
+                first = j
+                break
+            stepwise.commit(0, [value])
+        assert scanned.scan(0, draft) == (first, boundaries)
+        assert scanned.num_committed(0) == len(history)
