@@ -9,25 +9,42 @@
     motab demo                                    # the toy task, on a CPU, in minutes
 
 Models and tokenizers load from a local folder or a Hugging Face hub id that is already in the
-local cache: nothing is downloaded (``huggingface-cli download ID`` fetches one first). A YAML
+local cache: nothing is downloaded (``hf download ID`` fetches one first). A YAML
 config has top-level ``student``, ``teacher``, ``data`` (and optionally ``field_map``,
 ``max_prompt_tokens``, ``device``, ``dtype``) plus sections ``train`` (TrainConfig), ``rollout``
 (RolloutConfig), ``monitor`` (MonitorConfig), ``student_sampling`` and ``teacher_sampling`` (all
 in ``motab.config``); ``--set section.key=value`` overrides any of them. The resolved configuration
 is printed first.
+
+A mistake in what a command is given (an option, a file, a model, a device) is reported as one line
+naming it, with exit status 2, before any model loads; anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
 
-from motab.config import TOP_LEVEL, ConfigError, apply_overrides, build_configs, resolve_config
+from motab.config import (
+    FIELD_MAP_HELP,
+    TOP_LEVEL,
+    ConfigError,
+    FieldMap,
+    apply_overrides,
+    build_configs,
+    check_device,
+    check_dtype,
+    parse_field_map,
+    resolve_config,
+)
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 ANSWER_FORMATS = ("boxed", "toy")
@@ -47,19 +64,69 @@ SYNTHESIS_PRESETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a user's mistake (ConfigError) is printed as one line and gives 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
-        print(f"motab {args.command}: {error}", file=sys.stderr)
+    except ConfigError as error:
+        print(f"motab {args.command}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
 
 
+def one_line(message: str) -> str:
+    """``message`` with its line breaks folded (some come from libraries' own errors)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its errors (exit 2, as argparse's) on one line; the usage they print
+    first is one ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be ≥ {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def number_at_least(minimum: float, *, strictly: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number ≥ ``minimum`` (> with ``strictly``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strictly and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strictly else '≥'} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def field_map_flag(text: str) -> str | FieldMap:
+    """The argparse type of --field-map: a preset or prompt=FIELD,answer=FIELD."""
+    try:
+        return parse_field_map(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="motab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog="motab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -71,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file (see `motab --help`)")
     _model_arguments(train)
     train.add_argument("--output-dir", help="where checkpoints and metrics.jsonl go")
-    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--steps", type=int_at_least(1), help="optimizer steps")
     train.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
     _override_argument(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -85,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--config", help="YAML file (see `motab --help`)")
     _model_arguments(roll)
     roll.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
-    roll.add_argument("--limit", type=int, default=16, help="prompts to roll out (default 16)")
+    roll.add_argument("--limit", type=int_at_least(1), default=16, help="prompts to roll out (default 16)")
     roll.add_argument("--out", required=True, help="trajectories JSONL")
     roll.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
     _override_argument(roll)
@@ -100,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         "writes a report.",
     )
     demo.add_argument("--out", default="motab-demo", help="report folder (default motab-demo)")
-    demo.add_argument("--seeds", type=int, default=1, help="seeds per method; the table shows mean ± std")
-    demo.add_argument("--steps", type=int, help="training steps per method")
+    demo.add_argument("--seeds", type=int_at_least(1), default=1, help="seeds per method; the table shows mean ± std")
+    demo.add_argument("--steps", type=int_at_least(1), help="training steps per method")
     demo.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(run=run_demo)
@@ -118,25 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="records JSONL")
     synth.add_argument("--preset", choices=sorted(SYNTHESIS_PRESETS), help="defaults for a setting (toy: the toy task)")
     synth.add_argument("--mode", choices=("step_motab", "step_skd", "teacher_steps"), help="default step_motab")
-    synth.add_argument("--responses", type=int, help="samples per question (default 5)")
+    synth.add_argument("--responses", type=int_at_least(1), help="samples per question (default 5)")
     synth.add_argument("--prompt-format", choices=("raw", "chat"), help="raw: the bare question (default), chat")
-    synth.add_argument("--field-map", default="auto", help="auto, limo, acereason or input")
-    synth.add_argument("--limit", type=int, help="first N questions only")
+    synth.add_argument("--field-map", type=field_map_flag, default="auto", help=FIELD_MAP_HELP)
+    synth.add_argument("--limit", type=int_at_least(1), help="first N questions only")
     synth.add_argument("--stop", help='the step stop string, escapes allowed (default ".\\n\\n")')
     synth.add_argument("--trim-stop", action="store_true", help="cut the stop string off as SGLang does (the scripts)")
-    synth.add_argument("--epsilon0", type=float, help="boundary scale ε0 (default 0.2)")
-    synth.add_argument("--theta", type=float, help="boundary sharpness θ (default 1.0)")
-    synth.add_argument("--top-k", type=int, help="teacher tokens of the boundary's entropy (default 20)")
+    synth.add_argument("--epsilon0", type=number_at_least(0, strictly=True), help="boundary scale ε0 (default 0.2)")
+    synth.add_argument("--theta", type=number_at_least(0), help="boundary sharpness θ (default 1.0)")
+    synth.add_argument("--top-k", type=int_at_least(1), help="teacher tokens of the boundary's entropy (default 20)")
     synth.add_argument(
         "--static-boundary", action="store_true", help="H = 0: the constant ε0 the scripts computed on SGLang"
     )
-    synth.add_argument("--gamma", type=float, help="step_skd's γ (default 0.9)")
+    synth.add_argument("--gamma", type=number_at_least(0), help="step_skd's γ (default 0.9)")
     synth.add_argument("--marker", help='text between the student\'s steps and the correction (default "However,")')
-    synth.add_argument("--temperature", type=float, help="sampling temperature of both models (default 0.6)")
-    synth.add_argument("--max-new-tokens", type=int, help="tokens a trajectory (default 32768)")
-    synth.add_argument("--max-step-tokens", type=int, help="tokens a step (default 8192)")
-    synth.add_argument("--batch-size", type=int, default=32, help="rows per rollout (default 32)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--temperature", type=number_at_least(0), help="sampling temperature of both models (default 0.6)"
+    )
+    synth.add_argument("--max-new-tokens", type=int_at_least(1), help="tokens a trajectory (default 32768)")
+    synth.add_argument("--max-step-tokens", type=int_at_least(1), help="tokens a step (default 8192)")
+    synth.add_argument("--batch-size", type=int_at_least(1), default=32, help="rows per rollout (default 32)")
+    synth.add_argument("--seed", type=int_at_least(0), default=0)
     synth.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on CUDA)")
     synth.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     synth.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
@@ -153,26 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--model", required=True, help="the student: local folder or cached hub id")
     sft.add_argument("--data", required=True, help="records JSONL (motab synthesize) or any prompt/completion file")
     sft.add_argument("--out", required=True, help="folder for checkpoints and the final model")
-    sft.add_argument("--epochs", type=float, help="default 6")
-    sft.add_argument("--learning-rate", type=float, help="default 5e-5")
-    sft.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    sft.add_argument("--max-length", type=int, help="tokens per packed row (default 32768)")
-    sft.add_argument("--batch-size", type=int, help="rows per device and step (default 1)")
-    sft.add_argument("--gradient-accumulation", type=int, help="default 1")
+    sft.add_argument("--epochs", type=number_at_least(0, strictly=True), help="default 6")
+    sft.add_argument("--learning-rate", type=number_at_least(0, strictly=True), help="default 5e-5")
+    sft.add_argument("--max-steps", type=int_at_least(1), help="stop after N optimizer steps (overrides --epochs)")
+    sft.add_argument("--max-length", type=int_at_least(1), help="tokens per packed row (default 32768)")
+    sft.add_argument("--batch-size", type=int_at_least(1), help="rows per device and step (default 1)")
+    sft.add_argument("--gradient-accumulation", type=int_at_least(1), help="default 1")
     sft.add_argument("--no-packing", action="store_true", help="one record per row, padded")
-    sft.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 500)")
-    sft.add_argument("--seed", type=int, help="default 0")
+    sft.add_argument("--save-steps", type=int_at_least(1), help="checkpoint every N steps (default 500)")
+    sft.add_argument("--seed", type=int_at_least(0), help="default 0")
     sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     sft.set_defaults(run=run_sft)
 
     evaluate = commands.add_parser("eval", help="accuracy of a model on a benchmark with \\boxed{} answers")
     evaluate.add_argument("--model", required=True, help="local folder or cached hub id")
     evaluate.add_argument("--data", required=True, help="JSONL / Parquet / datasets folder with answers")
-    evaluate.add_argument("--field-map", default="auto", help="auto, limo or acereason")
-    evaluate.add_argument("--samples", type=int, default=1, help="samples per problem (pass@1 is their mean)")
-    evaluate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    evaluate.add_argument("--max-new-tokens", type=int, default=512)
-    evaluate.add_argument("--limit", type=int, help="first N problems only")
+    evaluate.add_argument("--field-map", type=field_map_flag, default="auto", help=FIELD_MAP_HELP)
+    evaluate.add_argument(
+        "--samples", type=int_at_least(1), default=1, help="samples per problem (pass@1 is their mean)"
+    )
+    evaluate.add_argument("--temperature", type=number_at_least(0), default=0.0, help="0 is greedy")
+    evaluate.add_argument("--max-new-tokens", type=int_at_least(1), default=512)
+    evaluate.add_argument("--limit", type=int_at_least(1), help="first N problems only")
     evaluate.add_argument(
         "--answer-format", choices=ANSWER_FORMATS, default="boxed", help="boxed: the last \\boxed{} (default); toy: #d"
     )
@@ -193,39 +264,125 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
-def load_model(name: str, dtype, device):
-    """A causal LM from disk (a folder or a cached hub id): never a download, never a hang."""
+def load_model(name: str, dtype, device, role: str = "model"):
+    """A causal LM and its tokenizer from disk (a folder or a cached hub id): never a download, never
+    a hang. What a user can mend (a missing folder, an uncached id, unreadable weights) is a
+    ConfigError naming the model's ``role`` (student, teacher) and the file."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from motab.models import load_tokenizer
 
+    folder = local_model_folder(name, role)
+    if folder is not None:
+        check_weights(folder, role)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
         tokenizer = load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+    except SafetensorError as error:  # a cached hub model's weights (a folder's were checked above)
+        raise ConfigError(f"the {role}'s weights ({name}) cannot be read: {error}; download them again") from error
     except OSError as error:
-        raise ConfigError(
-            f"cannot load {name!r} from disk ({str(error).splitlines()[0]}). Pass a local folder, or download the "
-            f"weights first: huggingface-cli download {name}"
-        ) from error
+        if folder is None:
+            raise ConfigError(
+                f"the {role} {name!r} is neither a local folder nor in the Hugging Face cache, and nothing is "
+                f"downloaded: pass a model folder, or fetch it first with `hf download {name}`"
+            ) from error
+        raise ConfigError(f"cannot load the {role} from {name}: {str(error).splitlines()[0]}") from error
     return model.to(device), tokenizer
 
 
-def _setup(raw):
+def local_model_folder(name: str, role: str) -> Path | None:
+    """The folder ``name`` names, or None for what can only be a hub id; a path that is missing, a
+    file or a folder without config.json is refused here rather than taken for a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"the {role} folder {name} has no config.json: it is not a saved model")
+        return path
+    if path.exists():
+        raise ConfigError(f"the {role} {name} is a file; expected a model folder (config.json, weights, tokenizer)")
+    # a hub id is "name" or "namespace/name"; anything else can only be a path
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/"):
+        raise ConfigError(f"the {role} folder {name} does not exist")
+    return None
+
+
+def check_weights(folder: Path, role: str) -> None:
+    """Refuses a model folder with a safetensors file whose header or length is broken (truncated,
+    or overwritten), naming the file. Reads the headers only, without torch."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="numpy"):
+                pass
+        except SafetensorError as error:
+            raise ConfigError(
+                f"the {role}'s weights {file} cannot be read ({error}): the file is truncated or corrupt; "
+                "save or download the model again"
+            ) from error
+
+
+def check_sources(models: dict[str, str], data: str, field_map: str | FieldMap = "auto") -> None:
+    """Refuses, before torch loads, a model (named by role) that is not there or whose weights are
+    broken, and a data set that is missing, unreadable or lacks the fields of ``field_map``. The
+    records are read once more later, with the tokenizer: cheap beside loading the models."""
+    from motab.data import load_records, resolve_field_map
+
+    for role, name in models.items():
+        folder = local_model_folder(name, role)
+        if folder is not None:
+            check_weights(folder, role)
+    try:
+        resolve_field_map(load_records(data)[0], field_map)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def check_writable(path: str | Path, what: str, *, folder: bool) -> None:
+    """Refuses an output path the command could not write, before any model loads: the nearest
+    existing folder on its way must be a folder this process may write to, and an existing path must
+    be of the right kind (a folder for ``folder``, else a file) and writable."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() != folder:
+            raise ConfigError(f"{what} {path} is {'a file, not a folder' if folder else 'a folder, not a file'}")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{what} {path} is not writable")
+    nearest = path if folder and path.exists() else path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path} cannot be written: {nearest} is not writable")
+
+
+def _load_problems(path: str, tokenizer, **options):
+    """motab.data.load_problems, a bad data set (missing, unreadable, fields the map lacks) a ConfigError."""
     from motab.data import load_problems
 
-    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
-    student, tokenizer = load_model(raw["student"], dtype, device)
-    teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device)
-    _check_tokenizers(tokenizer, teacher_tokenizer)
     try:
-        problems, skipped = load_problems(
-            raw["data"],
-            tokenizer,
-            field_map=raw.get("field_map", "auto"),
-            max_prompt_tokens=raw.get("max_prompt_tokens"),
-        )
-    except ValueError as error:
+        return load_problems(path, tokenizer, **options)
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
+
+
+def _field_map(raw: dict) -> str | FieldMap:
+    return parse_field_map(raw.get("field_map", "auto"))
+
+
+def _setup(raw):
+    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
+    student, tokenizer = load_model(raw["student"], dtype, device, "student")
+    teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device, "teacher")
+    _check_tokenizers(tokenizer, teacher_tokenizer)
+    problems, skipped = _load_problems(
+        raw["data"],
+        tokenizer,
+        field_map=_field_map(raw),
+        max_prompt_tokens=raw.get("max_prompt_tokens"),
+    )
     if skipped:
         print(f"skipped {skipped} prompts longer than max_prompt_tokens={raw.get('max_prompt_tokens')}")
     return student, teacher, tokenizer, problems
@@ -258,11 +415,14 @@ def _raw_config(args) -> dict:
 
 
 def run_train(args) -> int:
+    raw = _raw_config(args)
+    train, _ = build_configs(raw)
+    check_sources({"student": raw["student"], "teacher": raw["teacher"]}, raw["data"], _field_map(raw))
+    check_writable(train.output_dir, "train.output_dir", folder=True)
+    # torch and transformers load only now: a mistake in the configuration shows in a fraction of a second
     from motab.engine import with_tokenizer_defaults
     from motab.trainer import DistillationTrainer
 
-    raw = _raw_config(args)
-    train, rollout = build_configs(raw)
     rank = _init_distributed(raw)
     if rank == 0:
         print("resolved config:\n" + yaml.safe_dump(_printable(raw, train), sort_keys=False))
@@ -274,22 +434,30 @@ def run_train(args) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: saved {train.output_dir}/checkpoint-{trainer.step}; continue with --resume")
         return 130
+    except FileNotFoundError as error:
+        if not args.resume:
+            raise
+        raise ConfigError(str(error)) from error  # --resume where there is no checkpoint
     print(f"done: {train.output_dir}/checkpoint-{trainer.step}")
     return 0
 
 
 def run_rollout(args) -> int:
+    raw = _raw_config(args)
+    _, rollout = build_configs(raw)
+    check_sources({"student": raw["student"], "teacher": raw["teacher"]}, raw["data"], _field_map(raw))
+    out = Path(args.out)
+    check_writable(out, "--out", folder=False)  # before the generation, which the write would otherwise lose
+    if args.render:
+        check_writable(args.render, "--render", folder=False)
     from motab.engine import rollout as run
     from motab.engine import with_tokenizer_defaults
     from motab.plots import render_trajectory
 
-    raw = _raw_config(args)
-    _, rollout = build_configs(raw)
     student, teacher, tokenizer, problems = _setup(raw)
     rollout = with_tokenizer_defaults(rollout, tokenizer)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
     trajectories = run(student, teacher, prompts, rollout, tokenizer=tokenizer)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for trajectory in trajectories:
@@ -303,16 +471,16 @@ def run_rollout(args) -> int:
 
 
 def run_eval(args) -> int:
+    if args.device is not None:
+        check_device(args.device, "--device")
+    check_sources({"model": args.model}, args.data, args.field_map)
+    check_writable(args.out, "--out", folder=True)  # before the generation, which the write would otherwise lose
     from motab.config import SamplingConfig
-    from motab.data import load_problems
     from motab.evaluate import evaluate
 
     device, dtype = _device_and_dtype(args.device, None)
     model, tokenizer = load_model(args.model, dtype, device)
-    try:
-        problems, _ = load_problems(args.data, tokenizer, field_map=args.field_map, limit=args.limit)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
+    problems, _ = _load_problems(args.data, tokenizer, field_map=args.field_map, limit=args.limit)
     if any(p.answer is None for p in problems):
         raise ConfigError(f"{args.data} has no answer field: eval needs reference answers")
     result = evaluate(
@@ -331,11 +499,6 @@ def run_eval(args) -> int:
 
 
 def run_synthesize(args) -> int:
-    import codecs
-    import os
-
-    from motab.synthesis import SynthesisOptions, load_questions, synthesize
-
     preset = SYNTHESIS_PRESETS[args.preset or "paper"]
 
     def chosen(flag: str, key: str | None = None):
@@ -345,7 +508,7 @@ def run_synthesize(args) -> int:
     temperature = chosen("temperature")
     rollout = dict(
         mode=args.mode or "step_motab",
-        step_stop=codecs.decode(args.stop, "unicode_escape") if args.stop else preset["stop"],
+        step_stop=_unescaped(args.stop, "--stop") if args.stop else preset["stop"],
         trim_stop=args.trim_stop,
         max_new_tokens=chosen("max_new_tokens"),
         max_step_tokens=chosen("max_step_tokens"),
@@ -368,6 +531,22 @@ def run_synthesize(args) -> int:
     }
     apply_overrides(raw, args.set)
     _, config = build_configs(raw)
+    needed = ("teacher", "data") if config.mode == "teacher_steps" else ("student", "teacher", "data")
+    for name in needed:
+        if not getattr(args, name):
+            raise ConfigError(f"--{name} is required for mode {config.mode}")
+    check_sources({role: getattr(args, role) for role in needed if role != "data"}, args.data, args.field_map)
+    if args.device is not None:
+        check_device(args.device, "--device")
+    if args.dtype is not None:
+        check_dtype(args.dtype, "--dtype")
+    out = Path(args.out)
+    check_writable(out, "--out", folder=False)
+    if args.render:
+        check_writable(args.render, "--render", folder=False)
+    # torch and transformers load only now: a mistake in the options shows in a fraction of a second
+    from motab.synthesis import SynthesisOptions, load_questions, synthesize
+
     try:
         options = SynthesisOptions(
             responses=5 if args.responses is None else args.responses,
@@ -378,28 +557,19 @@ def run_synthesize(args) -> int:
         )
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    needed = ("teacher", "data") if config.mode == "teacher_steps" else ("student", "teacher", "data")
-    for name in needed:
-        if not getattr(args, name):
-            raise ConfigError(f"--{name} is required for mode {config.mode}")
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be ≥ 1, got {args.limit}")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise ConfigError(f"cannot write to {out.parent}")
     try:
         questions = load_questions(args.data, args.field_map, args.limit)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
     raw_device = {"device": args.device} if args.device else {}
     rank = _init_distributed(raw_device)
     world = _world_size()
     device, dtype = _device_and_dtype(raw_device.get("device", args.device), args.dtype)
-    teacher, tokenizer = load_model(args.teacher, dtype, device)
+    teacher, tokenizer = load_model(args.teacher, dtype, device, "teacher")
     student = None
     if config.mode != "teacher_steps":
-        student, student_tokenizer = load_model(args.student, dtype, device)
+        student, student_tokenizer = load_model(args.student, dtype, device, "student")
         _check_tokenizers(student_tokenizer, tokenizer)
         tokenizer = student_tokenizer
     barrier = _barrier() if world > 1 else None
@@ -423,7 +593,25 @@ def run_synthesize(args) -> int:
     return 0
 
 
+def _unescaped(text: str, flag: str) -> str:
+    """``text`` with its backslash escapes (``\\n``) read, as a flag writes a stop string."""
+    import codecs
+
+    try:
+        return codecs.decode(text, "unicode_escape")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{flag} {text!r}: {error.reason}") from error
+
+
 def run_sft(args) -> int:
+    folder = local_model_folder(args.model, "model")
+    if folder is None:  # a hub id: SFTTrainer is given a folder, never a download
+        raise ConfigError(
+            f"the model {args.model!r} is not a local folder: sft fine-tunes a saved model folder "
+            f"(`hf download {args.model} --local-dir DIR` makes one)"
+        )
+    check_weights(folder, "model")
+    check_writable(args.out, "--out", folder=True)
     from motab.sft import SFTOptions, resume_point, run_sft, to_dataset
 
     given = dict(
@@ -440,7 +628,7 @@ def run_sft(args) -> int:
         options = SFTOptions(**{k: v for k, v in given.items() if v is not None}, packing=not args.no_packing)
         resume_point(args.out, args.resume)  # a used folder or nothing to resume: said before anything loads
         to_dataset(args.data)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
     result = run_sft(args.model, args.data, args.out, options, resume=args.resume)
     print(f"done: {result.global_step} steps, training loss {result.training_loss:.4f}; model saved in {args.out}")
@@ -460,13 +648,26 @@ def _barrier():
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):
+    """The torch device and dtype to run on: CUDA and bfloat16 when there is a GPU, else the CPU and
+    float32; a device asked for that is not there is refused."""
     import torch
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"unknown dtype {name!r}; expected float32, bfloat16 or float16")
+    device = torch.device(check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        _check_cuda_device(device)
+    name = check_dtype(dtype) if dtype else ("bfloat16" if device.type == "cuda" else "float32")
     return device, getattr(torch, name)
+
+
+def _check_cuda_device(device) -> None:
+    """Refuses a CUDA device torch cannot see (no GPU, a CPU-only build of torch, a bad index)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else "no GPU visible to torch"
+        raise ConfigError(f"device {device} asked for, but there is no CUDA device ({build}); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
 
 
 def _check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
@@ -479,10 +680,9 @@ def _check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
 
 
 def run_demo(args) -> int:
+    _device_and_dtype(args.device, None)  # a device that is not there is refused before anything trains
     from motab.demo import run_demo as demo
 
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be ≥ 1, got {args.seeds}")
     demo(args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, device=args.device)
     print(f"report: {args.out}/results.json, accuracy.png, rollout.png")
     return 0

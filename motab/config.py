@@ -4,19 +4,57 @@ Imports neither torch nor transformers, so that a configuration is checked in mi
 any model loads. The sections of a YAML run file map onto these classes: ``train`` →
 ``TrainConfig``, ``rollout`` → ``RolloutConfig``, ``monitor`` → ``MonitorConfig`` (the boundary; its
 scores and rules are explained in ``motab.monitor``), ``student_sampling`` and ``teacher_sampling``
-→ ``SamplingConfig``; top-level keys name the models, the data and the device.
+→ ``SamplingConfig``; top-level keys name the models, the data (``field_map``: which record fields
+to read, a ``FieldMap``) and the device.
+
+Every value is read as its field's annotation says (``coerce_option``: ``1e-5``, which YAML 1.1
+reads as a string, is a number for a float field; ``2.5`` is refused for an int) and checked against
+its range; a mistake is a ``ConfigError`` naming ``section.option`` and what it must be.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import difflib
+import math
+import re
+import types
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 SCORES = ("fkl", "rkl", "jsd", "teacher_nll", "teacher_rank")
 RULES = ("window", "ema", "fixed", "quantile")
+LOSS_KINDS = ("fkl", "rkl", "jsd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration the command cannot run; the message says what to change. The CLI shows it as
+    one line (exit 2) where any other exception keeps its traceback."""
+
+
+class OptionError(ConfigError):
+    """One option refused. ``template`` is the message with ``{option}`` where the option's name
+    goes, so that the caller, which knows the section, can name it in full (``rollout.draft_len``)."""
+
+    def __init__(self, name: str, template: str) -> None:
+        self.name, self.template = name, template
+        super().__init__(template.replace("{option}", name))
+
+    def in_section(self, section: str) -> ConfigError:
+        return ConfigError(self.template.replace("{option}", f"{section}.{self.name}"))
+
+
+def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise OptionError(name, f"{{option}} {rule}, got {value!r}")
+
+
+def _require_choice(name: str, value: Any, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise OptionError(name, f"{{option}}: unknown {what} {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -48,25 +86,17 @@ class MonitorConfig:
     adaptive_boundary: bool = True
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ValueError(f"unknown monitor score {self.score!r}; expected one of {SCORES}")
-        if self.rule not in RULES:
-            raise ValueError(f"unknown boundary rule {self.rule!r}; expected one of {RULES}")
+        _require_choice("score", self.score, SCORES, "monitor score")
+        _require_choice("rule", self.rule, RULES, "boundary rule")
         for name in ("window", "skd_top_k", "entropy_top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
-        if not 0.0 < self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1], got {self.ema_decay}")
-        if not 0.0 <= self.quantile <= 1.0:
-            raise ValueError(f"quantile must lie in [0, 1], got {self.quantile}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {self.beta}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 < self.epsilon0 <= 1.0 or self.theta < 0:
-            raise ValueError(f"epsilon0 must lie in (0, 1] and theta be ≥ 0, got {self.epsilon0} and {self.theta}")
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.warmup >= 0, "warmup", "must be ≥ 0", self.warmup)
+        _require(0.0 < self.ema_decay <= 1.0, "ema_decay", "must lie in (0, 1]", self.ema_decay)
+        _require(0.0 <= self.quantile <= 1.0, "quantile", "must lie in [0, 1]", self.quantile)
+        _require(0.0 <= self.beta <= 1.0, "beta", "must lie in [0, 1]", self.beta)
+        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        _require(0.0 < self.epsilon0 <= 1.0, "epsilon0", "must lie in (0, 1]", self.epsilon0)
+        _require(self.theta >= 0, "theta", "must be ≥ 0", self.theta)
 
     @property
     def divergence_kind(self) -> str:
@@ -78,6 +108,8 @@ MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch", "step_motab", "
 # Modes that write rows step by step (``step_stop``, ``max_step_tokens``, ``trim_stop``): the paper's
 # pipeline and the reference scripts' two baselines.
 STEP_MODES = ("step_motab", "step_skd", "teacher_steps")
+# How ``motab train`` spreads the student over several ranks (see ``motab.trainer``).
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -89,8 +121,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling settings {self}")
+        _require(self.temperature >= 0, "temperature", "must be ≥ 0 (0 is greedy)", self.temperature)
+        _require(self.top_k >= 0, "top_k", "must be ≥ 0 (0 keeps every token)", self.top_k)
+        _require(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]", self.top_p)
 
 
 @dataclass(frozen=True)
@@ -122,19 +155,16 @@ class RolloutConfig:
     step_skd_gamma: float = 0.9  # keep a student step when V_teacher > γ · the student's own
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown rollout mode {self.mode!r}; expected one of {MODES}")
-        if self.backtrack not in ("token", "step") or self.intervention not in ("tokens", "step"):
-            raise ValueError("backtrack must be 'token' or 'step'; intervention 'tokens' or 'step'")
-        for name in ("max_new_tokens", "draft_len", "intervention_len", "max_step_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.max_interventions < 0:
-            raise ValueError(f"max_interventions must be ≥ 0, got {self.max_interventions}")
-        if not self.step_stop:
-            raise ValueError("step_stop must be a non-empty string")
-        if self.min_correction_tokens < 0 or self.step_skd_gamma < 0:
-            raise ValueError("min_correction_tokens and step_skd_gamma must be ≥ 0")
+        _require_choice("mode", self.mode, MODES, "rollout mode")
+        _require_choice("backtrack", self.backtrack, ("token", "step"), "backtrack unit")
+        _require_choice("intervention", self.intervention, ("tokens", "step"), "intervention kind")
+        for name in ("max_new_tokens", "draft_len", "intervention_len", "max_step_tokens", "block_size"):
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.vocab_size is None or self.vocab_size >= 1, "vocab_size", "must be ≥ 1", self.vocab_size)
+        _require(self.max_interventions >= 0, "max_interventions", "must be ≥ 0", self.max_interventions)
+        _require(bool(self.step_stop), "step_stop", "must be a non-empty string", self.step_stop)
+        _require(self.min_correction_tokens >= 0, "min_correction_tokens", "must be ≥ 0", self.min_correction_tokens)
+        _require(self.step_skd_gamma >= 0, "step_skd_gamma", "must be ≥ 0", self.step_skd_gamma)
 
 
 @dataclass
@@ -162,45 +192,95 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_every: int = 50
     seed: int = 0
+    # Under torchrun: "ddp" replicates the student on every rank, "fsdp" shards it (FSDP2).
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
+        _require_choice("parallel", self.parallel, PARALLEL, "parallel mode")
         for name in ("steps", "prompts_per_step", "micro_batch", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.prompts_per_step % self.micro_batch:
-            raise ValueError(
-                f"prompts_per_step ({self.prompts_per_step}) must be a multiple of micro_batch ({self.micro_batch})"
-            )
-        if self.learning_rate < 0 or self.warmup_steps < 0:
-            raise ValueError("learning_rate and warmup_steps must be ≥ 0")
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        rule = f"must be a multiple of micro_batch ({self.micro_batch})"
+        _require(self.prompts_per_step % self.micro_batch == 0, "prompts_per_step", rule, self.prompts_per_step)
+        for name in ("learning_rate", "warmup_steps", "weight_decay", "student_token_weight", "teacher_token_weight"):
+            _require(getattr(self, name) >= 0, name, "must be ≥ 0", getattr(self, name))
+        weights = self.student_token_weight + self.teacher_token_weight
+        both = (self.student_token_weight, self.teacher_token_weight)
+        _require(weights > 0, "student_token_weight", "and teacher_token_weight must not both be 0", both)
+        _require_choice("loss_kind", self.loss_kind, LOSS_KINDS, "loss")
+        _require(0.0 <= self.loss_beta <= 1.0, "loss_beta", "must lie in [0, 1]", self.loss_beta)
+        _require(self.loss_temperature > 0, "loss_temperature", "must be > 0", self.loss_temperature)
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """The record fields of the prompt, the reference answer and the solution (None: not read)."""
+
+    prompt: str
+    answer: str | None = None
+    solution: str | None = None
+
+
+PRESETS = {
+    "limo": FieldMap(prompt="question", solution="solution", answer="answer"),
+    "acereason": FieldMap(prompt="problem", answer="answer", solution="solution"),
+    # the MOTAB reference scripts' question files: the question in ``input``, no answer needed
+    "input": FieldMap(prompt="input"),
+}
+
+
+FIELD_MAP_HELP = (
+    "a preset (auto, " + ", ".join(PRESETS) + ") or the fields themselves: --field-map prompt=FIELD,answer=FIELD "
+    "on the command line, field_map: {prompt: FIELD, answer: FIELD} in a YAML config (solution=FIELD optional)"
+)
+
+
+def parse_field_map(spec: str | dict | FieldMap) -> str | FieldMap:
+    """A field map as a user writes it: a preset name or "auto" (returned as is), a mapping with the
+    keys ``prompt`` (required), ``answer`` and ``solution``, or the same as ``prompt=q,answer=a``."""
+    if isinstance(spec, FieldMap):
+        return spec
+    if isinstance(spec, str) and "=" not in spec:
+        if spec != "auto" and spec not in PRESETS:
+            raise ValueError(f"unknown field map {spec!r}; expected {FIELD_MAP_HELP}")
+        return spec
+    if isinstance(spec, str):
+        pairs = [item.partition("=") for item in spec.split(",") if item.strip()]
+        spec = {key.strip(): value.strip() for key, _, value in pairs}
+    if not isinstance(spec, dict):
+        raise ValueError(f"a field map is {FIELD_MAP_HELP}; got {spec!r}")
+    keys = {"prompt", "answer", "solution"}
+    if set(spec) - keys or not spec.get("prompt"):
+        raise ValueError(f"a field map names prompt (required), answer and solution, got {spec!r}")
+    if not all(isinstance(value, str) and value for value in spec.values()):
+        raise ValueError(f"a field map's fields are non-empty names, got {spec!r}")
+    return FieldMap(**spec)
 
 
 # The sections and top-level keys of a run's configuration (YAML file, flags, --set overrides).
 TOP_LEVEL = {"student", "teacher", "data", "field_map", "max_prompt_tokens", "device", "dtype"}
 SECTIONS = {"train", "rollout", "monitor", "student_sampling", "teacher_sampling"}
-
-
-class ConfigError(ValueError):
-    """A configuration the command cannot run; the message says what to change."""
+# What each section builds. ``monitor`` and the samplings are fields of RolloutConfig and ``rollout``
+# one of TrainConfig, but a config writes each as a section of its own.
+SECTION_CLASSES = {
+    "train": TrainConfig,
+    "rollout": RolloutConfig,
+    "monitor": MonitorConfig,
+    "student_sampling": SamplingConfig,
+    "teacher_sampling": SamplingConfig,
+}
+# The devices the pipeline runs on (its kernels are Triton's, or the CPU's reference code).
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def resolve_config(path: str | Path | None, flags: dict[str, Any], overrides: list[str]) -> dict:
     """The raw configuration of a run: the YAML file at ``path``, then ``flags`` (values of
     command-line flags by option name, ``"student"`` or ``"train.steps"``; unset ones are None),
-    then ``overrides`` (``SECTION.KEY=VALUE`` strings, values read as YAML); every key checked."""
-    raw = {}
-    if path:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config {path} must be a mapping of options")
-    unknown = set(raw) - TOP_LEVEL - SECTIONS
-    if unknown:
-        raise ConfigError(f"unknown config keys {sorted(unknown)}; expected {sorted(TOP_LEVEL | SECTIONS)}")
+    then ``overrides`` (``SECTION.KEY=VALUE`` strings, values read as YAML); every key checked and
+    every top-level value (the sections are checked by ``build_configs``)."""
+    raw = read_config_file(Path(path)) if path else {}
+    _refuse_unknown(raw, TOP_LEVEL | SECTIONS, "config keys")
     for key, value in flags.items():
-        if not value:
+        if value is None:  # an unset flag; 0 and "" are values, to be checked like any other
             continue
         if key in TOP_LEVEL:
             raw[key] = value
@@ -210,7 +290,32 @@ def resolve_config(path: str | Path | None, flags: dict[str, Any], overrides: li
     for key in ("student", "teacher", "data"):
         if key not in raw:
             raise ConfigError(f"no {key} given (config key or --{key})")
+    check_top_level(raw)
     return raw
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping a YAML run file holds (empty for an empty file)."""
+    if not path.is_file():
+        raise ConfigError(f"config {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config {path} is not UTF-8 text") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(error)}") from error
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of options (KEY: VALUE lines), got {raw!r}")
+    return raw
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: its problem and where (its own message spans several lines)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> None:
@@ -219,37 +324,193 @@ def apply_overrides(raw: dict, overrides: list[str]) -> None:
         key, equals, value = item.partition("=")
         if not equals:
             raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {item!r}")
-        set_option(raw, key, yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {_yaml_problem(error)}") from error
+        set_option(raw, key, parsed)
 
 
-def set_option(raw: dict, key: str, value) -> None:
+def set_option(raw: dict, key: str, value: Any) -> None:
     """``raw[section][name] = value`` for ``key`` "section.name" (as ``--set`` names options)."""
     section, _, name = key.partition(".")
     if not (name and section in SECTIONS):
         raise ConfigError(f"options are named SECTION.KEY with SECTION in {sorted(SECTIONS)}, got {key!r}")
-    raw.setdefault(section, {})[name] = value
+    if raw.get(section) is None:
+        raw[section] = {}
+    if not isinstance(raw[section], dict):
+        raise _not_a_mapping(section, raw[section])
+    raw[section][name] = value
+
+
+def check_top_level(raw: dict) -> None:
+    """Refuses a top-level value of the wrong kind: a model or data path that is not a string, a bad
+    field map, max_prompt_tokens, device or dtype (converting max_prompt_tokens to an int)."""
+    for key in ("student", "teacher", "data"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key]):
+            raise ConfigError(f"{key} must be a folder, file or hub id (a non-empty string), got {raw[key]!r}")
+    if "field_map" in raw:
+        try:
+            parse_field_map(raw["field_map"])
+        except ValueError as error:
+            raise ConfigError(f"field_map: {error}") from error
+    if raw.get("max_prompt_tokens") is not None:
+        tokens = coerce_option(raw["max_prompt_tokens"], int, "max_prompt_tokens")
+        _require(tokens >= 1, "max_prompt_tokens", "must be ≥ 1", tokens)
+        raw["max_prompt_tokens"] = tokens
+    if raw.get("device") is not None:
+        check_device(raw["device"], "device")
+    if raw.get("dtype") is not None:
+        check_dtype(raw["dtype"], "dtype")
+
+
+def check_device(value: Any, name: str = "device") -> str:
+    """``value`` if it names a device the pipeline runs on (whether one is there is torch's to say)."""
+    if not (isinstance(value, str) and DEVICE_PATTERN.fullmatch(value)):
+        raise ConfigError(f"{name}: unknown device {value!r}; expected cpu, cuda or cuda:N")
+    return value
+
+
+def check_dtype(value: Any, name: str = "dtype") -> str:
+    """``value`` if it names a dtype the models load in."""
+    if value not in DTYPES:
+        raise ConfigError(f"{name}: unknown dtype {value!r}; expected one of {', '.join(DTYPES)}")
+    return value
 
 
 def build_configs(raw: dict) -> tuple[TrainConfig, RolloutConfig]:
     """(TrainConfig, RolloutConfig) from a resolved raw config."""
-
-    def make(cls, section):
-        values = dict(raw.get(section) or {})
-        allowed = {f.name for f in fields(cls)}
-        bad = set(values) - allowed
-        if bad:
-            raise ConfigError(f"unknown {section} options {sorted(bad)}; expected some of {sorted(allowed)}")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"{section}: {error}") from error
-
-    monitor = make(MonitorConfig, "monitor")
-    rollout = make(RolloutConfig, "rollout")
+    built = {section: build_section(section, raw.get(section)) for section in SECTION_CLASSES}
     rollout = replace(
-        rollout,
-        monitor=monitor,
-        student_sampling=make(SamplingConfig, "student_sampling"),
-        teacher_sampling=make(SamplingConfig, "teacher_sampling"),
+        built["rollout"],
+        monitor=built["monitor"],
+        student_sampling=built["student_sampling"],
+        teacher_sampling=built["teacher_sampling"],
     )
-    return replace(make(TrainConfig, "train"), rollout=rollout), rollout
+    return replace(built["train"], rollout=rollout), rollout
+
+
+def build_section(section: str, values: Any) -> Any:
+    """The config class of ``section`` from its raw options; every refusal names ``section.option``."""
+    cls = SECTION_CLASSES[section]
+    options = section_options(cls, section, values)
+    try:
+        return cls(**options)
+    except OptionError as error:
+        raise error.in_section(section) from error
+    except ValueError as error:
+        raise ConfigError(f"{section}: {error}") from error
+
+
+def section_options(cls: type, section: str, values: Any) -> dict[str, Any]:
+    """The options of ``section`` converted to the types of ``cls``'s fields. Unknown names, values
+    of the wrong type and a nested section written inside this one are refused."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise _not_a_mapping(section, values)
+    hints = get_type_hints(cls)
+    nested = {f.name for f in fields(cls) if is_dataclass(hints[f.name])}
+    for key in values:
+        if key in nested:
+            raise ConfigError(f"{section}.{key} is a section of its own: write `{key}:` at the top level of the config")
+    _refuse_unknown(values, [f.name for f in fields(cls) if f.name not in nested], f"{section} options")
+    converted = {}
+    for key, value in values.items():
+        try:
+            converted[key] = coerce_option(value, hints[key], key)
+        except OptionError as error:
+            raise error.in_section(section) from error
+    return converted
+
+
+def _not_a_mapping(section: str, value: Any) -> ConfigError:
+    return ConfigError(f"{section} must be a mapping of options ({section}: {{KEY: VALUE, ...}}), got {value!r}")
+
+
+def _refuse_unknown(keys: Any, allowed: Any, what: str) -> None:
+    """Refuses keys outside ``allowed``, with the nearest allowed name for a likely typo."""
+    allowed = sorted(allowed)
+    unknown = sorted((key for key in keys if key not in allowed), key=str)
+    if unknown:
+        guesses = [g for key in unknown for g in difflib.get_close_matches(str(key), allowed, n=1)]
+        guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+        raise ConfigError(f"unknown {what} {unknown}{guess}; expected some of {allowed}")
+
+
+def coerce_option(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as a field annotated ``hint`` takes it, or an OptionError naming ``name`` and what
+    was expected. Ints are whole numbers (never bools; ``2.0`` is 2, ``2.5`` refused), floats any
+    number, bools only true or false, tuples lists of those. Numbers written as strings count as
+    numbers: YAML 1.1, which PyYAML reads, takes ``1e-5`` for a string."""
+    if value is None and _allows_none(hint):
+        return None
+    kind = _without_none(hint)
+    if get_origin(kind) is tuple:
+        if isinstance(value, (list, tuple)):
+            items = [_convert(item, get_args(kind)[0]) for item in value]
+            if all(item is not None for item in items):
+                return tuple(items)
+    else:
+        converted = _convert(value, kind)
+        if converted is not None:
+            return converted
+    raise OptionError(name, f"{{option}} must be {_expected(hint)}, got {value!r}")
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """``value`` as a ``kind`` (int, float, bool or str), or None where it is not one."""
+    if kind not in _CONVERTERS:  # a new field type: it needs a rule here
+        raise TypeError(f"no rule to read a config option of type {kind}")
+    return _CONVERTERS[kind](value)
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return None if math.isnan(number) else number  # NaN would pass every range check
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = _as_float(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+_CONVERTERS = {
+    int: _as_int,
+    float: _as_float,
+    bool: lambda value: value if isinstance(value, bool) else None,
+    str: lambda value: value if isinstance(value, str) else None,
+}
+# How an option of each type is described when refused: (one value, a list of them).
+_KINDS = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+}
+
+
+def _expected(hint: Any) -> str:
+    """What a field annotated ``hint`` takes, in words."""
+    kind = _without_none(hint)
+    text = f"a list of {_KINDS[get_args(kind)[0]][1]}" if get_origin(kind) is tuple else _KINDS[kind][0]
+    return f"{text} or null" if _allows_none(hint) else text
+
+
+def _allows_none(hint: Any) -> bool:
+    return get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+
+
+def _without_none(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other hint as it is."""
+    if get_origin(hint) not in (Union, types.UnionType):
+        return hint
+    (kind,) = [arg for arg in get_args(hint) if arg is not type(None)]
+    return kind

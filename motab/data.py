@@ -4,8 +4,9 @@ Records map to a problem (the prompt), an optional reference solution and a fina
 a ``FieldMap``. Presets cover LIMO-v2 (``question`` / ``solution`` / ``answer``), AceReason-style
 files (``problem`` / ``answer``, solution optional) and the MOTAB scripts' question files (``input``);
 ``field_map="auto"`` picks the preset whose fields the first record has, and an explicit
-``FieldMap`` overrides both. Prompts go through the
-tokenizer's chat template when it has one (a user turn, then the generation prompt), else the
+``FieldMap`` overrides both (the CLI's ``--field-map prompt=FIELD,answer=FIELD`` and the YAML's
+``field_map: {prompt: FIELD, answer: FIELD}``, read by ``motab.config.parse_field_map``). Prompts go
+through the tokenizer's chat template when it has one (a user turn, then the generation prompt), else the
 raw text. Prompts longer than ``max_prompt_tokens`` are skipped and counted (``on_too_long="skip"``,
 the default) or refused (``"error"``).
 """
@@ -16,20 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class FieldMap:
-    prompt: str
-    answer: str | None = None
-    solution: str | None = None
-
-
-PRESETS = {
-    "limo": FieldMap(prompt="question", solution="solution", answer="answer"),
-    "acereason": FieldMap(prompt="problem", answer="answer", solution="solution"),
-    # the MOTAB reference scripts' question files: the question in ``input``, no answer needed
-    "input": FieldMap(prompt="input"),
-}
+# What a user writes for a field map is configuration; these names are re-exported for the data's users.
+from motab.config import FIELD_MAP_HELP, PRESETS, FieldMap, parse_field_map  # noqa: F401
 
 
 @dataclass
@@ -85,12 +74,12 @@ def resolve_field_map(record: dict, field_map: str | FieldMap = "auto") -> Field
         if chosen is None:
             raise ValueError(
                 f"cannot tell the prompt field among {sorted(record)}: expected one of "
-                f"{sorted(m.prompt for m in PRESETS.values())} or pass a FieldMap"
+                f"{sorted(m.prompt for m in PRESETS.values())}; name the fields with a field map: {FIELD_MAP_HELP}"
             )
     elif field_map in PRESETS:
         chosen = PRESETS[field_map]
     else:
-        raise ValueError(f"unknown field map {field_map!r}; expected 'auto', {sorted(PRESETS)} or a FieldMap")
+        raise ValueError(f"unknown field map {field_map!r}; expected {FIELD_MAP_HELP}")
     for name in (chosen.prompt, chosen.answer):
         if name is not None and name not in record:
             raise ValueError(f"records lack the field {name!r} (they have {sorted(record)})")

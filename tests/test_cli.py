@@ -134,7 +134,7 @@ def test_errors_are_clear(workspace, tmp_path, capsys):
         )
         == 2
     )
-    assert "cannot load" in capsys.readouterr().err
+    assert f"the student folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert (
         main(
             [
