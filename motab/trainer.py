@@ -12,16 +12,40 @@ baseline), then trains on prompt + trajectory in micro-batches of ``micro_batch`
   batch;
 - then gradient clipping, AdamW, warm-up + cosine schedule.
 
-Data parallel: launched with ``torchrun`` / ``accelerate launch`` (the CLI sets up the process
-group), each rank rolls out and trains on its share of the step's prompts; gradients are averaged
-by DDP and the loss is normalised by the loss tokens over all ranks, so N ranks compute the same
-step as one. FSDP / ZeRO-3 are not supported: the fused op needs each rank to hold the whole
-LM-head weight (DDP does).
+Several ranks: ``torchrun --nproc-per-node N -m motab.cli train --config run.yaml`` (or
+``accelerate launch -m motab.cli train ...``; the CLI joins the process group). Each rank rolls out
+and trains on its share of the step's prompts and the loss is normalised by the loss tokens over
+all ranks, so N ranks compute the same step as one. ``TrainConfig.parallel`` says how the student is
+spread over them (with one process it changes nothing):
 
-Every ``save_every`` steps (and on Ctrl-C) a checkpoint is written atomically (a temporary folder
-renamed into place): the student (``save_pretrained``, safetensors), optimizer, scheduler, RNG
-states and the step. ``resume=True`` continues from the latest checkpoint to the same parameters an
-uninterrupted run reaches (bit for bit on CPU). Metrics go to ``metrics.jsonl``, one line a step.
+- ``"ddp"`` (default): every rank holds the whole student and optimizer; DDP averages gradients.
+- ``"fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards the student's parameters,
+  gradients and AdamW state over the ranks. Each decoder layer is a group of its own, gathered for
+  its forward and again for its backward. The root group is ``StudentLoss``, the module that holds
+  the student, so its embeddings, final norm and LM head, tied or not (tied parameters must share
+  a group): the root's pre-forward hook gathers them and FSDP keeps a root gathered from its forward
+  to its backward. The fused loss reads the LM-head weight outside the head's own forward, so it
+  runs inside that root forward: it gets the whole head, and the head's gradient reaches the
+  gathered parameter and is reduce-scattered with the root group's after backward. Micro-batches
+  but the last run with gradient sync off (``set_requires_gradient_sync``): until the last, each
+  rank keeps unsharded gradients of the whole student. A rollout calls the student's decoder
+  directly, a different number of times on each rank, so no collective may run inside it:
+  ``StudentLoss.with_full_weights`` gathers every group once before and frees the layers after. For
+  the rollout's duration a rank holds the whole student's parameters (one copy, in their dtype) on
+  top of its shards.
+
+The teacher is replicated on every rank either way.
+
+Every ``save_every`` steps (and on Ctrl-C) a checkpoint is written atomically: a temporary folder,
+renamed into place once every rank has written its part, then ``latest`` pointed at it. It holds the
+student as a plain Hugging Face folder (``student/``, ``save_pretrained``, safetensors), the
+scheduler, the step, RNG states and the optimizer: in ``trainer_state.pt`` under DDP (rank 0's RNG);
+under FSDP the sharded parameters and optimizer state in ``sharded/``
+(``torch.distributed.checkpoint``), each rank's RNG in ``rng-<rank>.pt``, and ``student/`` gathered
+tensor by tensor into rank 0's CPU memory (one full copy there while it is written). The output
+folder must be one that every rank sees. ``resume=True`` continues from the latest checkpoint to
+the same parameters an uninterrupted run reaches (bit for bit on CPU), with the same ``parallel``
+and number of ranks. Metrics go to ``metrics.jsonl``, one line a step.
 """
 
 from __future__ import annotations
@@ -33,18 +57,106 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from motab.config import TrainConfig
+from motab.config import ConfigError, TrainConfig
 from motab.data import Problem
 from motab.engine import paged_for_rollouts, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
 from motab.models import final_hidden_states, lm_head, shared_vocab
+
+Result = TypeVar("Result")
+
+
+class StudentLoss(nn.Module):
+    """The student's forward and the fused loss as one module: the module DDP or FSDP wraps.
+
+    Under FSDP it is the root, whose own group holds the student's embeddings, final norm and LM
+    head: its pre-forward hook gathers them, the loss reads the gathered head inside this forward,
+    and the head's gradient goes through the root group's reduce-scatter after backward.
+    """
+
+    def __init__(self, student: nn.Module, loss_fn: TrajectoryDistillationLoss, vocab: int) -> None:
+        super().__init__()
+        self.student, self.loss_fn, self.vocab = student, loss_fn, vocab
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        loss_positions: torch.Tensor,
+        targets: torch.Tensor,
+        codes: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_head: torch.Tensor,
+        teacher_bias: torch.Tensor | None,
+        normalizer: int,
+    ) -> torch.Tensor:
+        """The loss of a micro-batch (``targets`` and ``codes`` at the loss positions only)."""
+        hidden = final_hidden_states(self.student, ids, mask)
+        head, bias = lm_head(self.student, self.vocab)
+        out = self.loss_fn(
+            hidden[loss_positions],
+            head,
+            teacher_hidden,
+            teacher_head,
+            targets,
+            codes,
+            normalizer=normalizer,
+            student_bias=bias,
+            teacher_bias=teacher_bias,
+        )
+        return out.loss
+
+    def with_full_weights(self, run: Callable[[], Result]) -> Result:
+        """``run()`` (a rollout: the student's decoder and head called outside this forward) with
+        every parameter of the student whole on this rank; every rank must call it.
+
+        Under FSDP, ``shard_with_fsdp`` registers this method as a forward of the root: its
+        pre-forward hook gathers the root group (and, on the first call, makes this module the root
+        that FSDP initialises from, whichever module runs first). The layers' groups are gathered
+        here, once each in the same order on every rank, and kept through the layers' own forwards
+        inside ``run``: the ranks' rollouts run different numbers of forwards, so a gather per
+        forward would be a collective that not every rank joins. Then they are freed; the root
+        group stays gathered until the next backward, as FSDP keeps a root after its forward.
+        Elsewhere it only calls ``run``."""
+        from torch.distributed.fsdp import FSDPModule
+
+        layers = [m for m in self.student.modules() if isinstance(m, FSDPModule)]
+        for layer in layers:
+            layer.unshard()
+            layer.set_reshard_after_forward(False, recurse=False)
+        try:
+            return run()
+        finally:
+            for layer in layers:
+                layer.set_reshard_after_forward(True, recurse=False)
+                layer.reshard()
+
+
+def shard_with_fsdp(model: StudentLoss, device: torch.device) -> StudentLoss:
+    """Applies FSDP2 over all ranks: one group per decoder layer, the root ``model`` the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    layers = getattr(model.student.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model.student).__name__} has no decoder .layers to shard with FSDP")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    # the root keeps FSDP's default: not resharded after forward, since backward needs it at once
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "with_full_weights")
+    return model
 
 
 class DistillationTrainer:
@@ -80,24 +192,33 @@ class DistillationTrainer:
             student_weight=config.student_token_weight,
             teacher_weight=config.teacher_token_weight,
         )
+        if config.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
+        longest = max(len(p.prompt_ids) for p in problems)
+        self.paged = [paged_for_rollouts(m, self.per_rank, longest, config.rollout) for m in (student, teacher)]
+        self.sharded = config.parallel == "fsdp" and self.world > 1
+        self.student_loss = StudentLoss(student, self.loss_fn, self.vocab)
+        self.train_model = self._distribute(self.student_loss)
+        # after sharding: under FSDP the optimizer steps the shards
         self.optimizer = torch.optim.AdamW(
             [p for p in student.parameters() if p.requires_grad],
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule)
-        if config.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
-        self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
-        longest = max(len(p.prompt_ids) for p in problems)
-        self.paged = [paged_for_rollouts(m, self.per_rank, longest, config.rollout) for m in (student, teacher)]
-        # the forward that trains: through DDP when data parallel (gradients averaged over ranks)
-        self.train_model = student
-        if self.world > 1:
-            device_ids = [self.device] if self.device.type == "cuda" else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
         self.step = 0
         self.out = Path(config.output_dir)
+
+    def _distribute(self, model: StudentLoss) -> nn.Module:
+        """The module the training forward runs through: ``model`` itself on one process, else
+        sharded by FSDP or replicated under DDP (gradients averaged over the ranks)."""
+        if self.world == 1:
+            return model
+        if self.sharded:
+            return shard_with_fsdp(model, self.device)
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     # ---------------------------------------------------------------------------------------
     def _schedule(self, step: int) -> float:
@@ -136,6 +257,8 @@ class DistillationTrainer:
                 if self.step % self.config.save_every == 0 or self.step == self.config.steps:
                     self.save()
         except KeyboardInterrupt:
+            if self.sharded:  # FSDP's way back to a usable state after a forward or backward cut short
+                self.train_model.reset_iter_state()
             self.save()
             raise
         finally:
@@ -151,14 +274,7 @@ class DistillationTrainer:
         seeds = [
             config.seed * 1_000_003 + self.step * config.prompts_per_step + i for i in range(config.prompts_per_step)
         ][mine]
-        self.student.eval()
-        with torch.no_grad():
-            prompts = [p.prompt_ids for p in problems]
-            keep = config.reuse_teacher_hidden
-            trajectories = rollout(
-                *self.paged, prompts, config.rollout, seeds=seeds, tokenizer=self.tokenizer, keep_teacher_hidden=keep
-            )
-        self.student.train()
+        trajectories = self._rollout([p.prompt_ids for p in problems], seeds)
         examples = [trajectory_targets(t.prompt, t.tokens, t.sources) for t in trajectories]
         counted = sum(self.loss_fn.count(torch.tensor(codes)) for _, _, codes in examples)
         total = int(self._all_ranks(counted))
@@ -166,9 +282,8 @@ class DistillationTrainer:
         starts = range(0, len(examples), config.micro_batch)
         for first in starts:
             batch = slice(first, first + config.micro_batch)
-            # gradients are all-reduced once, after the last micro-batch
-            sync = first == starts[-1] or self.world == 1
-            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+            # gradients are reduced once, after the last micro-batch
+            with self._gradient_sync(first == starts[-1]):
                 loss_sum += self._micro_step(examples[batch], trajectories[batch], max(total, 1))
         loss_sum = self._all_ranks(loss_sum)
         if config.max_grad_norm > 0:
@@ -193,6 +308,33 @@ class DistillationTrainer:
             tokens_per_s=tokens / (time.perf_counter() - start),
         )
 
+    def _rollout(self, prompts: list[list[int]], seeds: list[int]) -> list:
+        """This rank's trajectories, rolled out by the current student in eval mode, no gradient."""
+        config = self.config
+        self.student.eval()
+        with torch.no_grad():
+            trajectories = self.student_loss.with_full_weights(
+                lambda: rollout(
+                    *self.paged,
+                    prompts,
+                    config.rollout,
+                    seeds=seeds,
+                    tokenizer=self.tokenizer,
+                    keep_teacher_hidden=config.reuse_teacher_hidden,
+                )
+            )
+        self.student.train()
+        return trajectories
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Has the next backward reduce gradients over the ranks only if ``sync``: FSDP is told so
+        now, DDP by the context returned (the context to run the micro-batch in)."""
+        if self.sharded:
+            self.train_model.set_requires_gradient_sync(sync)
+        elif self.world > 1 and not sync:
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
     def _all_ranks(self, value: float) -> float:
         """Sum of ``value`` over the ranks (the value itself on one process)."""
         if self.world == 1:
@@ -203,8 +345,8 @@ class DistillationTrainer:
 
     def _micro_step(self, examples, trajectories, normalizer: int) -> float:
         """Forward and backward of a micro-batch; its loss is already divided by the step's count
-        over all ranks. DDP averages gradients over the ranks where the sum is wanted, so the
-        backward runs on world_size × the loss."""
+        over all ranks. DDP and FSDP average gradients over the ranks where the sum is wanted, so
+        the backward runs on world_size × the loss."""
         width = max(len(ids) for ids, _, _ in examples)
         pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows], device=self.device)  # noqa: E731
         ids = pad([e[0] for e in examples], 0)
@@ -213,24 +355,21 @@ class DistillationTrainer:
         mask = pad([[1] * len(e[0]) for e in examples], 0)
         loss_positions = codes != NO_LOSS
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            student_hidden = final_hidden_states(self.train_model, ids, mask)
             teacher_hidden = self._teacher_hidden(ids, mask, loss_positions, trajectories)
-            (student_head, student_bias), (teacher_head, teacher_bias) = (
-                lm_head(m, self.vocab) for m in (self.train_model, self.teacher)
-            )
-            out = self.loss_fn(
-                student_hidden[loss_positions],
-                student_head,
-                teacher_hidden,
-                teacher_head,
+            teacher_head, teacher_bias = lm_head(self.teacher, self.vocab)
+            loss = self.train_model(
+                ids,
+                mask,
+                loss_positions,
                 targets[loss_positions],
                 codes[loss_positions],
-                normalizer=normalizer,
-                student_bias=student_bias,
-                teacher_bias=teacher_bias,
+                teacher_hidden,
+                teacher_head,
+                teacher_bias,
+                normalizer,
             )
-        (out.loss * self.world).backward()
-        return float(out.loss.detach())
+        (loss * self.world).backward()
+        return float(loss.detach())
 
     def _teacher_hidden(self, ids, mask, loss_positions, trajectories) -> torch.Tensor:
         """Teacher hidden states at the loss positions, in row-major order: from the rollout when
@@ -244,38 +383,69 @@ class DistillationTrainer:
 
     # ---------------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Writes checkpoint-<step> atomically and points ``latest`` at it (rank 0 only)."""
+        """Writes checkpoint-<step> atomically and points ``latest`` at it; every rank calls it."""
         final = self.out / f"checkpoint-{self.step}"
-        if self.rank != 0:
-            dist.barrier()
-            return final
         temporary = self.out / f".checkpoint-{self.step}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        self.student.save_pretrained(temporary / "student", safe_serialization=True)
+        if self.rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self._barrier()
+        if self.sharded:
+            self._save_sharded(temporary)
+        elif self.rank == 0:
+            self._save_replicated(temporary)
+        self._barrier()  # every rank's part is written
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(temporary, final)
+            pointer = self.out / ".latest.tmp"
+            pointer.write_text(final.name)
+            os.replace(pointer, self.out / "latest")
+        self._barrier()
+        return final
+
+    def _save_replicated(self, folder: Path) -> None:
+        """The whole student, optimizer, scheduler, rank 0's RNG states and the step (rank 0)."""
+        self._save_student(folder / "student")
+        state = dict(optimizer=self.optimizer.state_dict(), **self._progress_state(), **_rng_state())
+        torch.save(state, folder / "trainer_state.pt")
+
+    def _save_sharded(self, folder: Path) -> None:
+        """Each rank's shards of the parameters and optimizer state and its RNG states; rank 0
+        also the gathered student as a plain HF folder, the scheduler and the step."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.train_model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "sharded")
+        torch.save(_rng_state(), folder / f"rng-{self.rank}.pt")
+        full = self.full_student_state()
+        if self.rank == 0:
+            self._save_student(folder / "student", full)
+            torch.save(self._progress_state(), folder / "trainer_state.pt")
+
+    def _save_student(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The student as a Hugging Face folder, from ``state_dict`` (default: its own)."""
+        self.student.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(temporary / "student")
-        torch.save(
-            dict(
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                step=self.step,
-                torch_rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                python_rng=random.getstate(),
-                numpy_rng=np.random.get_state(),
-                config=asdict(self.config),
-            ),
-            temporary / "trainer_state.pt",
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = self.out / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, self.out / "latest")
+            self.tokenizer.save_pretrained(folder)
+
+    def _progress_state(self) -> dict:
+        return dict(scheduler=self.scheduler.state_dict(), step=self.step, world=self.world, config=asdict(self.config))
+
+    def full_student_state(self) -> dict[str, torch.Tensor]:
+        """The student's whole state dict. Under FSDP every rank must call it: the shards are
+        gathered one tensor at a time to rank 0's CPU memory (the other ranks get ``{}``)."""
+        if not self.sharded:
+            return self.student.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.student, options=options)
+
+    def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-        return final
 
     def load_latest(self) -> None:
         """Restores the student, optimizer, scheduler, RNG and step of the latest checkpoint."""
@@ -283,6 +453,22 @@ class DistillationTrainer:
         if not pointer.exists():
             raise FileNotFoundError(f"no checkpoint to resume from in {self.out} (no 'latest' file)")
         folder = self.out / pointer.read_text().strip()
+        written_sharded = (folder / "sharded").is_dir()
+        if written_sharded != self.sharded:
+            raise ConfigError(
+                f"checkpoint {folder} was written {'with' if written_sharded else 'without'} FSDP sharding and "
+                f"this run {'shards' if self.sharded else 'does not shard'} the student: resume with the "
+                "train.parallel and the number of ranks that wrote it"
+            )
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        if self.sharded:
+            self._load_sharded(folder, state["world"])
+        else:
+            self._load_replicated(folder, state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+
+    def _load_replicated(self, folder: Path, state: dict) -> None:
         from safetensors.torch import load_file
 
         weights = {}
@@ -294,15 +480,39 @@ class DistillationTrainer:
             raise RuntimeError(
                 f"checkpoint {folder} does not fit the student: missing {missing}, unexpected {unexpected}"
             )
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        _set_rng_state(state)
+
+    def _load_sharded(self, folder: Path, world: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if world != self.world:
+            raise ConfigError(
+                f"checkpoint {folder} was written by {world} ranks; resume it on {world}, not {self.world}"
+            )
+        model_state, optimizer_state = get_state_dict(self.train_model, self.optimizer)
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "sharded")
+        set_state_dict(self.train_model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        _set_rng_state(torch.load(folder / f"rng-{self.rank}.pt", weights_only=False))
 
     def _is_tied(self, name: str) -> bool:
         return getattr(self.student.config, "tie_word_embeddings", False) and name.startswith("lm_head")
+
+
+def _rng_state() -> dict:
+    """This process's random number generators' states."""
+    return dict(
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        python_rng=random.getstate(),
+        numpy_rng=np.random.get_state(),
+    )
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
