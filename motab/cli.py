@@ -13,8 +13,9 @@ local cache: nothing is downloaded (``hf download ID`` fetches one first). A YAM
 config has top-level ``student``, ``teacher``, ``data`` (and optionally ``field_map``,
 ``max_prompt_tokens``, ``device``, ``dtype``) plus sections ``train`` (TrainConfig), ``rollout``
 (RolloutConfig), ``monitor`` (MonitorConfig), ``student_sampling`` and ``teacher_sampling`` (all
-in ``motab.config``); ``--set section.key=value`` overrides any of them. The resolved configuration
-is printed first.
+in ``motab.config``); ``--set section.key=value`` overrides any of them. ``train`` and ``rollout``
+print the resolved configuration once the tokenizer has filled in EOS, the vocabulary size and the
+step delimiters.
 
 A mistake in what a command is given (an option, a file, a model, a device) is reported as one line
 naming it, with exit status 2, before any model loads; anything else keeps its traceback.
@@ -27,7 +28,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
     _override_argument(train)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="start again in a used output folder (removes the run's checkpoints)"
+    )
     train.set_defaults(run=run_train)
 
     roll = commands.add_parser(
@@ -154,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
     roll.add_argument("--limit", type=int_at_least(1), default=16, help="prompts to roll out (default 16)")
     roll.add_argument("--out", required=True, help="trajectories JSONL")
+    roll.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows rolled out together (default 16)")
     roll.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
     _override_argument(roll)
     roll.set_defaults(run=run_rollout)
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int_at_least(0), default=0)
     synth.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on CUDA)")
     synth.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    synth.add_argument("--overwrite", action="store_true", help="start again: remove an existing --out and its parts")
     synth.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
     _override_argument(synth)
     synth.set_defaults(run=run_synthesize)
@@ -278,7 +285,8 @@ def load_model(name: str, dtype, device, role: str = "model"):
         check_weights(folder, role)
     try:
         tokenizer = load_tokenizer(name)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
+        with _quiet_loading():  # transformers' own loading bar would break into the command's bars
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
     except SafetensorError as error:  # a cached hub model's weights (a folder's were checked above)
         raise ConfigError(f"the {role}'s weights ({name}) cannot be read: {error}; download them again") from error
     except OSError as error:
@@ -289,6 +297,20 @@ def load_model(name: str, dtype, device, role: str = "model"):
             ) from error
         raise ConfigError(f"cannot load the {role} from {name}: {str(error).splitlines()[0]}") from error
     return model.to(device), tokenizer
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' progress bars off for the block, as they were after it."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def local_model_folder(name: str, role: str) -> Path | None:
@@ -419,25 +441,26 @@ def run_train(args) -> int:
     train, _ = build_configs(raw)
     check_sources({"student": raw["student"], "teacher": raw["teacher"]}, raw["data"], _field_map(raw))
     check_writable(train.output_dir, "train.output_dir", folder=True)
+    from motab.runs import check_run_folder  # (no torch)
+
+    check_run_folder(train.output_dir, args.resume, args.overwrite)  # before any model loads
     # torch and transformers load only now: a mistake in the configuration shows in a fraction of a second
     from motab.engine import with_tokenizer_defaults
     from motab.trainer import DistillationTrainer
 
     rank = _init_distributed(raw)
-    if rank == 0:
-        print("resolved config:\n" + yaml.safe_dump(_printable(raw, train), sort_keys=False))
     student, teacher, tokenizer, problems = _setup(raw)
     train = replace(train, rollout=with_tokenizer_defaults(train.rollout, tokenizer))
+    if rank == 0:  # after the tokenizer filled EOS, the vocabulary size and the step delimiters
+        print_resolved(raw, train)
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
     try:
-        trainer.train(resume=args.resume, progress=rank == 0)
+        trainer.train(resume=args.resume, overwrite=args.overwrite, progress=rank == 0)
     except KeyboardInterrupt:
-        print(f"interrupted: saved {train.output_dir}/checkpoint-{trainer.step}; continue with --resume")
+        # named only once its rename succeeded (a save cut short leaves the previous checkpoint)
+        saved = trainer.last_checkpoint
+        print(f"interrupted: saved {saved}; continue with --resume" if saved else "interrupted before any save")
         return 130
-    except FileNotFoundError as error:
-        if not args.resume:
-            raise
-        raise ConfigError(str(error)) from error  # --resume where there is no checkpoint
     print(f"done: {train.output_dir}/checkpoint-{trainer.step}")
     return 0
 
@@ -450,14 +473,14 @@ def run_rollout(args) -> int:
     check_writable(out, "--out", folder=False)  # before the generation, which the write would otherwise lose
     if args.render:
         check_writable(args.render, "--render", folder=False)
-    from motab.engine import rollout as run
     from motab.engine import with_tokenizer_defaults
     from motab.plots import render_trajectory
 
     student, teacher, tokenizer, problems = _setup(raw)
     rollout = with_tokenizer_defaults(rollout, tokenizer)
+    print_resolved(raw, rollout)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
-    trajectories = run(student, teacher, prompts, rollout, tokenizer=tokenizer)
+    trajectories = _rollout_in_batches(student, teacher, prompts, rollout, tokenizer, args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for trajectory in trajectories:
@@ -468,6 +491,26 @@ def run_rollout(args) -> int:
         render_trajectory(trajectories[0], args.render)
         print(f"rendered the first one to {args.render}")
     return 0
+
+
+def _rollout_in_batches(student, teacher, prompts, config, tokenizer, batch_size: int) -> list:
+    """``motab.engine.rollout`` of ``prompts``, ``batch_size`` rows at a time on caches allocated
+    once, with a progress bar (rows done, committed tokens/s) on stderr when it is a terminal. Row i
+    keeps seed i, so the trajectories are those of one call with every prompt."""
+    from motab.engine import paged_for_rollouts, rollout
+    from motab.evaluate import RowProgress
+
+    rows, longest = min(batch_size, len(prompts)), max(map(len, prompts))
+    student, teacher = (paged_for_rollouts(model, rows, longest, config) for model in (student, teacher))
+    trajectories = []
+    with RowProgress(len(prompts), "rollout", None) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            seeds = list(range(start, start + len(batch)))
+            done = rollout(student, teacher, batch, config, seeds=seeds, tokenizer=tokenizer)
+            bar.update(len(done), sum(len(t.tokens) for t in done))
+            trajectories += done
+    return trajectories
 
 
 def run_eval(args) -> int:
@@ -493,6 +536,7 @@ def run_eval(args) -> int:
         sampling=SamplingConfig(temperature=args.temperature),
         out_dir=args.out,
         answer_format=args.answer_format,
+        progress=None,  # a bar on stderr when it is a terminal
     )
     print(f"accuracy (pass@1 over {args.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
     return 0
@@ -545,7 +589,9 @@ def run_synthesize(args) -> int:
     if args.render:
         check_writable(args.render, "--render", folder=False)
     # torch and transformers load only now: a mistake in the options shows in a fraction of a second
-    from motab.synthesis import SynthesisOptions, load_questions, synthesize
+    from motab.synthesis import SynthesisOptions, check_output, load_questions, synthesize
+
+    check_output(out, args.resume, args.overwrite)  # before any model loads
 
     try:
         options = SynthesisOptions(
@@ -575,7 +621,8 @@ def run_synthesize(args) -> int:
     barrier = _barrier() if world > 1 else None
     summary = synthesize(
         student, teacher, tokenizer, questions, out, config, options,
-        resume=args.resume, rank=rank, world_size=world, barrier=barrier, progress=rank == 0,
+        resume=args.resume, overwrite=args.overwrite, rank=rank, world_size=world, barrier=barrier,
+        progress=rank == 0,
     )  # fmt: skip
     if rank == 0:
         rate = summary.breaches / max(summary.records, 1)
@@ -688,11 +735,31 @@ def run_demo(args) -> int:
     return 0
 
 
-def _printable(raw: dict, train) -> dict:
+def print_resolved(raw: dict, config) -> None:
+    """Prints the run's configuration as it runs: the top-level keys and the ``TrainConfig`` (or the
+    ``RolloutConfig``) with what the tokenizer filled in. Lists of ids on one line each."""
+    dumped = yaml.dump(_printable(raw, config), Dumper=_ConfigDumper, sort_keys=False, width=120)
+    print("resolved config:\n" + dumped)
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """YAML as a config is written: lists (of ids) on one line, texts with line breaks in escapes."""
+
+
+_ConfigDumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, True))
+_ConfigDumper.add_representer(
+    str,
+    lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"' if "\n" in data else None),
+)
+
+
+def _printable(raw: dict, config) -> dict:
     shown = {k: v for k, v in raw.items() if k in TOP_LEVEL}
-    values = asdict(train)
-    shown["train"] = {k: v for k, v in values.items() if k != "rollout"}
-    shown["rollout"] = values["rollout"]
+    values = asdict(config)
+    if "rollout" in values:  # a TrainConfig
+        shown["train"] = {k: v for k, v in values.items() if k != "rollout"}
+        values = values["rollout"]
+    shown["rollout"] = values
     return json.loads(json.dumps(shown, default=str))
 
 

@@ -15,6 +15,7 @@ its range; a mistake is a ``ConfigError`` naming ``section.option`` and what it 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import types
@@ -191,6 +192,7 @@ class TrainConfig:
     bf16: bool | None = None  # autocast; default: on for CUDA
     gradient_checkpointing: bool = False
     save_every: int = 50
+    save_total_limit: int | None = None  # keep the newest N checkpoints (None: all)
     seed: int = 0
     # Under torchrun: "ddp" replicates the student on every rank, "fsdp" shards it (FSDP2).
     parallel: str = "ddp"
@@ -199,6 +201,8 @@ class TrainConfig:
         _require_choice("parallel", self.parallel, PARALLEL, "parallel mode")
         for name in ("steps", "prompts_per_step", "micro_batch", "save_every"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        limit = self.save_total_limit
+        _require(limit is None or limit >= 1, "save_total_limit", "must be ≥ 1 (or null: keep all)", limit)
         rule = f"must be a multiple of micro_batch ({self.micro_batch})"
         _require(self.prompts_per_step % self.micro_batch == 0, "prompts_per_step", rule, self.prompts_per_step)
         for name in ("learning_rate", "warmup_steps", "weight_decay", "student_token_weight", "teacher_token_weight"):
@@ -514,3 +518,138 @@ def _without_none(hint: Any) -> Any:
         return hint
     (kind,) = [arg for arg in get_args(hint) if arg is not type(None)]
     return kind
+
+
+# What each option means, one line each: the README's reference table (``reference_table``) is made
+# from these, the dataclasses' types and their defaults, and a test keeps the README equal to it.
+# Every field needs an entry here, so that a new option cannot go undocumented. Top-level keys are
+# no dataclass fields: (type, default or ... when required, meaning).
+TOP_LEVEL_HELP: dict[str, tuple[str, Any, str]] = {
+    "student": ("str", ..., "the student model: a local folder or a hub id already in the local cache"),
+    "teacher": ("str", ..., "the teacher model, as `student`; it must share the student's tokenizer"),
+    "data": ("str", ..., "the prompts: a JSONL or Parquet file or a saved `datasets` folder"),
+    "field_map": (
+        "str or mapping",
+        "auto",
+        "which record fields hold the prompt, answer and solution: a preset (auto, "
+        + ", ".join(PRESETS)
+        + ") or {prompt: FIELD, answer: FIELD, solution: FIELD}",
+    ),
+    "max_prompt_tokens": ("int or null", None, "skip prompts longer than this many tokens (null: keep all)"),
+    "device": ("str or null", None, "cpu, cuda or cuda:N (null: cuda when there is a GPU, else cpu)"),
+    "dtype": ("str or null", None, f"the models' dtype: {', '.join(DTYPES)} (null: bfloat16 on CUDA, else float32)"),
+}
+OPTION_HELP: dict[type, dict[str, str]] = {
+    TrainConfig: {
+        "output_dir": "folder of the checkpoints and metrics.jsonl",
+        "steps": "optimizer steps of the run",
+        "prompts_per_step": "prompts rolled out and trained on per optimizer step (over all ranks)",
+        "micro_batch": "rollouts per forward and backward; gradients accumulate over a step's micro-batches",
+        "reuse_teacher_hidden": "train on the teacher hidden states the rollout computed instead of a second "
+        "teacher forward",
+        "loss_kind": f"the training divergence: {', '.join(LOSS_KINDS)}",
+        "loss_beta": "the JSD mixture weight β of loss_kind jsd (0: forward KL, 1: reverse KL)",
+        "loss_temperature": "temperature of both distributions in the loss (not the sampling temperature)",
+        "student_token_weight": "loss weight of tokens the student wrote",
+        "teacher_token_weight": "loss weight of tokens the teacher wrote (interventions, off-policy rows)",
+        "learning_rate": "AdamW's peak learning rate",
+        "weight_decay": "AdamW's weight decay",
+        "warmup_steps": "steps of linear warm-up before the cosine decay",
+        "max_grad_norm": "gradient clipping norm",
+        "bf16": "bfloat16 autocast (null: on for CUDA, off on CPU)",
+        "gradient_checkpointing": "recompute the student's activations in backward to save memory",
+        "save_every": "steps between checkpoints",
+        "save_total_limit": "keep only the newest N checkpoints (null: keep all)",
+        "seed": "the run's random seed",
+        "parallel": f"how torchrun ranks hold the student: {', '.join(PARALLEL)} (replicated or sharded)",
+    },
+    RolloutConfig: {
+        "mode": f"who writes and what is monitored: {', '.join(MODES)}",
+        "max_new_tokens": "tokens a trajectory may write after its prompt",
+        "draft_len": "tokens the student drafts per round before the teacher verifies them in one forward",
+        "backtrack": "how far back a stray cuts: token (before the stray token) or step (back to the last step end)",
+        "delimiter_token_ids": "token ids that end a step for backtrack step (empty: the tokenizer's tokens "
+        "holding a blank line)",
+        "intervention": "what the teacher writes after a stray: tokens (intervention_len of them) or step "
+        "(until it ends a step)",
+        "intervention_len": "tokens of an intervention, or the cap of a step intervention",
+        "max_interventions": "interventions per row; after that the row runs unmonitored",
+        "eos_token_ids": "ids that end a trajectory (empty: the tokenizer's EOS)",
+        "stop_strings": "texts that end a trajectory (checked with the tokenizer)",
+        "vocab_size": "score and sample over ids below this (null: the tokenizer's size; padded LM heads are cut)",
+        "block_size": "tokens per block of the paged KV cache",
+        "step_stop": "step modes: the text that ends a step",
+        "trim_stop": "step modes: cut the stop string off each step, as SGLang does for the reference scripts",
+        "max_step_tokens": "step modes: the most tokens of one step",
+        "min_correction_tokens": "step_motab: the teacher's correction may write up to max(this, the budget "
+        "left before the root cause)",
+        "step_skd_gamma": "step_skd: keep a student step when the teacher's value of it is above γ × the student's own",
+    },
+    MonitorConfig: {
+        "score": f"what is held to the boundary per token: {', '.join(SCORES)}",
+        "rule": f"the adaptive boundary: {', '.join(RULES)}",
+        "beta": "the JSD mixture weight of score jsd",
+        "window": "window rule: committed scores in the mean (L)",
+        "window_factor": "window rule: a token strays above K × the window's mean",
+        "ema_decay": "ema rule: the moving average's decay α",
+        "ema_std_factor": "ema rule: a token strays above mean + c × std",
+        "quantile": "quantile rule: a token strays above this quantile q of the row's scores",
+        "tau": "fixed rule: the boundary (nats for divergences)",
+        "tau_min": "floor of the adaptive boundaries",
+        "warmup": "tokens per row before any decision",
+        "skd_top_k": "skd mode and score teacher_rank: a token outside the teacher's top k strays",
+        "temperature": "temperature of both distributions when scoring (not the sampling temperature)",
+        "frozen_per_draft": "hold every token of a draft to the boundary the row had when the draft began",
+        "epsilon0": "step modes: the boundary's scale ε0 in ε0 · exp(−θ · H)",
+        "theta": "step modes: the boundary's sharpness θ",
+        "entropy_top_k": "step modes: teacher tokens of the entropy H",
+        "adaptive_boundary": "step modes: false forces H = 0, the constant ε0 of the reference scripts",
+    },
+    SamplingConfig: {
+        "temperature": "sampling temperature (0: greedy)",
+        "top_k": "sample among the k likeliest tokens (0: all)",
+        "top_p": "nucleus sampling's p (1: all)",
+    },
+}
+REFERENCE_BEGIN = "<!-- yaml-reference: begin (generated by motab.config.reference_table) -->"
+REFERENCE_END = "<!-- yaml-reference: end -->"
+
+
+def reference_table() -> str:
+    """Markdown: every option of a YAML run file, with its section, type, default and meaning (the
+    README's reference table)."""
+    rows = [("(top level)", key, kind, default, meaning) for key, (kind, default, meaning) in TOP_LEVEL_HELP.items()]
+    missing = TOP_LEVEL ^ set(TOP_LEVEL_HELP)
+    for section, cls in SECTION_CLASSES.items():
+        if section == "teacher_sampling":  # the same class as student_sampling: one set of rows for both
+            continue
+        name = "student_sampling, teacher_sampling" if cls is SamplingConfig else section
+        hints, help_of = get_type_hints(cls), OPTION_HELP.get(cls, {})
+        for f in fields(cls):
+            if is_dataclass(hints[f.name]):  # a section of its own
+                continue
+            if f.name not in help_of:
+                missing.add(f"{section}.{f.name}")
+                continue
+            rows.append((name, f.name, _type_name(hints[f.name]), f.default, help_of[f.name]))
+    if missing:
+        raise KeyError(f"options without a meaning in motab.config's help: {sorted(missing)}")
+    lines = ["| section | option | type | default | meaning |", "|---|---|---|---|---|"]
+    for section, option, kind, default, meaning in rows:
+        lines.append(f"| {section} | `{option}` | {kind} | {_default_text(default)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(hint: Any) -> str:
+    kind = _without_none(hint)
+    text = f"list of {get_args(kind)[0].__name__}" if get_origin(kind) is tuple else kind.__name__
+    return f"{text} or null" if _allows_none(hint) else text
+
+
+def _default_text(default: Any) -> str:
+    """A default as YAML would write it (null, true, [], "text"); a required key (``...``) has none."""
+    if default is ...:
+        return "required"
+    if default is None:
+        return "`null`"
+    return f"`{json.dumps(list(default) if isinstance(default, tuple) else default)}`"

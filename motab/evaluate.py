@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -90,20 +91,47 @@ def generate(
     sampling: SamplingConfig = GREEDY,
     seeds: Sequence[int] | None = None,
     batch_size: int = 32,
+    progress: bool | None = False,
 ) -> list[list[int]]:
     """The token ids ``model`` writes alone after each prompt (the paged engine's ``off_policy``),
     ``batch_size`` rows at a time on one cache allocated once; ``seeds[i]`` fixes prompt i's
-    sampling (default: i)."""
+    sampling (default: i). ``progress`` shows a bar of rows done and tokens/s on stderr (None:
+    only when stderr is a terminal)."""
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
     if not isinstance(model, PagedModel):
         model = paged_for_rollouts(model, min(batch_size, len(prompts)), max(map(len, prompts)), config)
     out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = slice(start, start + batch_size)
-        trajectories = rollout(None, model, prompts[batch], config, seeds=seeds[batch], tokenizer=tokenizer)
-        out += [t.tokens for t in trajectories]
+    with RowProgress(len(prompts), "generate", progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            trajectories = rollout(None, model, prompts[batch], config, seeds=seeds[batch], tokenizer=tokenizer)
+            out += [t.tokens for t in trajectories]
+            bar.update(len(trajectories), sum(len(t.tokens) for t in trajectories))
     return out
+
+
+class RowProgress:
+    """A tqdm bar of rows done with the committed tokens per second beside it, on stderr. ``show``
+    None shows it only when stderr is a terminal, so logs and captured output get no bar lines."""
+
+    def __init__(self, rows: int, desc: str, show: bool | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.tokens, self.started = 0, time.perf_counter()
+        self.bar = tqdm(total=rows, desc=desc, unit="row", disable=None if show is None else not show)
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:.0f} tokens/s", refresh=False)
+        self.bar.update(rows)
+
+    def __enter__(self) -> RowProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -125,11 +153,13 @@ def evaluate(
     seed: int = 0,
     out_dir: str | Path | None = None,
     answer_format: str = "boxed",
+    progress: bool | None = False,
 ) -> EvalResult:
     """Generates ``samples`` completions per prompt (token ids) with the paged engine and grades
     their last ``\\boxed{}`` against ``answers``. With ``out_dir``: ``problems.jsonl`` (one line
     per problem: completions, extracted answers, correctness) and ``summary.json``. ``answer_format``
-    "toy" grades the toy task's ``#d`` answers instead."""
+    "toy" grades the toy task's ``#d`` answers instead. ``progress``: a bar of completions written and
+    tokens/s on stderr (None: only when stderr is a terminal)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if samples < 1:
@@ -145,6 +175,7 @@ def evaluate(
         sampling=sampling,
         seeds=seeds,
         batch_size=batch_size,
+        progress=progress,
     )
     completions: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
     for (i, _), tokens in zip(jobs, written):

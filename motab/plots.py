@@ -86,3 +86,22 @@ def render_steps(record: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_training_curves(metrics: list[dict], path: str | Path, interventions: bool = True) -> None:
+    """PNG of a training run (``metrics.jsonl``'s lines): the loss per step and, with
+    ``interventions``, the teacher's interventions per 100 tokens beside it. Written as PNG
+    whatever ``path`` ends in (the trainer writes a temporary name, then renames it)."""
+    plt = _pyplot()
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 2 if interventions else 1, figsize=(10 if interventions else 5.5, 3.5), squeeze=False)
+    axes[0][0].plot(steps, [m["loss"] for m in metrics], ".-", lw=1)
+    axes[0][0].set_xlabel("step")
+    axes[0][0].set_ylabel("loss")
+    if interventions:
+        axes[0][1].plot(steps, [m["interventions_per_100"] for m in metrics], ".-", lw=1, color="tab:green")
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("interventions per 100 tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)

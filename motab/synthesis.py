@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -176,6 +177,7 @@ def synthesize(
     options: SynthesisOptions = SynthesisOptions(),
     *,
     resume: bool = False,
+    overwrite: bool = False,
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
@@ -183,14 +185,15 @@ def synthesize(
 ) -> SynthesisSummary:
     """Synthesises ``options.responses`` records per question into ``out`` (JSONL). Under several
     ranks each takes every ``world_size``-th row, writes its own part file, and rank 0 merges after
-    ``barrier``. Refuses an existing output or parts without ``resume``, and a resume with other settings."""
+    ``barrier``. Refuses an existing output or parts without ``resume`` (continue) or ``overwrite`` (remove
+    them first), and a resume with other settings."""
     if config.mode not in STEP_MODES:
         raise ValueError(f"synthesis runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
     out = Path(out)
     parts = _parts_dir(out)
     settings = _settings(config, options, len(questions))
     if rank == 0:
-        _prepare(out, parts, settings, resume)
+        _prepare(out, parts, settings, resume, overwrite)
     if barrier is not None:
         barrier()
     done = _finished(parts)
@@ -253,14 +256,29 @@ def _settings(config: RolloutConfig, options: SynthesisOptions, questions: int) 
     return {"rollout": asdict(config), "options": kept, "questions": questions}
 
 
-def _prepare(out: Path, parts: Path, settings: dict, resume: bool) -> None:
-    """A fresh run needs a fresh output; a resume needs the same settings as the run it resumes."""
+def check_output(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuses an output that exists (or its parts) without ``resume`` or ``overwrite``, and both."""
+    out = Path(out)
+    parts = _parts_dir(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run or start it again")
+    if not (resume or overwrite) and (out.exists() or parts.exists()):
+        raise ConfigError(
+            f"{out if out.exists() else parts} exists: pass --resume to continue that run or --overwrite to start "
+            "it again, or choose another output"
+        )
+
+
+def _prepare(out: Path, parts: Path, settings: dict, resume: bool, overwrite: bool) -> None:
+    """A fresh run needs a fresh output (``overwrite`` removes the old one and its parts); a
+    resume needs the same settings as the run it resumes."""
     recorded = parts / "settings.json"
+    check_output(out, resume, overwrite)
     if not resume:
-        if out.exists() or parts.exists():
-            raise ConfigError(
-                f"{out if out.exists() else parts} exists: pass --resume to continue that run, or choose another output"
-            )
+        if overwrite:
+            shutil.rmtree(parts, ignore_errors=True)
+            for path in (out, out.with_name(f".{out.name}.tmp")):
+                path.unlink(missing_ok=True)
         parts.mkdir(parents=True)
         _write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True))
         return

@@ -36,16 +36,22 @@ spread over them (with one process it changes nothing):
 
 The teacher is replicated on every rank either way.
 
-Every ``save_every`` steps (and on Ctrl-C) a checkpoint is written atomically: a temporary folder,
-renamed into place once every rank has written its part, then ``latest`` pointed at it. It holds the
+Every ``save_every`` steps (and on Ctrl-C or SIGTERM) a checkpoint is written atomically: a temporary
+folder, renamed into place once every rank has written its part, then ``latest`` pointed at it;
+SIGINT and SIGTERM wait until that is done. ``save_total_limit`` keeps the newest N checkpoints
+(never the one ``latest`` names); rank 0 redraws ``loss.png`` at each save. It holds the
 student as a plain Hugging Face folder (``student/``, ``save_pretrained``, safetensors), the
 scheduler, the step, RNG states and the optimizer: in ``trainer_state.pt`` under DDP (rank 0's RNG);
 under FSDP the sharded parameters and optimizer state in ``sharded/``
 (``torch.distributed.checkpoint``), each rank's RNG in ``rng-<rank>.pt``, and ``student/`` gathered
 tensor by tensor into rank 0's CPU memory (one full copy there while it is written). The output
-folder must be one that every rank sees. ``resume=True`` continues from the latest checkpoint to
+folder must be one that every rank sees. A folder that holds a run (``motab.runs``) is refused
+unless ``resume`` or ``overwrite`` (which removes the run's own files first); the temporaries of a
+save cut short are removed at the start. ``resume=True`` continues from the latest checkpoint to
 the same parameters an uninterrupted run reaches (bit for bit on CPU), with the same ``parallel``
-and number of ranks. Metrics go to ``metrics.jsonl``, one line a step.
+and number of ranks; it refuses a checkpoint of another student shape (ConfigError), warns of each
+setting changed (``ResumeWarning``) and cuts ``metrics.jsonl`` back to the checkpoint's step.
+Metrics go to ``metrics.jsonl``, one line a step (``lr``: the rate that step used).
 """
 
 from __future__ import annotations
@@ -56,7 +62,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -72,6 +81,14 @@ from motab.data import Problem
 from motab.engine import paged_for_rollouts, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
 from motab.models import final_hidden_states, lm_head, shared_vocab
+from motab.runs import (
+    check_run_folder,
+    checkpoints_to_delete,
+    clear_run,
+    cut_metrics,
+    latest_checkpoint,
+    remove_temporaries,
+)
 
 Result = TypeVar("Result")
 
@@ -209,6 +226,7 @@ class DistillationTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule)
         self.step = 0
         self.out = Path(config.output_dir)
+        self.last_checkpoint: Path | None = None  # the newest checkpoint whose rename succeeded
 
     def _distribute(self, model: StudentLoss) -> nn.Module:
         """The module the training forward runs through: ``model`` itself on one process, else
@@ -234,17 +252,45 @@ class DistillationTrainer:
         rng = random.Random(self.config.seed * 1_000_003 + step)
         return [self.problems[rng.randrange(len(self.problems))] for _ in range(self.config.prompts_per_step)]
 
-    def train(self, resume: bool = False, progress: bool = True) -> list[dict]:
-        """Runs to ``config.steps``; returns the metrics of the steps run now."""
+    def train(self, resume: bool = False, progress: bool = True, overwrite: bool = False) -> list[dict]:
+        """Runs to ``config.steps``; returns the metrics of the steps run now. A used output folder
+        needs ``resume`` (continue from its latest checkpoint) or ``overwrite`` (clear the run's own
+        files first). SIGTERM, as SIGINT, saves a checkpoint and raises KeyboardInterrupt."""
+        self._prepare_folder(resume, overwrite)
         if resume:
             self.load_latest()
-        self.out.mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:  # the steps after the checkpoint run again and are logged again
+                cut_metrics(self.out / "metrics.jsonl", self.step)
+            self._barrier()
         history = []
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.config.steps, initial=self.step, desc="motab train", unit="step")
+        try:
+            with _sigterm_as_interrupt():
+                history = self._train_loop(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return history
+
+    def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        """Refuses a used folder without ``resume``/``overwrite`` (every rank sees the same folder,
+        so every rank decides alike), then rank 0 clears it (overwrite) or removes the temporaries
+        of saves cut short, before anything is written."""
+        check_run_folder(self.out, resume, overwrite)
+        self._barrier()  # every rank has looked before rank 0 changes anything
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                clear_run(self.out)
+            remove_temporaries(self.out)
+        self._barrier()
+
+    def _train_loop(self, bar) -> list[dict]:
+        history = []
         try:
             while self.step < self.config.steps:
                 metrics = self.train_step()
@@ -259,15 +305,16 @@ class DistillationTrainer:
         except KeyboardInterrupt:
             if self.sharded:  # FSDP's way back to a usable state after a forward or backward cut short
                 self.train_model.reset_iter_state()
-            self.save()
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{self.step}":
+                self.save()  # (a signal deferred through a save arrives after it: that step is saved)
             raise
-        finally:
-            if bar is not None:
-                bar.close()
         return history
 
     def train_step(self) -> dict:
         config = self.config
+        # an interrupt inside this step saves the state before it, RNG included, so that a resume
+        # draws the same numbers as an uninterrupted run
+        self._rng_before_step = (self.step, _rng_state())
         start = time.perf_counter()
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
         problems = self.step_problems(self.step)[mine]
@@ -288,10 +335,14 @@ class DistillationTrainer:
         loss_sum = self._all_ranks(loss_sum)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; scheduler.step() sets the next
+        # an interrupt between the optimizer's step and the step count would save a state that is
+        # neither step: SIGINT/SIGTERM wait until both are done
+        with _interrupts_deferred():
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
         tokens = sum(len(t.tokens) for t in trajectories)
         student_scores = [
             s for t in trajectories for s, src in zip(t.scores, t.sources) if src == "student" and math.isfinite(s)
@@ -299,7 +350,7 @@ class DistillationTrainer:
         return dict(
             step=self.step,
             loss=loss_sum,
-            lr=self.scheduler.get_last_lr()[0],
+            lr=lr,
             loss_tokens=total,
             student_tokens=sum(t.sources.count("student") for t in trajectories),
             teacher_tokens=sum(t.sources.count("teacher") for t in trajectories),
@@ -383,7 +434,18 @@ class DistillationTrainer:
 
     # ---------------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Writes checkpoint-<step> atomically and points ``latest`` at it; every rank calls it."""
+        """Writes checkpoint-<step> atomically and points ``latest`` at it; every rank calls it.
+        SIGINT and SIGTERM wait until it is done (a second Ctrl-C must not leave only the temporary
+        folder), then the checkpoints past ``save_total_limit`` go and rank 0 redraws the loss curve."""
+        with _interrupts_deferred():
+            final = self._save_checkpoint()
+            if self.rank == 0:
+                for folder in checkpoints_to_delete(self.out, self.config.save_total_limit):
+                    shutil.rmtree(folder)
+                self._draw_curves()
+        return final
+
+    def _save_checkpoint(self) -> Path:
         final = self.out / f"checkpoint-{self.step}"
         temporary = self.out / f".checkpoint-{self.step}.tmp"
         if self.rank == 0:
@@ -402,12 +464,27 @@ class DistillationTrainer:
             pointer.write_text(final.name)
             os.replace(pointer, self.out / "latest")
         self._barrier()
+        self.last_checkpoint = final
         return final
+
+    def _draw_curves(self) -> None:
+        """``loss.png``: the loss per step of the whole run (``metrics.jsonl``), beside it the
+        interventions per 100 tokens where the mode has the teacher intervene."""
+        from motab.plots import plot_training_curves
+
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        metrics = [m for m in map(_metrics_line, path.read_text(encoding="utf-8").splitlines()) if m]
+        monitored = self.config.rollout.mode not in UNMONITORED_MODES
+        temporary = self.out / ".loss.png.tmp"
+        plot_training_curves(metrics, temporary, interventions=monitored)
+        os.replace(temporary, self.out / "loss.png")
 
     def _save_replicated(self, folder: Path) -> None:
         """The whole student, optimizer, scheduler, rank 0's RNG states and the step (rank 0)."""
         self._save_student(folder / "student")
-        state = dict(optimizer=self.optimizer.state_dict(), **self._progress_state(), **_rng_state())
+        state = dict(optimizer=self.optimizer.state_dict(), **self._progress_state(), **self._resumable_rng())
         torch.save(state, folder / "trainer_state.pt")
 
     def _save_sharded(self, folder: Path) -> None:
@@ -418,7 +495,7 @@ class DistillationTrainer:
 
         model_state, optimizer_state = get_state_dict(self.train_model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "sharded")
-        torch.save(_rng_state(), folder / f"rng-{self.rank}.pt")
+        torch.save(self._resumable_rng(), folder / f"rng-{self.rank}.pt")
         full = self.full_student_state()
         if self.rank == 0:
             self._save_student(folder / "student", full)
@@ -429,6 +506,12 @@ class DistillationTrainer:
         self.student.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
+
+    def _resumable_rng(self) -> dict:
+        """The RNG states at the start of step ``self.step``: taken then if that step was begun
+        (and cut short), else now."""
+        step, state = getattr(self, "_rng_before_step", (None, None))
+        return state if step == self.step else _rng_state()
 
     def _progress_state(self) -> dict:
         return dict(scheduler=self.scheduler.state_dict(), step=self.step, world=self.world, config=asdict(self.config))
@@ -448,11 +531,10 @@ class DistillationTrainer:
             dist.barrier()
 
     def load_latest(self) -> None:
-        """Restores the student, optimizer, scheduler, RNG and step of the latest checkpoint."""
-        pointer = self.out / "latest"
-        if not pointer.exists():
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.out} (no 'latest' file)")
-        folder = self.out / pointer.read_text().strip()
+        """Restores the student, optimizer, scheduler, RNG and step of the latest checkpoint, after
+        checking that it fits the student (ConfigError naming the first parameter that does not)
+        and warning of every setting changed since it was written."""
+        folder = latest_checkpoint(self.out)
         written_sharded = (folder / "sharded").is_dir()
         if written_sharded != self.sharded:
             raise ConfigError(
@@ -460,13 +542,40 @@ class DistillationTrainer:
                 f"this run {'shards' if self.sharded else 'does not shard'} the student: resume with the "
                 "train.parallel and the number of ranks that wrote it"
             )
+        self._check_shapes(folder)
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        if self.rank == 0:
+            for change in changed_settings(state.get("config", {}), asdict(self.config)):
+                warnings.warn(f"resuming {folder}: {change}", ResumeWarning, stacklevel=3)
         if self.sharded:
             self._load_sharded(folder, state["world"])
         else:
             self._load_replicated(folder, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+
+    def _check_shapes(self, folder: Path) -> None:
+        """ConfigError unless the checkpoint's student has this student's parameter names and
+        shapes (read from the safetensors headers, so nothing is loaded)."""
+        from safetensors import safe_open
+
+        saved = {}
+        for shard in sorted((folder / "student").glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                saved.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        # a DTensor's shape is the whole parameter's, so this holds under FSDP too
+        mine = {name: tuple(t.shape) for name, t in self.student.state_dict().items()}
+        for name, shape in saved.items():
+            if name not in mine:
+                raise ConfigError(f"checkpoint {folder} does not fit the student: it has {name}, the student not")
+            if mine[name] != shape:
+                raise ConfigError(
+                    f"checkpoint {folder} does not fit the student: {name} is {list(shape)} there and "
+                    f"{list(mine[name])} in the student"
+                )
+        missing = [name for name in mine if name not in saved and not self._is_tied(name)]
+        if missing:
+            raise ConfigError(f"checkpoint {folder} does not fit the student: it lacks {missing[0]}")
 
     def _load_replicated(self, folder: Path, state: dict) -> None:
         from safetensors.torch import load_file
@@ -498,6 +607,83 @@ class DistillationTrainer:
 
     def _is_tied(self, name: str) -> bool:
         return getattr(self.student.config, "tie_word_embeddings", False) and name.startswith("lm_head")
+
+
+# modes whose rollouts have no teacher intervention to count
+UNMONITORED_MODES = ("on_policy", "off_policy", "teacher_steps")
+# the settings a resume may change without a warning: where the run is, not how it trains
+UNCOMPARED = ("output_dir",)
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run's setting differs from the checkpoint's."""
+
+
+def changed_settings(saved: dict, current: dict, prefix: str = "train.") -> list[str]:
+    """One line per setting that differs between two ``asdict(TrainConfig)``, named as the YAML
+    writes it (``train.learning_rate``, ``rollout.draft_len``, ``monitor.tau``)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        if prefix == "train." and key in UNCOMPARED:
+            continue
+        before, now = saved.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            inner = "rollout." if key == "rollout" else f"{key}."  # rollout's sections are top-level
+            changes += changed_settings(before, now, inner)
+        elif _comparable(before) != _comparable(now):
+            changes.append(f"{prefix}{key} changed from {before!r} in the checkpoint to {now!r}")
+    return changes
+
+
+def _comparable(value):
+    """Tuples and lists alike (a config read back may hold either)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _metrics_line(line: str) -> dict | None:
+    """A line of metrics.jsonl, or None for one a kill cut short."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what cluster schedulers send) raises KeyboardInterrupt as SIGINT does, so it saves
+    a checkpoint the same way; the previous handler is back afterwards. Signal handlers can only
+    be set in the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM wait until the block is done, then reach their own handlers (a block
+    that raises drops them: it is already on its way out)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {kind: signal.signal(kind, lambda number, frame: caught.append(number)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 def _rng_state() -> dict:

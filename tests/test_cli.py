@@ -200,3 +200,18 @@ def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(tmp_path, capsy
         "--max-new-tokens", "48", "--out", str(out),
     ]) == 0  # fmt: skip
     assert json.loads((out / "summary.json").read_text())["problems"] == 4
+
+
+def test_rollout_in_batches_writes_what_one_batch_writes(workspace):
+    """--batch-size only changes how many rows share a cache (and how often the bar moves): row i
+    keeps seed i, so the trajectories are the same."""
+    root = workspace["root"]
+    common = ["--student", workspace["student"], "--teacher", workspace["teacher"], "--data", workspace["data"]]
+    common += ["--limit", "3", "--set", "monitor.rule=fixed", "--set", "monitor.tau=0.3"]
+    common += ["--set", "rollout.max_new_tokens=12"]
+    written = []
+    for batch in ("16", "2"):
+        out = root / f"batch{batch}.jsonl"
+        assert main(["rollout", *common, "--batch-size", batch, "--out", str(out)]) == 0
+        written.append([json.loads(line)["tokens"] for line in out.read_text().splitlines()])
+    assert written[0] == written[1] and len(written[0]) == 3

@@ -187,3 +187,19 @@ def test_teacher_guidance_reads_the_teachers_choice_at_each_operand(monkeypatch)
             expected[kind] += 1
     assert counts == expected
     assert expected["consistent"] + expected["true"] + expected["other"] == 3  # c twice and d differ from the problem
+
+
+def test_the_quick_demos_plotted_rollout_shows_an_intervention(tmp_path):
+    """rollout.png of `motab demo --quick` draws a MOTAB rollout that intervenes; the full demo's plot
+    keeps its method's own settings. Checked on the quick demo's warm start with the plot's prompts
+    and seed (the quick run trains it 3 steps more), without running the whole quick demo."""
+    from motab.demo.run import as_problems, plotted_rollout_config, warm_student
+    from motab.engine import rollout
+
+    teacher, tokenizer = load_teacher()
+    config = method_config(tokenizer, "motab", tuned_options()["motab"], QUICK, tmp_path, 0)
+    assert plotted_rollout_config(config.rollout, quick=False) == config.rollout
+    student = warm_student(tokenizer, 0, QUICK)
+    prompts = [p.prompt_ids for p in as_problems(tokenizer, generate_split("train", 4))]
+    shown = rollout(student, teacher, prompts, plotted_rollout_config(config.rollout, quick=True), seeds=[0])
+    assert max(len(t.interventions) for t in shown) >= 1

@@ -83,3 +83,15 @@ def test_generation_path_runs_on_a_tiny_model(tmp_path):
     assert all(len(p["completions"]) == 2 for p in result.per_problem)
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
         evaluate(model, tokenizer, [[1], [2]], ["1"])
+
+
+def test_generation_shows_rows_and_tokens_per_second_on_stderr(capsys):
+    words = [f"w{i}" for i in range(60)]
+    tokenizer = word_tokenizer(words, "w0")
+    model = tiny_qwen2(0, hidden=32, layers=1, vocab=60, initializer_range=0.02).eval()
+    evaluate_module.generate(model, tokenizer, [[1, 2], [3], [4]], max_new_tokens=4, batch_size=2, progress=True)
+    shown = capsys.readouterr()
+    assert "3/3" in shown.err and "tokens/s" in shown.err and "tokens/s" not in shown.out
+    # None: only on a terminal, and pytest's captured stderr is none
+    evaluate_module.generate(model, tokenizer, [[1, 2]], max_new_tokens=4, progress=None)
+    assert capsys.readouterr().err == ""

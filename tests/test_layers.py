@@ -18,7 +18,7 @@ PACKAGES = ("motab_kernels", "motab")
 # Lowest first. A module may import modules of its own layer and of the layers below, never above.
 LAYERS = [
     ("kernels", ("motab_kernels",)),
-    ("configuration and the toy task", ("motab.config", "motab.toy")),
+    ("configuration and the toy task", ("motab.config", "motab.runs", "motab.toy")),
     ("models on the paged cache", ("motab.models", "motab.profiling")),
     ("rollout", ("motab.monitor", "motab.steps", "motab.policy", "motab.engine")),
     (

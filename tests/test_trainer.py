@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from motab.config import MonitorConfig, RolloutConfig, TrainConfig
+from motab.config import ConfigError, MonitorConfig, RolloutConfig, TrainConfig
 from motab.data import Problem
 from motab.trainer import DistillationTrainer
 from tests.tiny import tiny_qwen2
@@ -153,7 +153,7 @@ def test_bad_configs(tmp_path):
         TrainConfig(prompts_per_step=6, micro_batch=4)
     with pytest.raises(ValueError, match="steps must be"):
         TrainConfig(steps=0)
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
         trainer(tmp_path).train(resume=True, progress=False)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         other = tiny_qwen2(0, hidden=32, layers=1, vocab=70)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from motab.config import TrainConfig, build_configs, set_option
+from motab.config import RolloutConfig, TrainConfig, build_configs, set_option
 from motab.data import Problem
 from motab.demo.measures import teacher_decay, teacher_guidance
 from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, greedy_solutions, supervised_train, toy_model
@@ -242,7 +242,8 @@ def run_demo(
             run.update(seed=seed, budget=budget, warm_start_validation_accuracy=warm, options=options[method])
             run.update(test_grades(trained, tokenizer, test))
             if method == "motab" and budget == "steps":
-                _render_rollout(trained, teacher, train, config, seed, out / "rollout.png")
+                shown = plotted_rollout_config(config.rollout, quick)
+                _render_rollout(trained, teacher, train, shown, seed, out / "rollout.png")
             return run
 
         equal_steps = {method: train_method(method, size.steps, "steps") for method in METHODS}
@@ -444,10 +445,25 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _render_rollout(student, teacher, train, config: TrainConfig, seed: int, path: Path) -> None:
+# The quick demo's plotted rollout is held to a fixed boundary of this many nats. After its 20-step
+# warm start the student strays everywhere alike, so the window rule (a stray is K × the recent mean)
+# never fires and the plot would show no intervention; a fixed boundary does.
+QUICK_PLOT_TAU = 1.0
+
+
+def plotted_rollout_config(config: RolloutConfig, quick: bool) -> RolloutConfig:
+    """The settings of the rollout drawn in ``rollout.png``: the trained method's own, except in the
+    quick demo, whose plot is held to a fixed boundary so that it shows an intervention (the quick
+    demo's training and results are unaffected)."""
+    if not quick:
+        return config
+    return replace(config, monitor=replace(config.monitor, rule="fixed", tau=QUICK_PLOT_TAU))
+
+
+def _render_rollout(student, teacher, train, config: RolloutConfig, seed: int, path: Path) -> None:
     """One MOTAB rollout of the trained student: the busiest of four."""
     prompts = [p.prompt_ids for p in train[:4]]
-    shown = rollout(student, teacher, prompts, config.rollout, seeds=[seed])
+    shown = rollout(student, teacher, prompts, config, seeds=[seed])
     render_trajectory(max(shown, key=lambda t: (len(t.discarded), len(t.tokens))), path)
 
 

@@ -1,0 +1,116 @@
+"""A training run's folder: what makes it used, what ``--overwrite`` clears, the checkpoints that
+``save_total_limit`` keeps and the metrics cut back on resume. It imports no torch, so the CLI
+refuses a used folder before anything heavy loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from motab.config import ConfigError
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# the files a run writes besides its checkpoints (and their temporaries): all --overwrite removes
+RUN_FILES = ("latest", "metrics.jsonl", "loss.png")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest (lowest step) first."""
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(CHECKPOINT.fullmatch(folder.name).group(1))
+
+
+def temporaries(out: Path) -> list[Path]:
+    """What a save or a metrics rewrite cut short leaves behind (``.checkpoint-N.tmp`` and others)."""
+    if not out.is_dir():
+        return []
+    return [p for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+def is_used(out: Path) -> bool:
+    """Whether ``out`` holds a run: a checkpoint, ``latest`` or ``metrics.jsonl``."""
+    return bool(checkpoints(out)) or (out / "latest").exists() or (out / "metrics.jsonl").exists()
+
+
+def check_run_folder(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuses (ConfigError) a used folder without ``resume`` or ``overwrite``, both at once, and a
+    resume with nothing to resume; reads only."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run or start it again")
+    if resume:
+        latest_checkpoint(out)
+    elif not overwrite and is_used(out):
+        raise ConfigError(
+            f"{out} holds a run (checkpoints, latest or metrics.jsonl): pass --resume to continue it or "
+            "--overwrite to start again there, or choose another output_dir"
+        )
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The folder ``latest`` points at; ConfigError if there is none or it is missing."""
+    pointer = out / "latest"
+    if not pointer.is_file():
+        raise ConfigError(f"no checkpoint to resume from in {out} (no 'latest' file); start it again with --overwrite")
+    name = pointer.read_text().strip()
+    folder = out / name
+    if not name or not folder.is_dir():
+        raise ConfigError(f"{pointer} points at {name!r}, which is not a checkpoint folder in {out}")
+    return folder
+
+
+def clear_run(out: Path) -> None:
+    """Removes the run's own files (checkpoints, latest, metrics, temporaries) and nothing else."""
+    for folder in checkpoints(out):
+        shutil.rmtree(folder)
+    for path in temporaries(out) + [out / name for name in RUN_FILES]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def remove_temporaries(out: Path) -> None:
+    """Removes what an earlier save cut short (a kill, a full disk): nothing reads these."""
+    for path in temporaries(out):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Drops the lines of ``path`` logged after ``step`` (the steps a resume runs again), atomically."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if _logged_step(line) <= step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def checkpoints_to_delete(out: Path, limit: int | None) -> list[Path]:
+    """The checkpoints beyond the newest ``limit``, never the one ``latest`` points at."""
+    if limit is None:
+        return []
+    pointer = out / "latest"
+    current = pointer.read_text().strip() if pointer.is_file() else None
+    found = checkpoints(out)
+    return [folder for folder in found[: max(len(found) - limit, 0)] if folder.name != current]
