@@ -33,11 +33,10 @@ from _common import bench_parser, card_name, parse_bench_args, run_facts, stage,
 from _models import student_and_teacher
 from _timing import sync
 
-from motab import engine as engine_module
 from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout
 from motab.models import PagedModel
-from motab.profiling import count_device_work
+from motab.profiling import RoundWork, count_device_work
 
 TARGET_MINUTES = 2.0
 TARGET_MOTAB_SPEEDUP = 2.0  # over the GKD way, at batch 64
@@ -114,21 +113,10 @@ def _union_seconds(intervals: list[tuple[float, float]]) -> float:
 def work_per_round(paged, prompts, config) -> tuple[list, set]:
     """Device work of every draft round of one rollout (``motab.profiling``), and the Triton
     specialisations the whole rollout asked for."""
-    rounds = []
-    draft_round = engine_module._Engine._draft_round
-
-    def counted(self, rows):
-        before = count.snapshot()
-        draft_round(self, rows)
-        rounds.append(count.snapshot() - before)
-
-    engine_module._Engine._draft_round = counted
-    try:
-        with count_device_work(*paged) as count:
-            rollout(*paged, prompts, config)
-    finally:
-        engine_module._Engine._draft_round = draft_round
-    return rounds, count.specialisations
+    with count_device_work(*paged) as count:
+        work = RoundWork(count)
+        rollout(*paged, prompts, config, round_hook=work)
+    return work.rounds["draft"], count.specialisations
 
 
 def verdict(ok: bool) -> str:

@@ -28,8 +28,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -70,10 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line_warnings(args.command, warnings.showwarning)
+            return args.run(args)
     except ConfigError as error:
         print(f"motab {args.command}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+
+
+def one_line_warnings(command: str, show: Callable) -> Callable:
+    """A ``warnings.showwarning`` that prints our own warnings (a changed setting on resume) as one
+    line, ``motab <command>: warning: ...``, and hands the libraries' to ``show``."""
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.split(".")[0] != "motab":
+            return show(message, category, filename, lineno, file, line)
+        print(f"motab {command}: warning: {one_line(str(message))}", file=file or sys.stderr)
+
+    return show_warning
 
 
 def one_line(message: str) -> str:
@@ -279,13 +293,14 @@ def load_model(name: str, dtype, device, role: str = "model"):
     from transformers import AutoModelForCausalLM
 
     from motab.models import load_tokenizer
+    from motab.runs import quiet_loading
 
     folder = local_model_folder(name, role)
     if folder is not None:
-        check_weights(folder, role)
+        check_model_files(folder, role)
     try:
         tokenizer = load_tokenizer(name)
-        with _quiet_loading():  # transformers' own loading bar would break into the command's bars
+        with quiet_loading():  # transformers' own loading bar would break into the command's bars
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
     except SafetensorError as error:  # a cached hub model's weights (a folder's were checked above)
         raise ConfigError(f"the {role}'s weights ({name}) cannot be read: {error}; download them again") from error
@@ -297,20 +312,6 @@ def load_model(name: str, dtype, device, role: str = "model"):
             ) from error
         raise ConfigError(f"cannot load the {role} from {name}: {str(error).splitlines()[0]}") from error
     return model.to(device), tokenizer
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """transformers' progress bars off for the block, as they were after it."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def local_model_folder(name: str, role: str) -> Path | None:
@@ -329,9 +330,10 @@ def local_model_folder(name: str, role: str) -> Path | None:
     return None
 
 
-def check_weights(folder: Path, role: str) -> None:
+def check_model_files(folder: Path, role: str) -> None:
     """Refuses a model folder with a safetensors file whose header or length is broken (truncated,
-    or overwritten), naming the file. Reads the headers only, without torch."""
+    or overwritten) or a JSON file (config, tokenizer, generation config) that does not parse,
+    naming the file. Reads the safetensors headers only, without torch."""
     from safetensors import SafetensorError, safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
@@ -341,6 +343,14 @@ def check_weights(folder: Path, role: str) -> None:
         except SafetensorError as error:
             raise ConfigError(
                 f"the {role}'s weights {file} cannot be read ({error}): the file is truncated or corrupt; "
+                "save or download the model again"
+            ) from error
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(
+                f"the {role}'s file {file} is not valid JSON ({error}): the file is truncated or corrupt; "
                 "save or download the model again"
             ) from error
 
@@ -354,7 +364,7 @@ def check_sources(models: dict[str, str], data: str, field_map: str | FieldMap =
     for role, name in models.items():
         folder = local_model_folder(name, role)
         if folder is not None:
-            check_weights(folder, role)
+            check_model_files(folder, role)
     try:
         resolve_field_map(load_records(data)[0], field_map)
     except (ValueError, FileNotFoundError) as error:
@@ -456,13 +466,22 @@ def run_train(args) -> int:
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
     try:
         trainer.train(resume=args.resume, overwrite=args.overwrite, progress=rank == 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # named only once its rename succeeded (a save cut short leaves the previous checkpoint)
         saved = trainer.last_checkpoint
         print(f"interrupted: saved {saved}; continue with --resume" if saved else "interrupted before any save")
-        return 130
+        return 128 + interrupting_signal(interrupt)
     print(f"done: {train.output_dir}/checkpoint-{trainer.step}")
     return 0
+
+
+def interrupting_signal(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind ``interrupt``: SIGTERM when the trainer's handler raised it (it names the
+    signal), else SIGINT. The exit status is 128 + it, as a shell reports a process the signal ended."""
+    import signal
+
+    name = interrupt.args[0] if interrupt.args else ""
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
 
 
 def run_rollout(args) -> int:
@@ -498,7 +517,7 @@ def _rollout_in_batches(student, teacher, prompts, config, tokenizer, batch_size
     once, with a progress bar (rows done, committed tokens/s) on stderr when it is a terminal. Row i
     keeps seed i, so the trajectories are those of one call with every prompt."""
     from motab.engine import paged_for_rollouts, rollout
-    from motab.evaluate import RowProgress
+    from motab.runs import RowProgress
 
     rows, longest = min(batch_size, len(prompts)), max(map(len, prompts))
     student, teacher = (paged_for_rollouts(model, rows, longest, config) for model in (student, teacher))
@@ -657,7 +676,7 @@ def run_sft(args) -> int:
             f"the model {args.model!r} is not a local folder: sft fine-tunes a saved model folder "
             f"(`hf download {args.model} --local-dir DIR` makes one)"
         )
-    check_weights(folder, "model")
+    check_model_files(folder, "model")
     check_writable(args.out, "--out", folder=True)
     from motab.sft import SFTOptions, resume_point, run_sft, to_dataset
 

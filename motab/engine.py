@@ -35,7 +35,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -185,6 +186,7 @@ def rollout(
     teacher_tokenizer=None,
     timings: dict[str, float] | None = None,
     keep_teacher_hidden: bool = False,
+    round_hook: Callable[[str], AbstractContextManager] | None = None,
 ) -> list[Trajectory]:
     """Rolls out every prompt (token ids) under ``config``; ``seeds[i]`` (default ``i``) fixes
     row i's sampling, whatever else is in the batch. HF models are wrapped in PagedModels whose
@@ -195,7 +197,9 @@ def rollout(
     seconds per phase (prefill, student_decode, teacher_verify, fused_op, monitor, truncation,
     intervention, teacher_decode); measuring synchronises the device, so time throughput without it.
     ``keep_teacher_hidden`` fills ``Trajectory.teacher_hidden`` (the trainer reuses them instead of
-    running the teacher again)."""
+    running the teacher again). ``round_hook(kind)``, when given, returns a context manager that
+    wraps each round ("draft": the students draft and the teacher verifies; "teacher": the teacher
+    writes): ``motab.profiling.RoundWork`` counts each round's device work through it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if student is None and POLICIES[config.mode].writer != "teacher":
@@ -217,7 +221,7 @@ def rollout(
             _check_capacity(model, prompts, _tokens_per_row(0, config))
         models.append(model)
     teacher_model, student_model = models
-    engine = _Engine(student_model, teacher_model, config, tokenizer, timings, keep_teacher_hidden)
+    engine = _Engine(student_model, teacher_model, config, tokenizer, timings, keep_teacher_hidden, round_hook)
     return engine.run(prompts, seeds or list(range(len(prompts))))
 
 
@@ -292,8 +296,10 @@ class _Engine:
         tokenizer=None,
         timings: dict[str, float] | None = None,
         keep_teacher_hidden: bool = False,
+        round_hook: Callable[[str], AbstractContextManager] | None = None,
     ) -> None:
         self.student, self.teacher, self.config = student, teacher, config
+        self.round = round_hook or (lambda kind: contextlib.nullcontext())
         self.models = (student, teacher)
         self.timings = timings
         self.keep_teacher_hidden = keep_teacher_hidden
@@ -321,10 +327,12 @@ class _Engine:
                 break
             drafting = [r for r in active if not r.teacher_writes]
             if drafting:
-                self._draft_round(drafting)
+                with self.round("draft"):
+                    self._draft_round(drafting)
             writing = [r for r in active if r.teacher_writes and not r.finished]
             if writing:
-                self._teacher_round(writing)
+                with self.round("teacher"):
+                    self._teacher_round(writing)
         self._apply_cuts()
         if self.keep_teacher_hidden:
             for row in rows:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -21,6 +20,7 @@ from pathlib import Path
 from motab.config import RolloutConfig, SamplingConfig
 from motab.engine import paged_for_rollouts, rollout
 from motab.models import PagedModel
+from motab.runs import RowProgress
 from motab.toy.task import extract_answer as toy_answer
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -109,29 +109,6 @@ def generate(
             out += [t.tokens for t in trajectories]
             bar.update(len(trajectories), sum(len(t.tokens) for t in trajectories))
     return out
-
-
-class RowProgress:
-    """A tqdm bar of rows done with the committed tokens per second beside it, on stderr. ``show``
-    None shows it only when stderr is a terminal, so logs and captured output get no bar lines."""
-
-    def __init__(self, rows: int, desc: str, show: bool | None) -> None:
-        from tqdm.auto import tqdm
-
-        self.tokens, self.started = 0, time.perf_counter()
-        self.bar = tqdm(total=rows, desc=desc, unit="row", disable=None if show is None else not show)
-
-    def update(self, rows: int, tokens: int) -> None:
-        self.tokens += tokens
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens / elapsed:.0f} tokens/s", refresh=False)
-        self.bar.update(rows)
-
-    def __enter__(self) -> RowProgress:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.close()
 
 
 @dataclass

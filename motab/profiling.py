@@ -226,6 +226,21 @@ def _counting_triton_launches(count: WorkCount) -> Iterator[None]:
             cls.run = original
 
 
+class RoundWork:
+    """A rollout's ``round_hook`` (``motab.engine.rollout``): the device work of every round,
+    by kind ("draft", "teacher"), read from ``count`` as the rounds run."""
+
+    def __init__(self, count: WorkCount) -> None:
+        self.count = count
+        self.rounds: dict[str, list[WorkCount]] = {"draft": [], "teacher": []}
+
+    @contextlib.contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        before = self.count.snapshot()
+        yield
+        self.rounds[kind].append(self.count.snapshot() - before)
+
+
 @contextlib.contextmanager
 def count_device_work(*device_state) -> Iterator[WorkCount]:
     """Counts the device work of the block; read the yielded ``WorkCount`` (live, or after).

@@ -8,6 +8,9 @@ import json
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from motab.config import ConfigError
@@ -114,3 +117,47 @@ def checkpoints_to_delete(out: Path, limit: int | None) -> list[Path]:
     current = pointer.read_text().strip() if pointer.is_file() else None
     found = checkpoints(out)
     return [folder for folder in found[: max(len(found) - limit, 0)] if folder.name != current]
+
+
+class RowProgress:
+    """A tqdm bar of rows done with the committed tokens per second beside it, on stderr. ``show``
+    None shows it only when stderr is a terminal, so logs and captured output get no bar lines."""
+
+    def __init__(self, rows: int, desc: str, show: bool | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.tokens, self.started = 0, time.perf_counter()
+        self.bar = tqdm(total=rows, desc=desc, unit="row", disable=None if show is None else not show)
+
+    def update(self, rows: int, tokens: int, note: str = "") -> None:
+        """``rows`` more done, holding ``tokens`` committed tokens; ``note`` is shown after the rate."""
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(
+            ", ".join(filter(None, [f"{self.tokens / elapsed:.0f} tokens/s", note])), refresh=False
+        )
+        self.bar.update(rows)
+
+    def __enter__(self) -> RowProgress:
+        return self
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' own progress bars (loading weights) off for the block, as they were after it: they
+    would break into the command's bars."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -38,6 +38,7 @@ from pathlib import Path
 from motab.config import STEP_MODES, ConfigError, RolloutConfig
 from motab.data import load_records, resolve_field_map
 from motab.engine import paged_for_rollouts, rollout
+from motab.runs import RowProgress
 from motab.steps import SCRIPT_SEPARATOR
 
 PROMPT_FORMATS = ("raw", "chat")
@@ -207,7 +208,7 @@ def synthesize(
     }
     written = breaches = tokens = 0
     started = time.perf_counter()
-    bar = _progress(len(todo), progress and rank == 0)
+    bar = RowProgress(len(todo), "synthesize", progress and rank == 0)
     if todo:
         longest = max(len(ids[q.id]) for q, _ in todo)
         batch = min(options.batch_size, len(todo))
@@ -235,9 +236,7 @@ def synthesize(
                 sink.flush()
                 os.fsync(sink.fileno())
                 written += len(chunk)
-                elapsed = time.perf_counter() - started
-                bar.update(len(chunk))
-                bar.set_postfix(breach=f"{breaches / written:.0%}", tok_s=f"{tokens / elapsed:.0f}")
+                bar.update(len(chunk), sum(len(t.tokens) for t in trajectories), f"{breaches / written:.0%} breached")
     bar.close()
     if barrier is not None:
         barrier()
@@ -344,9 +343,3 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
-
-
-def _progress(total: int, show: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not show, desc="synthesize", unit="response")

@@ -50,6 +50,8 @@ def test_train_from_a_yaml_config_and_resume(workspace, capsys):
     assert main(["train", "--config", str(root / "run.yaml")]) == 0
     printed = capsys.readouterr().out
     assert "resolved config:" in printed and "mode: motab" in printed and "tau: 0.5" in printed
+    # printed once the tokenizer and the models filled them in
+    assert "eos_token_ids: [1]\n" in printed and "vocab_size: 64\n" in printed
     assert (root / "run" / "latest").read_text() == "checkpoint-2"
     assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     # more steps on top, resumed, with a flag and an override
@@ -58,6 +60,15 @@ def test_train_from_a_yaml_config_and_resume(workspace, capsys):
     )
     assert (root / "run" / "latest").read_text() == "checkpoint-3"
     assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    # each changed setting is one line of its own
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert sorted(warned) == [
+        f"motab train: warning: resuming {root / 'run' / 'checkpoint-2'}: {change}"
+        for change in (
+            "monitor.tau changed from 0.5 in the checkpoint to 0.7",
+            "train.steps changed from 2 in the checkpoint to 3",
+        )
+    ]
 
 
 def test_rollout_writes_jsonl_and_a_png(workspace):
@@ -92,6 +103,31 @@ def test_rollout_writes_jsonl_and_a_png(workspace):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3 and all(len(r["tokens"]) <= 12 for r in records) and "text" in records[0]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rollout_shows_a_bar_on_a_terminal_and_keeps_transformers_bars_out(workspace, capsys, monkeypatch):
+    import sys
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    loaded_with_bars = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        loaded_with_bars.append(hf_logging.is_progress_bar_enabled())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # the bar shows on terminals only
+    out = workspace["root"] / "bar.jsonl"
+    argv = ["rollout", "--student", workspace["student"], "--teacher", workspace["teacher"], "--data"]
+    argv += [workspace["data"], "--limit", "3", "--out", str(out), "--set", "rollout.max_new_tokens=6"]
+    assert main(argv) == 0
+    shown = capsys.readouterr()
+    last = shown.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("rollout") and "3/3" in last and "tokens/s" in last
+    assert loaded_with_bars == [False, False] and hf_logging.is_progress_bar_enabled()
 
 
 def test_eval_writes_a_summary(workspace):

@@ -45,10 +45,22 @@ def workspace(tmp_path_factory):
     weights = Path(truncated) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     (Path(scrambled) / "model.safetensors").write_bytes(os.urandom(4096))
+    bad_tokenizer = save_model(root / "bad-tokenizer", 1)
+    tokenizer = Path(bad_tokenizer) / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:100])
     data = write_jsonl(root / "problems.jsonl", [{"question": f"w{i} w{i + 1}", "answer": str(i)} for i in range(3)])
     odd = write_jsonl(root / "odd.jsonl", [{"q": f"w{i} w{i + 1}", "a": str(i)} for i in range(3)])
     out = str(root / "never-written.jsonl")  # every command given it is refused before it would write
-    return dict(root=root, data=data, odd=odd, truncated=truncated, scrambled=scrambled, out=out, **models)
+    return dict(
+        root=root,
+        data=data,
+        odd=odd,
+        truncated=truncated,
+        scrambled=scrambled,
+        bad_tokenizer=bad_tokenizer,
+        out=out,
+        **models,
+    )
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -208,6 +220,14 @@ def test_corrupt_weights_name_the_model_and_the_file(workspace, capsys, no_model
     broken = {role: workspace[copy]}
     line = refused(["rollout", *models(workspace, **broken), "--out", workspace["out"]], capsys)
     assert f"the {role}'s weights {Path(workspace[copy]) / 'model.safetensors'} cannot be read" in line
+    assert "truncated or corrupt" in line
+
+
+def test_a_truncated_tokenizer_file_names_the_model_and_the_file(workspace, capsys, no_model_loads):
+    line = refused(
+        ["rollout", *models(workspace, teacher=workspace["bad_tokenizer"]), "--out", workspace["out"]], capsys
+    )
+    assert f"the teacher's file {Path(workspace['bad_tokenizer']) / 'tokenizer.json'} is not valid JSON" in line
     assert "truncated or corrupt" in line
 
 

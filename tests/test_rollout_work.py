@@ -17,7 +17,7 @@ import torch
 from motab import engine as engine_module
 from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
 from motab.models import PagedModel
-from motab.profiling import count_device_work
+from motab.profiling import RoundWork, count_device_work
 from motab_kernels import fused_linear_divergence
 from tests.tiny import tiny_qwen2
 
@@ -66,27 +66,19 @@ def prompts(batch: int) -> list[list[int]]:
     return [[1 + (i * 7 + j) % 60 for j in range(2 + (i * 3) % 9)] for i in range(batch)]
 
 
-def work_per_round(monkeypatch, batch: int, config: RolloutConfig):
+def work_per_round(batch: int, config: RolloutConfig):
     """The device work of every draft round of one rollout (its interventions included)."""
     paged = paged_pair(batch)
-    rounds = []
-    draft_round = engine_module._Engine._draft_round
-
-    def counted(self, rows):
-        before = count.snapshot()
-        draft_round(self, rows)
-        rounds.append(count.snapshot() - before)
-
-    monkeypatch.setattr(engine_module._Engine, "_draft_round", counted)
     with count_device_work(*paged) as count:
-        trajectories = engine_module.rollout(*paged, prompts(batch), config)
-    return rounds, trajectories
+        work = RoundWork(count)
+        trajectories = engine_module.rollout(*paged, prompts(batch), config, round_hook=work)
+    return work.rounds["draft"], trajectories
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_a_decode_round_asks_the_same_of_the_device_at_any_batch_size(monkeypatch, mode):
-    small, _ = work_per_round(monkeypatch, 2, MODES[mode])
-    large, trajectories = work_per_round(monkeypatch, 8, MODES[mode])
+def test_a_decode_round_asks_the_same_of_the_device_at_any_batch_size(mode):
+    small, _ = work_per_round(2, MODES[mode])
+    large, trajectories = work_per_round(8, MODES[mode])
     if mode == "motab":
         assert sum(len(t.interventions) for t in trajectories) >= 8, "the planted boundary should make rows intervene"
     for rounds in (small, large):

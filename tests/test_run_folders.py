@@ -69,6 +69,27 @@ def test_stale_temporaries_are_removed_at_start(tmp_path):
     assert not (tmp_path / ".checkpoint-7.tmp").exists() and (tmp_path / "latest").read_text() == "checkpoint-1"
 
 
+def test_a_disk_full_save_keeps_the_last_checkpoint_and_resumes(tmp_path):
+    run = trainer(tmp_path, steps=2, save_every=1)
+    original = run._save_replicated
+
+    def save(folder):  # the disk fills up half-way through step 2's checkpoint
+        if run.step == 2:
+            (folder / "trainer_state.pt").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        original(folder)
+
+    run._save_replicated = save
+    with pytest.raises(OSError, match="No space left"):
+        run.train(progress=False)
+    assert (tmp_path / "latest").read_text() == "checkpoint-1" and run.last_checkpoint == tmp_path / "checkpoint-1"
+    assert not (tmp_path / "checkpoint-2").exists()
+    again = trainer(tmp_path, steps=2, save_every=1)
+    again.train(resume=True, progress=False)
+    assert (tmp_path / "latest").read_text() == "checkpoint-2" and not list(tmp_path.glob(".*.tmp"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 # --- interrupts ------------------------------------------------------------------------------------
 
 
@@ -225,6 +246,23 @@ def test_cli_refuses_a_used_folder(tmp_path, models, capsys):
     assert snapshot(out) == before
     line = refused(["train", *models, "--output-dir", str(out), "--resume", "--overwrite"], capsys)
     assert "exclude each other" in line
+
+
+def test_cli_sigterm_saves_and_exits_as_the_signal_would(tmp_path, models, capsys, monkeypatch):
+    rollout = DistillationTrainer._rollout
+
+    def rollout_then_sigterm(self, *args):  # the scheduler's SIGTERM arrives in step 2's rollout
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rollout(self, *args)
+
+    monkeypatch.setattr(DistillationTrainer, "_rollout", rollout_then_sigterm)
+    out = tmp_path / "run"
+    argv = ["train", *models, "--output-dir", str(out), "--steps", "3", "--set", "train.prompts_per_step=1"]
+    argv += ["--set", "train.micro_batch=1", "--set", "rollout.max_new_tokens=4"]
+    assert main(argv) == 128 + signal.SIGTERM
+    assert f"interrupted: saved {out / 'checkpoint-1'}; continue with --resume" in capsys.readouterr().out
+    assert (out / "latest").read_text() == "checkpoint-1"
 
 
 def test_cli_names_a_missing_latest_target(tmp_path, models, capsys):

@@ -141,6 +141,14 @@ def test_a_killed_run_resumes_to_the_same_records(pair, reference, tmp_path, mon
     assert_same_records(read(out), reference)
 
 
+def test_progress_shows_responses_tokens_per_second_and_breaches(pair, tmp_path, capsys):
+    synthesize(*pair, TOKENIZER, QUESTIONS[:2], tmp_path / "r.jsonl", CONFIG, OPTIONS, progress=True)
+    shown = capsys.readouterr()
+    last = shown.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("synthesize") and "6/6" in last and "tokens/s" in last and "breached" in last
+    assert "tokens/s" not in shown.out
+
+
 def test_questions_keep_their_ids_or_their_index(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"input": "a"}\n{"input": "b", "id": 7}\n')
