@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from motab.config import ConfigError, TrainConfig
 from motab.runs import checkpoints_to_delete, cut_metrics
 from motab.synthesis import _prepare
 from motab.trainer import DistillationTrainer, ResumeWarning
-from tests.test_trainer import tiny, trainer
+from tests.test_trainer import ROLLOUT, tiny, trainer
 from tests.tiny import tiny_qwen2, word_tokenizer
 
 
@@ -203,8 +204,36 @@ def test_the_logged_lr_is_the_one_the_step_used(tmp_path):
     assert [h["lr"] for h in history] == pytest.approx(used) and used[0] == pytest.approx(0.5e-3)
 
 
-def test_a_loss_curve_is_drawn_at_each_save(finished):
-    assert (finished / "loss.png").read_bytes().startswith(b"\x89PNG")
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header.startswith(b"\x89PNG")
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_a_loss_curve_is_drawn_at_each_save(tmp_path):
+    run = trainer(tmp_path, steps=2, save_every=1)
+    original, drawn = run._draw_curves, []
+
+    def draw():
+        original()
+        drawn.append(len(plotted_steps(tmp_path)))
+
+    run._draw_curves = draw
+    run.train(progress=False)
+    assert drawn == [1, 2]
+    # a monitored mode: the interventions per 100 tokens beside the loss, two panels side by side
+    width, height = png_size(tmp_path / "loss.png")
+    assert width > 2.5 * height
+
+
+def plotted_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_unmonitored_runs_curve_is_the_loss_alone(tmp_path):
+    trainer(tmp_path, steps=1, save_every=1, rollout=replace(ROLLOUT, mode="on_policy")).train(progress=False)
+    width, height = png_size(tmp_path / "loss.png")
+    assert width < 2 * height
 
 
 # --- the CLI: one line, exit 2, nothing touched ----------------------------------------------------
