@@ -15,6 +15,10 @@ an intervention counts in both), the GPU's busy share of the wall time and its t
 under ``motab.profiling.count_device_work``: host synchronisations, tensor operations and Triton
 launches per decode round, and the Triton specialisations the rollout asked for.
 
+On a GPU (``--no-graphs`` to skip) motab and on_policy run again with their one-token decode steps
+replayed from CUDA graphs (``rollout.cuda_graphs``; graphs are captured in the untimed run), and
+one seeded motab rollout is compared token for token with eager decoding.
+
 Targets (issue 12): the default run ≤ 2 minutes including the model build; engine on_policy ≥ the
 GKD way at every batch; motab ≥ 2× the GKD way at batch 64; monitor and truncation ≤ 5 % of the
 rollout's wall time. Each is printed as met or missed. Every stage prints a timestamped line.
@@ -23,6 +27,7 @@ Writes ``rollout.json`` and ``rollout.md`` under ``--out``.
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -128,6 +133,12 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--stray-rate", type=float, default=0.02, help="share of drafted tokens above τ")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per way and batch (the median is shown)")
+    parser.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time motab and on_policy with decode steps from CUDA graphs (GPU only)",
+    )
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     prompt_len, new_tokens = (64, 128) if on_gpu else (8, 24)
@@ -148,10 +159,21 @@ def main(argv=None):
         teacher_sampling=sampling,
     )
     capacity = max(batches) * (prompt_len + new_tokens + 32)
-    paged = [
-        PagedModel(m, max_rows=max(batches), max_tokens=capacity, max_seq_len=prompt_len + new_tokens + 64)
-        for m in (student, teacher)
-    ]
+
+    def paged_pair(graphs: str) -> list[PagedModel]:
+        return [
+            PagedModel(
+                m,
+                max_rows=max(batches),
+                max_tokens=capacity,
+                max_seq_len=prompt_len + new_tokens + 64,
+                decode_graphs=graphs,
+            )
+            for m in (student, teacher)
+        ]
+
+    paged = paged_pair("off")
+    graphed = paged_pair("cuda") if on_gpu and args.graphs else None
 
     # τ at the requested quantile of on-policy scores (random models have no natural stray rate)
     stage("calibrating τ with one on-policy rollout of 16 prompts")
@@ -184,6 +206,13 @@ def main(argv=None):
             committed = sum(len(t.tokens) for t in trajectories)
             interventions = sum(len(t.interventions) for t in trajectories)
             results.append((f"engine {mode}", committed / seconds, 100 * interventions / committed))
+        for mode in ("motab", "on_policy") if graphed else ():
+            stage(f"batch {b}: engine {mode}, decode steps from CUDA graphs")
+            config = replace(base, mode=mode, monitor=monitor)
+            trajectories, seconds = median_timed(lambda c=config, p=prompts: rollout(*graphed, p, c), device, args.reps)
+            committed = sum(len(t.tokens) for t in trajectories)
+            interventions = sum(len(t.interventions) for t in trajectories)
+            results.append((f"engine {mode} + CUDA graphs", committed / seconds, 100 * interventions / committed))
         for name, rate, intervention_rate in results:
             rows.append(
                 dict(
@@ -200,6 +229,14 @@ def main(argv=None):
 
     b = max(batches)
     config = replace(base, monitor=monitor)
+    if graphed:
+        stage(f"CUDA graphs vs eager: one seeded motab rollout at batch {b} each")
+        seeds = list(range(b))
+        eager_tokens = [t.tokens for t in rollout(*paged, all_prompts[:b], config, seeds=seeds)]
+        graph_tokens = [t.tokens for t in rollout(*graphed, all_prompts[:b], config, seeds=seeds)]
+        same = sum(x == y for x, y in zip(eager_tokens, graph_tokens))
+        lines += ["", f"CUDA graphs vs eager, motab at batch {b}, same seeds: {same}/{b} rows token for token equal"]
+        print(lines[-1], flush=True)
     stage(f"profiling one motab rollout at batch {b}")
     profile = profiled(lambda: rollout(*paged, all_prompts[:b], config), device)
     wall = profile["wall"]

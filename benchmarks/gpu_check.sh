@@ -8,9 +8,10 @@
 #            run(command="bash benchmarks/gpu_check.sh decode kv", ...)   # only some phases
 #
 # Default phases (limits in seconds, 300 together):
-#   tests 70       the CUDA tests of the kernels, the paged models, the engine and its device-work
-#                  counters (pytest-xdist, 8 workers: the kernels compile in parallel)
-#   rollout 100    bench_rollout at Qwen2.5-1.5B/7B shapes: engine vs the GKD way, profile, counters
+#   tests 70       the CUDA tests of the kernels, the paged models and their decode graphs, the
+#                  engine and its device-work counters (pytest-xdist, 8 workers: kernels compile in parallel)
+#   rollout 100    bench_rollout at Qwen2.5-1.5B/7B shapes: engine (eager, CUDA graphs) vs the GKD way,
+#                  graphs vs eager token for token, profile, counters
 #   train 45       one training step at those shapes
 #   divergence 40  fused loss fwd+bwd and forward-only vs the GEMM floor (fkl, default shapes)
 #   kv 15          truncation: host and GPU µs per call
@@ -44,7 +45,7 @@ phases=${*:-tests rollout train divergence kv decode}
   echo "phases: $phases"
 } | tee "$out/env.txt"
 
-GPU_TESTS="tests/kernels tests/test_models.py tests/test_engine.py tests/test_rollout_work.py tests/test_lm_heads.py"
+GPU_TESTS="tests/kernels tests/test_models.py tests/test_decode_graphs.py tests/test_engine.py tests/test_rollout_work.py tests/test_lm_heads.py"
 
 # run_phase NAME LIMIT STEM COMMAND...: runs COMMAND under LIMIT seconds, its output into
 # phases.log; then appends <STEM>.md to tables.md and <STEM>.json to results.jsonl if it wrote them.

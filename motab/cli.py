@@ -406,6 +406,7 @@ def _field_map(raw: dict) -> str | FieldMap:
 
 def _setup(raw):
     device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
+    _check_graphs_device(build_configs(raw)[1].cuda_graphs, device)
     student, tokenizer = load_model(raw["student"], dtype, device, "student")
     teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device, "teacher")
     _check_tokenizers(tokenizer, teacher_tokenizer)
@@ -631,6 +632,7 @@ def run_synthesize(args) -> int:
     rank = _init_distributed(raw_device)
     world = _world_size()
     device, dtype = _device_and_dtype(raw_device.get("device", args.device), args.dtype)
+    _check_graphs_device(config.cuda_graphs, device)
     teacher, tokenizer = load_model(args.teacher, dtype, device, "teacher")
     student = None
     if config.mode != "teacher_steps":
@@ -723,6 +725,11 @@ def _device_and_dtype(device: str | None, dtype: str | None):
         _check_cuda_device(device)
     name = check_dtype(dtype) if dtype else ("bfloat16" if device.type == "cuda" else "float32")
     return device, getattr(torch, name)
+
+
+def _check_graphs_device(cuda_graphs: bool, device) -> None:
+    if cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"rollout.cuda_graphs needs a CUDA device; this run is on {device}")
 
 
 def _check_cuda_device(device) -> None:

@@ -146,6 +146,9 @@ class RolloutConfig:
     stop_strings: tuple[str, ...] = ()
     vocab_size: int | None = None  # score and sample over ids below this (the tokenizer's)
     block_size: int = 16
+    # Replay one-token decode steps from CUDA graphs (motab.graphs); off until a GPU run has shown
+    # them token for token equal to eager decoding on the user's models.
+    cuda_graphs: bool = False
     # Step modes (see motab.steps). A step ends at the first occurrence of ``step_stop``, at EOS or
     # after ``max_step_tokens``; ``trim_stop`` cuts the stop string off as SGLang does for the scripts.
     step_stop: str = ".\n\n"
@@ -578,6 +581,8 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "stop_strings": "texts that end a trajectory (checked with the tokenizer)",
         "vocab_size": "score and sample over ids below this (null: the tokenizer's size; padded LM heads are cut)",
         "block_size": "tokens per block of the paged KV cache",
+        "cuda_graphs": "replay the one-token decode steps of student and teacher from CUDA graphs captured per "
+        "bucket of row counts (CUDA only; fewer launches per token)",
         "step_stop": "step modes: the text that ends a step",
         "trim_stop": "step modes: cut the stop string off each step, as SGLang does for the reference scripts",
         "max_step_tokens": "step modes: the most tokens of one step",

@@ -247,6 +247,7 @@ def paged_for_rollouts(model: torch.nn.Module, rows: int, longest_prompt: int, c
         max_tokens=per_row * rows,
         block_size=config.block_size,
         max_seq_len=per_row + config.block_size,
+        decode_graphs="cuda" if config.cuda_graphs else "off",
     )
 
 

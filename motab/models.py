@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from motab.graphs import DecodeGraphs
 from motab_kernels import ragged
 from motab_kernels.paged_attention import QueryLayout, paged_attention
 from motab_kernels.paged_kv import PagedKVCache
@@ -41,6 +42,8 @@ class PagedForward:
     model: PagedModel
     slots: torch.Tensor
     layout: QueryLayout
+    # a captured decode step must launch the same kernels at every replay: no split planned on the host
+    split: str = "auto"
 
     def attend(self, module, query, key, value, scaling, sliding_window) -> tuple[torch.Tensor, None]:
         cache = self.model.cache
@@ -56,6 +59,7 @@ class PagedForward:
             scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
             sliding_window=sliding_window,
             impl=self.model.attention_impl,
+            split=self.split,
         )
         self.model.paged_attention_calls += 1
         return out.unsqueeze(0), None
@@ -107,6 +111,9 @@ class PagedModel:
         max_seq_len: longest row (default: the config's ``max_position_embeddings``).
         attention_impl: ``"triton"``, ``"torch"`` or ``"auto"`` (triton on CUDA).
         cache_impl: the cache's block bookkeeping, the same choices (see ``PagedKVCache``).
+        decode_graphs: ``"cuda"`` replays steps that feed one token to every row (decoding) from
+            CUDA graphs captured per bucket of row counts (``motab.graphs``); ``"eager"`` runs
+            those steps padded to the bucket as a graph would, without capturing (tests); ``"off"``.
     """
 
     def __init__(
@@ -119,6 +126,7 @@ class PagedModel:
         max_seq_len: int | None = None,
         attention_impl: str = "auto",
         cache_impl: str = "auto",
+        decode_graphs: str = "off",
     ) -> None:
         config = model.config
         for attribute in ("final_logit_softcapping", "logits_scaling", "attn_logit_softcapping"):
@@ -153,6 +161,9 @@ class PagedModel:
         self.paged_attention_calls = 0  # counts layer calls that ran on the paged cache
         # the attention mask of every paged forward: the paged kernels mask by position themselves
         self._no_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=parameter.device)
+        if decode_graphs not in ("off", "cuda", "eager"):
+            raise ValueError(f"unknown decode_graphs {decode_graphs!r}; expected 'off', 'cuda' or 'eager'")
+        self.decode_graphs = None if decode_graphs == "off" else DecodeGraphs(self, decode_graphs)
 
     @property
     def device(self) -> torch.device:
@@ -194,20 +205,30 @@ class PagedModel:
         try:
             if not flat.numel():
                 return torch.zeros(0, self.model.config.hidden_size, device=self.device)
+            flat = flat.to(self.device)
+            if self.decode_graphs is not None and len(flat) == len(rows) and self.decode_graphs.covers(len(rows)):
+                return self.decode_graphs.step(rows, flat, starts, slots)
             layout = QueryLayout.build(rows, starts, ragged.cu_seqlens(counts), self.device)
-            out = self.decoder(
-                input_ids=flat.to(self.device)[None],
-                position_ids=layout.positions.long()[None],
-                # a 4-D mask is taken as given: HF builds no mask for the packed sequence (O(total²),
-                # and its packed-sequence detection reads the positions back to the host)
-                attention_mask=self._no_mask,
-                use_cache=False,
-                **{PAGED_KWARG: PagedForward(self, slots, layout)},
-            )
-            return out.last_hidden_state[0]
+            return self.forward_packed(flat, layout, slots)
         except BaseException:
             self.cache.truncate(rows, starts)
             raise
+
+    def forward_packed(
+        self, ids: torch.Tensor, layout: QueryLayout, slots: torch.Tensor, split: str = "auto"
+    ) -> torch.Tensor:
+        """The decoder over packed new tokens ``ids`` (device) laid out by ``layout``, their K/V
+        written to ``slots`` (already reserved): final hidden states ``[tokens, hidden]``."""
+        out = self.decoder(
+            input_ids=ids[None],
+            position_ids=layout.positions.long()[None],
+            # a 4-D mask is taken as given: HF builds no mask for the packed sequence (O(total²),
+            # and its packed-sequence detection reads the positions back to the host)
+            attention_mask=self._no_mask,
+            use_cache=False,
+            **{PAGED_KWARG: PagedForward(self, slots, layout, split)},
+        )
+        return out.last_hidden_state[0]
 
     def _packed_ids(self, tokens) -> tuple[torch.Tensor, list[int]]:
         """All rows' ids in one 1-D tensor, and each row's count; ids given as sequences are

@@ -254,7 +254,8 @@ class PagedKVCache:
 
     Args:
         num_layers, num_kv_heads, head_dim: the model's attention shape.
-        num_blocks: blocks in the pool, shared by all rows and counted once for all layers.
+        num_blocks: blocks in the pool, shared by all rows and counted once for all layers (one
+            more, never handed out, holds ``scratch_slot``).
         block_size: tokens per block (flash-attn needs a multiple of 256 to read the cache).
         max_rows: rows of the block table (sequences held at once).
         max_blocks_per_row: table width; by default the whole pool (any one row may use it all).
@@ -296,7 +297,10 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.max_rows = max_rows
         self.max_blocks_per_row = max_blocks_per_row or num_blocks
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # One block past the pool is never handed out: its first slot takes the K/V of padding
+        # tokens (a captured decode step runs a fixed number of rows, the real ones and padding).
+        self.scratch_slot = num_blocks * block_size
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.key_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_table = torch.full(

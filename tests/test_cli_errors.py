@@ -215,6 +215,12 @@ def test_device_cuda_without_a_gpu_says_so(workspace, capsys):
     assert "device cuda asked for, but there is no CUDA device" in line and "--device cpu" in line
 
 
+def test_cuda_graphs_on_a_cpu_are_refused(workspace, capsys, no_model_loads):
+    argv = ["rollout", *models(workspace), "--out", workspace["out"], "--device", "cpu"]
+    line = refused([*argv, "--set", "rollout.cuda_graphs=true"], capsys)
+    assert line == "motab rollout: error: rollout.cuda_graphs needs a CUDA device; this run is on cpu"
+
+
 @pytest.mark.parametrize("role,copy", [("student", "truncated"), ("teacher", "scrambled")])
 def test_corrupt_weights_name_the_model_and_the_file(workspace, capsys, no_model_loads, role, copy):
     broken = {role: workspace[copy]}

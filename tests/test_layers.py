@@ -19,7 +19,7 @@ PACKAGES = ("motab_kernels", "motab")
 LAYERS = [
     ("kernels", ("motab_kernels",)),
     ("configuration and the toy task", ("motab.config", "motab.runs", "motab.toy")),
-    ("models on the paged cache", ("motab.models", "motab.profiling")),
+    ("models on the paged cache", ("motab.models", "motab.graphs", "motab.profiling")),
     ("rollout", ("motab.monitor", "motab.steps", "motab.policy", "motab.engine")),
     (
         "pipeline",
