@@ -320,6 +320,10 @@ def run_sft(
 
         datasets.disable_progress_bars()
     trainer = build_trainer(model, records, output_dir, options, tokenizer=tokenizer)
+    if not options.progress:  # without its bar the Trainer prints every log dict instead
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     if start is not None:
         logger.info("resuming SFT from %s", start)
     output = trainer.train(resume_from_checkpoint=True if start is not None else None)

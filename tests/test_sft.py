@@ -155,14 +155,15 @@ def test_packed_documents_do_not_attend_to_each_other(tmp_path, attention):
             torch.testing.assert_close(packed[begin:end], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_training_raises_completion_likelihood_and_saves(tmp_path):
+def test_training_raises_completion_likelihood_and_saves(tmp_path, capsys):
     tok, lm = tokenizer(), model()
     rows = records()
     before = completion_loglik(lm, tok, rows)
-    result = run_sft(lm, rows, tmp_path / "out", options(max_steps=12), tokenizer=tok)
+    result = run_sft(lm, rows, tmp_path / "out", options(max_steps=12, progress=False), tokenizer=tok)
     assert result.global_step == 12 and result.resumed_from is None
     losses = [e["loss"] for e in result.trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0] - 0.5
+    assert "'loss'" not in capsys.readouterr().out  # without progress, no log dict is printed either
     after = completion_loglik(result.trainer.model, tok, rows)
     assert after > before + 0.5
     # the final model and tokenizer are in output_dir and load back from disk alone
