@@ -293,14 +293,14 @@ def load_model(name: str, dtype, device, role: str = "model"):
     from transformers import AutoModelForCausalLM
 
     from motab.models import load_tokenizer
-    from motab.runs import quiet_loading
+    from motab.runs import without_hf_bars
 
     folder = local_model_folder(name, role)
     if folder is not None:
         check_model_files(folder, role)
     try:
         tokenizer = load_tokenizer(name)
-        with quiet_loading():  # transformers' own loading bar would break into the command's bars
+        with without_hf_bars():  # transformers' own loading bar would break into the command's bars
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
     except SafetensorError as error:  # a cached hub model's weights (a folder's were checked above)
         raise ConfigError(f"the {role}'s weights ({name}) cannot be read: {error}; download them again") from error

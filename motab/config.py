@@ -202,6 +202,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_choice("parallel", self.parallel, PARALLEL, "parallel mode")
+        # FSDP's hooks run in every forward of a sharded student: a graph would capture them
+        sharded_graphs = self.parallel == "fsdp" and self.rollout.cuda_graphs
+        _require(not sharded_graphs, "parallel", "cannot be fsdp with rollout.cuda_graphs", self.parallel)
         for name in ("steps", "prompts_per_step", "micro_batch", "save_every"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
         limit = self.save_total_limit

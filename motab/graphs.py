@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from motab_kernels.paged_attention import QueryLayout
-from motab_kernels.paged_kv import PagedKVCache
+from motab_kernels.paged_kv import PagedKVCache, PlanRing
 
 Backend = Literal["cuda", "eager"]
 
@@ -47,6 +47,7 @@ class PagedDecoder(Protocol):
     """What the graphs need of a ``motab.models.PagedModel``."""
 
     model: torch.nn.Module
+    decoder: torch.nn.Module
     cache: PagedKVCache
     attention_impl: str
 
@@ -72,7 +73,8 @@ def default_buckets(max_rows: int) -> list[int]:
 
 @dataclass
 class _Bucket:
-    """The static buffers of one bucket of ``size`` rows and what replays its step."""
+    """The static buffers of one bucket of ``size`` rows and what replays its step. Replays and
+    refills are ordered by the stream they are issued on: decode on one stream."""
 
     size: int
     ids: torch.Tensor  # [size] int64
@@ -101,10 +103,18 @@ class DecodeGraphs:
         impl = paged.attention_impl
         if impl == "torch" or (impl == "auto" and paged.device.type != "cuda"):
             raise ValueError("decode graphs need the Triton attention (attention_impl 'triton', or 'auto' on CUDA)")
+        rope = getattr(getattr(paged.decoder, "rotary_emb", None), "rope_type", "default")
+        if "dynamic" in rope:
+            raise ValueError(
+                f"decode graphs cannot capture {rope!r} RoPE: it compares the positions with its cache on the host"
+            )
         self.paged, self.backend = paged, backend
         self.buckets = sorted(set(buckets or default_buckets(paged.max_rows)))
         self._buckets: dict[int, _Bucket] = {}
-        self._parameters = list(paged.model.parameters())
+        # pinned, fenced host buffers for the positions and tiles (see PlanRing): a copy from pageable
+        # memory could make the host wait for the device, which is what the graphs are to avoid
+        fence = torch.cuda.Event if paged.device.type == "cuda" else None
+        self._staging = PlanRing(1, paged.device, fence, width=4 * self.buckets[-1])
         self._addresses = self._weight_addresses()
         self.captures = 0  # graphs captured so far (a test and the benchmark read it)
 
@@ -128,7 +138,11 @@ class DecodeGraphs:
 
     # ---------------------------------------------------------------------------------------
     def _weight_addresses(self) -> list[int]:
-        return [p.data_ptr() for p in self._parameters]
+        """Where the model's weights and buffers are now. Read from the model at every step, never
+        kept: FSDP puts new parameter objects in the modules when it gathers them, and holding the
+        old ones would keep a whole copy of the weights alive."""
+        model = self.paged.model
+        return [t.data_ptr() for t in model.parameters()] + [t.data_ptr() for t in model.buffers()]
 
     def _bucket(self, size: int) -> _Bucket:
         if size not in self._buckets:
@@ -148,13 +162,14 @@ class DecodeGraphs:
     def _fill(self, bucket: _Bucket, rows, ids: torch.Tensor, starts, slots: torch.Tensor) -> None:
         """The step's inputs into the bucket's buffers, padding after the real rows."""
         count, size = len(rows), bucket.size
-        host = np.zeros((4, size), dtype=np.int32)  # positions; then rows, tokens, counts of the tiles
-        host[0, :count] = starts
-        host[1, :count], host[1, count:] = rows, rows[0]
-        host[2] = np.arange(size)
-        host[3] = 1
-        packed = np.concatenate([host[0], host[1:].T.reshape(-1)])
-        bucket.plan.copy_(torch.from_numpy(packed), non_blocking=True)
+        staging = self._staging.take()
+        plan = staging.host[0, : 4 * size]  # as bucket.plan: positions, then (row, token, count) per tile
+        positions, tiles = plan[:size], plan[size:].reshape(size, 3)
+        positions[:count], positions[count:] = starts, 0
+        tiles[:count, 0], tiles[count:, 0] = rows, rows[0]
+        tiles[:, 1], tiles[:, 2] = np.arange(size), 1
+        self._staging.copy_into(staging, bucket.plan)
+        self._staging.give_back(staging)
         bucket.ids[:count].copy_(ids)
         bucket.slots[:count].copy_(slots)
         if count < size:  # a larger step before may have left real slots there
@@ -169,16 +184,25 @@ class DecodeGraphs:
         self.captures += 1
         if self.backend == "eager":
             return forward
-        # kernels compile, cuBLAS makes its handles, allocations settle: all before capture
-        side = torch.cuda.Stream(self.paged.device)
-        side.wait_stream(torch.cuda.current_stream(self.paged.device))
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream(self.paged.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # a memory pool of its own: no other graph's replay can overwrite this one's output
-        with torch.cuda.graph(graph):
-            output = forward()
+        device = self.paged.device
+        with torch.cuda.device(device):
+            # kernels compile, cuBLAS makes its handles, allocations settle: all before capture, on
+            # the stream that then captures
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                forward()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # a memory pool of its own: no other graph's replay can overwrite this one's output
+                with torch.cuda.graph(graph, stream=side):
+                    output = forward()
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"capturing the decode step of {bucket.size} rows in a CUDA graph failed ({error}); "
+                    "decode without graphs (rollout.cuda_graphs: false)"
+                ) from error
 
         def replay() -> torch.Tensor:
             graph.replay()

@@ -158,7 +158,8 @@ class PagedModel:
             impl=cache_impl,
         )
         self.attention_impl = attention_impl
-        self.paged_attention_calls = 0  # counts layer calls that ran on the paged cache
+        # layer calls that ran on the paged cache (a graph replay makes none: its calls ran at capture)
+        self.paged_attention_calls = 0
         # the attention mask of every paged forward: the paged kernels mask by position themselves
         self._no_mask = torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=parameter.device)
         if decode_graphs not in ("off", "cuda", "eager"):

@@ -149,7 +149,7 @@ class RowProgress:
 
 
 @contextmanager
-def quiet_loading() -> Iterator[None]:
+def without_hf_bars() -> Iterator[None]:
     """transformers' own progress bars (loading weights) off for the block, as they were after it: they
     would break into the command's bars."""
     from transformers.utils import logging as hf_logging

@@ -26,6 +26,7 @@ into ``output_dir`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTConfig, SFTTrainer
 
 from motab.models import load_tokenizer
+from motab.runs import without_hf_bars
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +328,9 @@ def run_sft(
         trainer.remove_callback(PrinterCallback)
     if start is not None:
         logger.info("resuming SFT from %s", start)
-    output = trainer.train(resume_from_checkpoint=True if start is not None else None)
-    trainer.save_model(str(output_dir))  # the model and the processing class (tokenizer)
+    # without progress, transformers' own bars (writing the model's shards) are off too
+    with without_hf_bars() if not options.progress else contextlib.nullcontext():
+        output = trainer.train(resume_from_checkpoint=True if start is not None else None)
+        trainer.save_model(str(output_dir))  # the model and the processing class (tokenizer)
     trainer.save_state()
     return SFTResult(trainer, output_dir, output.global_step, output.training_loss, start)

@@ -162,14 +162,14 @@ class Fence(Protocol):
 
 @dataclass
 class _PlanSlot:
-    host: np.ndarray  # [max_rows, PLAN_WIDTH] int32 view of host_tensor: the host writes plans here
+    host: np.ndarray  # [rows, width] int32 view of host_tensor: the host writes plans here
     host_tensor: torch.Tensor  # pinned on CUDA
     device: torch.Tensor  # what the kernels read: host_tensor itself on the CPU
     fence: Fence | None  # recorded after the slot's last call enqueued its last device op
     owned_by_graph: bool = False
 
 
-class _PlanRing:
+class PlanRing:
     """Host buffers plans are written into, each with the device buffer its kernels read.
 
     Why a ring: on CUDA the host buffers are pinned, so uploading a plan is an asynchronous copy
@@ -199,10 +199,11 @@ class _PlanRing:
         device: torch.device,
         make_fence: Callable[[], Fence] | None = None,
         *,
+        width: int = PLAN_WIDTH,
         max_slots: int = 64,
         capturing: Callable[[], bool] = torch.cuda.is_current_stream_capturing,
     ) -> None:
-        self._rows, self._device, self._make_fence = rows, device, make_fence
+        self._rows, self._width, self._device, self._make_fence = rows, width, device, make_fence
         self._max_slots, self._capturing = max_slots, capturing
         self._slots: collections.deque[_PlanSlot] = collections.deque([self._new_slot()])
 
@@ -231,7 +232,13 @@ class _PlanRing:
         """The first ``rows`` plan rows, on the device: one copy, asynchronous where fenced."""
         if slot.device is slot.host_tensor:
             return slot.device[:rows]
-        return slot.device[:rows].copy_(slot.host_tensor[:rows], non_blocking=self._make_fence is not None)
+        return self.copy_into(slot, slot.device[:rows])
+
+    def copy_into(self, slot: _PlanSlot, target: torch.Tensor) -> torch.Tensor:
+        """The slot's first ``target.numel()`` host values (row-major) copied into ``target``, a
+        device buffer of the caller's (a captured graph's input): asynchronous where fenced."""
+        source = slot.host_tensor.view(-1)[: target.numel()].view(target.shape)
+        return target.copy_(source, non_blocking=self._make_fence is not None)
 
     def give_back(self, slot: _PlanSlot) -> None:
         """Returns ``slot`` once its call has enqueued its last device op."""
@@ -243,7 +250,7 @@ class _PlanRing:
         self._slots.append(slot)
 
     def _new_slot(self) -> _PlanSlot:
-        shape = (self._rows, PLAN_WIDTH)
+        shape = (self._rows, self._width)
         host = torch.zeros(shape, dtype=torch.int32, pin_memory=self._device.type == "cuda")
         device = host if self._device.type == "cpu" else torch.zeros(shape, dtype=torch.int32, device=self._device)
         return _PlanSlot(host=host.numpy(), host_tensor=host, device=device, fence=None)
@@ -317,7 +324,7 @@ class PagedKVCache:
             raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
         self._use_triton = impl == "triton" or (impl == "auto" and device.type == "cuda")
         # Persistent host scratch and buffers: a call allocates nothing but the slots it returns.
-        self._plans = _PlanRing(max_rows, device, torch.cuda.Event if device.type == "cuda" else None)
+        self._plans = PlanRing(max_rows, device, torch.cuda.Event if device.type == "cuda" else None)
         self._positions = np.arange(max_rows, dtype=np.int64)
         self._row_marks = np.zeros(max_rows, dtype=np.int64)  # scratch of _all_distinct
         self._no_slots = torch.zeros(1, dtype=torch.int64, device=device)  # SLOTS of calls adding no token

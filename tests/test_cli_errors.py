@@ -144,6 +144,7 @@ def test_values_of_the_right_kind_are_converted(raw, expected):
         ({"train": {"prompts_per_step": 3, "micro_batch": 2}}, "train.prompts_per_step must be a multiple of"),
         ({"train": {"loss_kind": "kl"}}, "train.loss_kind: unknown loss 'kl'; expected one of fkl, rkl, jsd"),
         ({"rollout": {"monitor": {"tau": 1}}}, "rollout.monitor is a section of its own"),
+        ({"train": {"parallel": "fsdp"}, "rollout": {"cuda_graphs": True}}, "train.parallel cannot be fsdp with"),
     ],
 )
 def test_a_value_of_the_wrong_kind_names_its_field(raw, message):

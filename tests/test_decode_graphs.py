@@ -30,6 +30,8 @@ BASE = RolloutConfig(
     student_sampling=SAMPLING,
     teacher_sampling=SAMPLING,
     vocab_size=64,
+    # rows end at different steps: the decode steps shrink through the buckets
+    eos_token_ids=(3, 5, 7, 11, 13, 17, 19, 23),
 )
 MODES = {
     "on_policy": replace(BASE, mode="on_policy"),
@@ -65,10 +67,10 @@ def paged(model, graphs: str, rows: int = 8) -> PagedModel:
     )
 
 
-def decode(graphs: str) -> tuple[list[torch.Tensor], PagedModel]:
+def decode(graphs: str, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], PagedModel]:
     """Hidden states of a prefill and decode steps whose rows shrink and grow again (a smaller step
     after a larger one in the same bucket finds real slots in its padding)."""
-    model = paged(models()[0], graphs, rows=6)
+    model = paged(models()[0] if dtype == torch.float32 else tiny_qwen2(0).to(DEVICE, dtype).eval(), graphs, rows=6)
     model.extend(range(6), PROMPTS[:6])
     outs = []
     for step, rows in enumerate([[0, 1, 2, 3, 4, 5], [0, 2, 4], [1], [0, 1, 2, 3, 4], [5, 3]]):
@@ -97,23 +99,35 @@ def test_padded_steps_give_eager_hidden_states_and_cache():
 def test_rollouts_with_padded_decode_steps_equal_eager_ones(mode):
     student, teacher = models()
     config = MODES[mode]
-    runs = {}
+    runs, captures = {}, {}
     for graphs in ("off", "eager"):
         pair = [paged(m, graphs) for m in (student, teacher)]
         runs[graphs] = rollout(*pair, PROMPTS, config, seeds=list(range(len(PROMPTS))))
+        captures[graphs] = [m.decode_graphs.captures for m in pair if m.decode_graphs is not None]
     assert [t.tokens for t in runs["eager"]] == [t.tokens for t in runs["off"]]
     assert [t.sources for t in runs["eager"]] == [t.sources for t in runs["off"]]
+    lengths = sorted(len(t.tokens) for t in runs["off"])
+    assert lengths[0] < lengths[-1], "rows should end at different steps"
+    student_captures, teacher_captures = captures["eager"]
+    # the decoding model's steps pass through several buckets (adaswitch: the teacher's, after the switch)
+    assert (teacher_captures if mode == "adaswitch" else student_captures) >= 2
     if mode != "on_policy":
         assert any("teacher" in t.sources for t in runs["off"]), "the teacher should decode in this mode"
+        assert teacher_captures >= 1
 
 
-def test_new_weights_are_captured_anew():
-    model = paged(models()[0], "eager", rows=2)
+def moved_weights(model: torch.nn.Module) -> None:
+    """A decoder weight in new memory and a new Parameter object, as FSDP's gathering makes them."""
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight.detach() * 1.5)
+
+
+def test_weights_in_new_memory_are_captured_anew():
+    model = paged(tiny_qwen2(0).to(DEVICE).eval(), "eager", rows=2)
     model.extend([0, 1], [[1, 2], [3]])
     model.extend([0, 1], torch.tensor([[4], [5]], device=DEVICE))
     assert model.decode_graphs.captures == 1
-    weight = model.model.lm_head.weight
-    weight.data = weight.data.clone()  # as model.to() or gathered FSDP weights move them
+    moved_weights(model.model)
     model.extend([0, 1], torch.tensor([[6], [7]], device=DEVICE))
     assert model.decode_graphs.captures == 2
 
@@ -135,6 +149,9 @@ def test_default_buckets_pad_at_most_to_twice_the_rows():
 
 def test_what_graphs_cannot_run_is_refused():
     student = models()[0]
+    dynamic = tiny_qwen2(0, rope_scaling={"rope_type": "dynamic", "factor": 2.0}).to(DEVICE).eval()
+    with pytest.raises(ValueError, match="cannot capture 'dynamic' RoPE"):
+        paged(dynamic, "eager")
     with pytest.raises(ValueError, match="unknown decode_graphs 'on'"):
         paged(student, "on")
     with pytest.raises(ValueError, match="need the Triton attention"):
@@ -147,14 +164,35 @@ def test_what_graphs_cannot_run_is_refused():
 
 
 @pytest.mark.gpu
-def test_captured_graphs_equal_the_padded_step_bit_for_bit_and_eager_decoding():
-    padded, _ = decode("eager")
-    captured, model = decode("cuda")
-    eager, _ = decode("off")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_graphs_equal_the_padded_step_bit_for_bit_and_eager_decoding(dtype):
+    padded, _ = decode("eager", dtype)
+    captured, model = decode("cuda", dtype)
+    eager, _ = decode("off", dtype)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for a, b, c in zip(padded, captured, eager):
         assert torch.equal(b, a)
-        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b, c, **tolerance)
     assert model.decode_graphs.captures == 4
+
+
+@pytest.mark.gpu
+def test_a_captured_graph_reads_the_weights_as_they_are_now():
+    """Weights changed in place (an optimizer step) are read by the next replay; weights moved to
+    new memory are captured anew. Both equal eager decoding."""
+    outs = {}
+    for graphs in ("off", "cuda"):
+        model = paged(tiny_qwen2(0).to(DEVICE).eval(), graphs, rows=2)
+        model.extend([0, 1], [[1, 2], [3]])
+        steps = [model.extend([0, 1], torch.tensor([[4], [5]], device=DEVICE))]
+        with torch.no_grad():
+            model.model.model.layers[0].mlp.up_proj.weight.mul_(-1.0)
+        steps.append(model.extend([0, 1], torch.tensor([[6], [7]], device=DEVICE)))
+        moved_weights(model.model)
+        steps.append(model.extend([0, 1], torch.tensor([[8], [9]], device=DEVICE)))
+        outs[graphs] = steps
+    for a, b in zip(outs["off"], outs["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

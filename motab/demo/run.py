@@ -35,7 +35,7 @@ from motab.demo.measures import teacher_decay, teacher_guidance
 from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, greedy_solutions, supervised_train, toy_model
 from motab.engine import rollout, with_tokenizer_defaults
 from motab.plots import plot_accuracy_curves, render_trajectory
-from motab.runs import quiet_loading
+from motab.runs import without_hf_bars
 from motab.sft import SFTOptions, run_sft
 from motab.synthesis import Question, SynthesisOptions, synthesize
 from motab.toy.task import PAPER_PRESET, generate_split, is_correct, last_answer
@@ -220,7 +220,7 @@ def run_demo(
         size = replace(size, steps=steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with quiet_loading():
+    with without_hf_bars():
         teacher, tokenizer = load_teacher(device)
     train = as_problems(tokenizer, generate_split("train", 5000))
     validation = generate_split("validation", size.validation)

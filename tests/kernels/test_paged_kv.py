@@ -315,7 +315,7 @@ class FakeFence:
 
 
 def fenced_ring(rows=4, device="cpu", max_slots=64, capturing=False):
-    return paged_kv._PlanRing(rows, torch.device(device), FakeFence, max_slots=max_slots, capturing=lambda: capturing)
+    return paged_kv.PlanRing(rows, torch.device(device), FakeFence, max_slots=max_slots, capturing=lambda: capturing)
 
 
 def test_plan_ring_never_hands_out_a_slot_still_in_flight():
