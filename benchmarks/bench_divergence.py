@@ -103,14 +103,21 @@ def gemm_floors(hs, ws, ht, wt, reps, bandwidth):
     return fwd, bwd, weight_read
 
 
-def loss_functions(impls, kind, beta, device, backward):
-    """name → loss(hs, ws, ht, wt, target) for our impls and the baselines."""
+def loss_functions(impls, kind, beta, device, backward, chunk_sizes=()):
+    """name → loss(hs, ws, ht, wt, target) for our impls (``triton@K``: the triton impl with chunks
+    of K rows) and the baselines."""
     fns = {
         impl: lambda hs, ws, ht, wt, target, impl=impl: (
             fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl=impl).loss
         )
         for impl in impls
     }
+    for rows in chunk_sizes if "triton" in impls else ():
+        fns[f"triton@{rows}"] = lambda hs, ws, ht, wt, target, rows=rows: (
+            fused_linear_divergence(
+                hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="triton", chunk_size=rows
+            ).loss
+        )
     if "triton" in impls and not backward and kind in api.FUSED_MONITOR_KINDS:
         # the fused monitor kernel (logit tiles in registers), next to the default buffered
         # ``triton`` monitor (cuBLAS logits into the chunk buffer + the row kernel), same card
@@ -143,7 +150,7 @@ def make_step(loss_fn, inputs, backward):
     return step, free_gradients
 
 
-def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, bandwidth):
+def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, bandwidth, chunk_sizes=()):
     hs, ws, ht, wt, target = make_inputs(n, ds, dt, v, dtype, device)
     fwd_gemm, bwd_gemm, weight_read = gemm_floors(hs, ws, ht, wt, reps, bandwidth)
     floors = {
@@ -156,7 +163,7 @@ def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, ba
         for mode in modes:
             backward = mode == "fwd+bwd"
             inputs = (hs.detach().requires_grad_(backward), ws.detach().requires_grad_(backward), ht, wt, target)
-            for name, loss_fn in loss_functions(impls, kind, beta, device, backward).items():
+            for name, loss_fn in loss_functions(impls, kind, beta, device, backward, chunk_sizes).items():
                 step, free_gradients = make_step(loss_fn, inputs, backward)
                 try:
                     seconds = median_seconds(step, device, reps)
@@ -215,6 +222,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--shapes", default=None, help="N,Ds,Dt,V[;...] instead of the default set")
+    parser.add_argument(
+        "--chunk-sizes",
+        default="",
+        help="comma-separated rows per chunk: also time the triton impl with each (scratch grows with it)",
+    )
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
@@ -224,6 +236,7 @@ def main(argv=None):
     if args.shapes:
         shapes = [(*map(int, s.split(",")), ("fwd+bwd", "monitor")) for s in args.shapes.split(";")]
     kinds = args.kinds.split(",")
+    chunk_sizes = [int(rows) for rows in args.chunk_sizes.split(",") if rows]
     card = card_name(device)
     bandwidth = copy_bandwidth(device) if on_gpu else None
     print(f"# bench_divergence on {card}, {dtype}, {date.today()}")
@@ -232,7 +245,7 @@ def main(argv=None):
     print(HEADER)
     rows = []
     for n, ds, dt, v, modes in shapes:
-        rows += bench_shape(n, ds, dt, v, modes, kinds, args.beta, dtype, device, impls, reps, bandwidth)
+        rows += bench_shape(n, ds, dt, v, modes, kinds, args.beta, dtype, device, impls, reps, bandwidth, chunk_sizes)
         if on_gpu:
             torch.cuda.empty_cache()
 

@@ -16,7 +16,9 @@
 #   divergence 40  fused loss fwd+bwd and forward-only vs the GEMM floor (fkl, default shapes)
 #   kv 15          truncation: host and GPU µs per call
 #   decode 30      decode attention at 64 × 8k and 8 × 32k context vs copy bandwidth
-# By name only: trainers (vs Liger/TRL), synthesis, resources (registers/spills), alltests.
+# By name only: chunks (fused loss fwd+bwd at Qwen2.5-1.5B/7B heads with 256 to 2048 rows per chunk:
+# the data to tune the chunk size by), trainers (vs Liger/TRL), synthesis, resources
+# (registers/spills), alltests.
 #
 # What comes back (the device tool returns at most 8 files): env.txt, tables.md (every finished
 # phase's table), phases.log (every phase's output, progress lines included), tests.log,
@@ -73,6 +75,8 @@ for phase in $phases; do
     divergence) run_phase divergence 40 results python3 benchmarks/bench_divergence.py --out "$work" --kinds fkl ;;
     kv) run_phase kv 15 kv_truncate python3 benchmarks/bench_kv_truncate.py --out "$work" ;;
     decode) run_phase decode 30 decode python3 benchmarks/bench_decode.py --out "$work" --attention-only ;;
+    chunks) run_phase chunks 60 results python3 benchmarks/bench_divergence.py --out "$work" --kinds fkl \
+      --shapes "8192,1536,3584,151936;1024,1536,3584,151936" --chunk-sizes 256,1024,2048 ;;
     trainers) run_phase trainers 150 trainers python3 benchmarks/bench_trainers.py --out "$work" ;;
     synthesis) run_phase synthesis 200 synthesis python3 benchmarks/bench_synthesis.py --out "$work" ;;
     resources) run_phase resources 60 "" bash -c "python3 benchmarks/kernel_resources.py | tee $out/resources.md" ;;

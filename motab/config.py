@@ -397,7 +397,11 @@ def build_configs(raw: dict) -> tuple[TrainConfig, RolloutConfig]:
         student_sampling=built["student_sampling"],
         teacher_sampling=built["teacher_sampling"],
     )
-    return replace(built["train"], rollout=rollout), rollout
+    try:
+        train = replace(built["train"], rollout=rollout)
+    except OptionError as error:  # a train option that does not go with a rollout option
+        raise error.in_section("train") from None
+    return train, rollout
 
 
 def build_section(section: str, values: Any) -> Any:

@@ -4,7 +4,6 @@ host plan that picks the route and cuts the chunks."""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 
@@ -350,7 +349,8 @@ def test_greedy_decode_on_the_split_route_matches_hf_generate(monkeypatch):
         "_attend_in_chunks",
         lambda launch, plan, out: chunked.append(plan.num_chunks) or attend_in_chunks(launch, plan, out),
     )
-    monkeypatch.setattr(motab.models, "paged_attention", functools.partial(paged_attention, split=8))
+    # every call split into chunks of 8 keys, whatever split the caller asks for
+    monkeypatch.setattr(motab.models, "paged_attention", lambda *a, **k: paged_attention(*a, **{**k, "split": 8}))
     pm = PagedModel(model, max_rows=4, max_tokens=128, block_size=4, attention_impl="triton")
     got = greedy_decode(pm, prompts, 8)
     assert len(chunked) == pm.paged_attention_calls and max(chunked) > len(prompts)
