@@ -202,6 +202,8 @@ def rollout(
     writes): ``motab.profiling.RoundWork`` counts each round's device work through it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt")
     if student is None and POLICIES[config.mode].writer != "teacher":
         raise ValueError(f"mode {config.mode!r} needs a student model (only teacher-written modes run without one)")
     if POLICIES[config.mode].in_steps and tokenizer is None:

@@ -193,13 +193,12 @@ def test_the_quick_demos_plotted_rollout_shows_an_intervention(tmp_path):
     """rollout.png of `motab demo --quick` draws a MOTAB rollout that intervenes; the full demo's plot
     keeps its method's own settings. Checked on the quick demo's warm start with the plot's prompts
     and seed (the quick run trains it 3 steps more), without running the whole quick demo."""
-    from motab.demo.run import as_problems, plotted_rollout_config, warm_student
-    from motab.engine import rollout
+    from motab.demo.run import as_problems, plotted_rollout_config, plotted_rollouts, warm_student
 
     teacher, tokenizer = load_teacher()
     config = method_config(tokenizer, "motab", tuned_options()["motab"], QUICK, tmp_path, 0)
     assert plotted_rollout_config(config.rollout, quick=False) == config.rollout
     student = warm_student(tokenizer, 0, QUICK)
     prompts = [p.prompt_ids for p in as_problems(tokenizer, generate_split("train", 4))]
-    shown = rollout(student, teacher, prompts, plotted_rollout_config(config.rollout, quick=True), seeds=[0])
+    shown = plotted_rollouts(student, teacher, prompts, plotted_rollout_config(config.rollout, quick=True), 0)
     assert max(len(t.interventions) for t in shown) >= 1

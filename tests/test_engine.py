@@ -207,6 +207,8 @@ def test_bad_configs_and_inputs(student):
         RolloutConfig(draft_len=0)
     with pytest.raises(ValueError, match="at least one token"):
         rollout(student, student, [[]])
+    with pytest.raises(ValueError, match="1 seeds for 3 prompts: pass one seed per prompt"):
+        rollout(student, student, PROMPTS, seeds=[0])
     other = model(6, hidden=32, vocab=103)
     with pytest.raises(ValueError, match="vocabulary mismatch: the student's LM head has 101 rows, the teacher's 103"):
         rollout(student, other, PROMPTS)

@@ -464,9 +464,13 @@ def plotted_rollout_config(config: RolloutConfig, quick: bool) -> RolloutConfig:
 
 def _render_rollout(student, teacher, train, config: RolloutConfig, seed: int, path: Path) -> None:
     """One MOTAB rollout of the trained student: the busiest of four."""
-    prompts = [p.prompt_ids for p in train[:4]]
-    shown = rollout(student, teacher, prompts, config, seeds=[seed])
+    shown = plotted_rollouts(student, teacher, [p.prompt_ids for p in train[:4]], config, seed)
     render_trajectory(max(shown, key=lambda t: (len(t.discarded), len(t.tokens))), path)
+
+
+def plotted_rollouts(student, teacher, prompts: list[list[int]], config: RolloutConfig, seed: int) -> list:
+    """The rollouts the plot picks from: one per prompt, each with a seed of its own from the run's."""
+    return rollout(student, teacher, prompts, config, seeds=[seed * len(prompts) + i for i in range(len(prompts))])
 
 
 def format_table(results: dict) -> str:
