@@ -207,7 +207,7 @@ class PagedModel:
             if not flat.numel():
                 return torch.zeros(0, self.model.config.hidden_size, device=self.device)
             flat = flat.to(self.device)
-            if self.decode_graphs is not None and len(flat) == len(rows) and self.decode_graphs.covers(len(rows)):
+            if self.decode_graphs is not None and set(counts) == {1} and self.decode_graphs.covers(len(rows)):
                 return self.decode_graphs.step(rows, flat, starts, slots)
             layout = QueryLayout.build(rows, starts, ragged.cu_seqlens(counts), self.device)
             return self.forward_packed(flat, layout, slots)

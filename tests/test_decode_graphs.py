@@ -205,3 +205,13 @@ def test_rollouts_from_captured_graphs_equal_eager_ones(mode):
         runs[graphs] = [t.tokens for t in rollout(*pair, PROMPTS, MODES[mode], seeds=list(range(len(PROMPTS))))]
     assert runs["cuda"] == runs["eager"]
     assert runs["cuda"] == runs["off"]
+
+
+def test_a_step_with_as_many_tokens_as_rows_but_not_one_each_runs_eagerly():
+    """Rows fed 0 and 2 tokens hold as many tokens as rows: not a decode step."""
+    eager, padded = (paged(models()[0], graphs, rows=2) for graphs in ("off", "eager"))
+    for model in (eager, padded):
+        model.extend([0, 1], [[1, 2], [3]])
+    got, expected = (model.extend([0, 1], [[], [4, 5]]) for model in (padded, eager))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert padded.decode_graphs.captures == 0 and padded.lengths() == eager.lengths() == [2, 3]
