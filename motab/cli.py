@@ -40,6 +40,7 @@ from motab.config import (
     TOP_LEVEL,
     ConfigError,
     FieldMap,
+    RolloutConfig,
     apply_overrides,
     build_configs,
     check_device,
@@ -404,9 +405,9 @@ def _field_map(raw: dict) -> str | FieldMap:
     return parse_field_map(raw.get("field_map", "auto"))
 
 
-def _setup(raw):
+def _setup(raw, rollout: RolloutConfig):
     device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
-    _check_graphs_device(build_configs(raw)[1].cuda_graphs, device)
+    _check_graphs_device(rollout.cuda_graphs, device)
     student, tokenizer = load_model(raw["student"], dtype, device, "student")
     teacher, teacher_tokenizer = load_model(raw["teacher"], dtype, device, "teacher")
     _check_tokenizers(tokenizer, teacher_tokenizer)
@@ -460,7 +461,7 @@ def run_train(args) -> int:
     from motab.trainer import DistillationTrainer
 
     rank = _init_distributed(raw)
-    student, teacher, tokenizer, problems = _setup(raw)
+    student, teacher, tokenizer, problems = _setup(raw, train.rollout)
     train = replace(train, rollout=with_tokenizer_defaults(train.rollout, tokenizer))
     if rank == 0:  # after the tokenizer filled EOS, the vocabulary size and the step delimiters
         print_resolved(raw, train)
@@ -493,14 +494,17 @@ def run_rollout(args) -> int:
     check_writable(out, "--out", folder=False)  # before the generation, which the write would otherwise lose
     if args.render:
         check_writable(args.render, "--render", folder=False)
-    from motab.engine import with_tokenizer_defaults
+    from motab.engine import rollout_in_batches, with_tokenizer_defaults
     from motab.plots import render_trajectory
 
-    student, teacher, tokenizer, problems = _setup(raw)
+    student, teacher, tokenizer, problems = _setup(raw, rollout)
     rollout = with_tokenizer_defaults(rollout, tokenizer)
     print_resolved(raw, rollout)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
-    trajectories = _rollout_in_batches(student, teacher, prompts, rollout, tokenizer, args.batch_size)
+    # a bar on stderr when it is a terminal; row i keeps seed i whatever the batches
+    trajectories = rollout_in_batches(
+        student, teacher, prompts, rollout, batch_size=args.batch_size, tokenizer=tokenizer
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for trajectory in trajectories:
@@ -511,26 +515,6 @@ def run_rollout(args) -> int:
         render_trajectory(trajectories[0], args.render)
         print(f"rendered the first one to {args.render}")
     return 0
-
-
-def _rollout_in_batches(student, teacher, prompts, config, tokenizer, batch_size: int) -> list:
-    """``motab.engine.rollout`` of ``prompts``, ``batch_size`` rows at a time on caches allocated
-    once, with a progress bar (rows done, committed tokens/s) on stderr when it is a terminal. Row i
-    keeps seed i, so the trajectories are those of one call with every prompt."""
-    from motab.engine import paged_for_rollouts, rollout
-    from motab.runs import RowProgress
-
-    rows, longest = min(batch_size, len(prompts)), max(map(len, prompts))
-    student, teacher = (paged_for_rollouts(model, rows, longest, config) for model in (student, teacher))
-    trajectories = []
-    with RowProgress(len(prompts), "rollout", None) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            seeds = list(range(start, start + len(batch)))
-            done = rollout(student, teacher, batch, config, seeds=seeds, tokenizer=tokenizer)
-            bar.update(len(done), sum(len(t.tokens) for t in done))
-            trajectories += done
-    return trajectories
 
 
 def run_eval(args) -> int:

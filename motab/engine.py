@@ -45,6 +45,7 @@ from motab.config import RolloutConfig, SamplingConfig
 from motab.models import PagedModel, lm_head, shared_vocab
 from motab.monitor import Monitor
 from motab.policy import POLICIES, intervention_budget, policy_for
+from motab.runs import RowProgress
 from motab.steps import (
     SCRIPT_SEPARATOR,
     contains_stop_at_end,
@@ -251,6 +252,38 @@ def paged_for_rollouts(model: torch.nn.Module, rows: int, longest_prompt: int, c
         max_seq_len=per_row + config.block_size,
         decode_graphs="cuda" if config.cuda_graphs else "off",
     )
+
+
+def rollout_in_batches(
+    student: torch.nn.Module | None,
+    teacher: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    config: RolloutConfig,
+    *,
+    batch_size: int,
+    seeds: Sequence[int] | None = None,
+    tokenizer=None,
+    desc: str = "rollout",
+    progress: bool | None = None,
+) -> list[Trajectory]:
+    """``rollout`` of ``prompts``, ``batch_size`` rows at a time on caches allocated once (models
+    that are not PagedModels yet are wrapped); ``seeds[i]`` (default i) fixes prompt i's sampling,
+    so the trajectories are those of one call with every prompt. ``progress`` shows a bar of rows
+    done and committed tokens/s on stderr (None: only when stderr is a terminal)."""
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    rows, longest = min(batch_size, len(prompts)), max(map(len, prompts))
+    student, teacher = (
+        m if m is None or isinstance(m, PagedModel) else paged_for_rollouts(m, rows, longest, config)
+        for m in (student, teacher)
+    )
+    trajectories = []
+    with RowProgress(len(prompts), desc, progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = slice(start, start + batch_size)
+            done = rollout(student, teacher, prompts[batch], config, seeds=seeds[batch], tokenizer=tokenizer)
+            bar.update(len(done), sum(len(t.tokens) for t in done))
+            trajectories += done
+    return trajectories
 
 
 def _check_capacity(model: PagedModel, prompts, extra: int) -> None:

@@ -18,9 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from motab.config import RolloutConfig, SamplingConfig
-from motab.engine import paged_for_rollouts, rollout
-from motab.models import PagedModel
-from motab.runs import RowProgress
+from motab.engine import rollout_in_batches
 from motab.toy.task import extract_answer as toy_answer
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -97,18 +95,12 @@ def generate(
     ``batch_size`` rows at a time on one cache allocated once; ``seeds[i]`` fixes prompt i's
     sampling (default: i). ``progress`` shows a bar of rows done and tokens/s on stderr (None:
     only when stderr is a terminal)."""
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
-    if not isinstance(model, PagedModel):
-        model = paged_for_rollouts(model, min(batch_size, len(prompts)), max(map(len, prompts)), config)
-    out = []
-    with RowProgress(len(prompts), "generate", progress) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = slice(start, start + batch_size)
-            trajectories = rollout(None, model, prompts[batch], config, seeds=seeds[batch], tokenizer=tokenizer)
-            out += [t.tokens for t in trajectories]
-            bar.update(len(trajectories), sum(len(t.tokens) for t in trajectories))
-    return out
+    trajectories = rollout_in_batches(
+        None, model, prompts, config, batch_size=batch_size, seeds=seeds, tokenizer=tokenizer, desc="generate",
+        progress=progress,
+    )  # fmt: skip
+    return [t.tokens for t in trajectories]
 
 
 @dataclass

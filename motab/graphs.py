@@ -113,8 +113,7 @@ class DecodeGraphs:
         self._buckets: dict[int, _Bucket] = {}
         # pinned, fenced host buffers for the positions and tiles (see PlanRing): a copy from pageable
         # memory could make the host wait for the device, which is what the graphs are to avoid
-        fence = torch.cuda.Event if paged.device.type == "cuda" else None
-        self._staging = PlanRing(1, paged.device, fence, width=4 * self.buckets[-1])
+        self._staging = PlanRing.on(paged.device, 1, width=4 * self.buckets[-1])
         self._addresses = self._weight_addresses()
         self.captures = 0  # graphs captured so far (a test and the benchmark read it)
 
@@ -125,9 +124,10 @@ class DecodeGraphs:
     def step(self, rows: Sequence[int], ids: torch.Tensor, starts: Sequence[int], slots: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``[len(rows), hidden]`` of one new token per row: ``ids[i]`` (on the
         device) at position ``starts[i]`` of row ``rows[i]``, its K/V going to ``slots[i]``."""
-        if self._weight_addresses() != self._addresses:
+        addresses = self._weight_addresses()
+        if addresses != self._addresses:
             self._buckets.clear()  # the graphs read the old weights' memory
-            self._addresses = self._weight_addresses()
+            self._addresses = addresses
         count = len(rows)
         bucket = self._bucket(next(b for b in self.buckets if b >= count))
         self._fill(bucket, rows, ids, starts, slots)

@@ -226,6 +226,7 @@ def synthesize(
                     seeds=[response_seed(options.seed, q.id, i) for q, i in chunk],
                     tokenizer=tokenizer,
                 )
+                tokens_before = tokens
                 for (question, index), trajectory in zip(chunk, trajectories):
                     record = record_of(
                         question, index, prompts[question.id], trajectory, tokenizer, config, options.marker
@@ -236,7 +237,7 @@ def synthesize(
                 sink.flush()
                 os.fsync(sink.fileno())
                 written += len(chunk)
-                bar.update(len(chunk), sum(len(t.tokens) for t in trajectories), f"{breaches / written:.0%} breached")
+                bar.update(len(chunk), tokens - tokens_before, f"{breaches / written:.0%} breached")
     bar.close()
     if barrier is not None:
         barrier()

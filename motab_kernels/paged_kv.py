@@ -207,6 +207,11 @@ class PlanRing:
         self._max_slots, self._capturing = max_slots, capturing
         self._slots: collections.deque[_PlanSlot] = collections.deque([self._new_slot()])
 
+    @classmethod
+    def on(cls, device: torch.device, rows: int, *, width: int = PLAN_WIDTH) -> PlanRing:
+        """A ring for ``device``: pinned and fenced by CUDA events on CUDA, one blocking slot elsewhere."""
+        return cls(rows, device, torch.cuda.Event if device.type == "cuda" else None, width=width)
+
     @property
     def size(self) -> int:
         """Slots in the ring (in flight or free), graph-owned ones not counted."""
@@ -324,7 +329,7 @@ class PagedKVCache:
             raise ValueError("impl='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
         self._use_triton = impl == "triton" or (impl == "auto" and device.type == "cuda")
         # Persistent host scratch and buffers: a call allocates nothing but the slots it returns.
-        self._plans = PlanRing(max_rows, device, torch.cuda.Event if device.type == "cuda" else None)
+        self._plans = PlanRing.on(device, max_rows)
         self._positions = np.arange(max_rows, dtype=np.int64)
         self._row_marks = np.zeros(max_rows, dtype=np.int64)  # scratch of _all_distinct
         self._no_slots = torch.zeros(1, dtype=torch.int64, device=device)  # SLOTS of calls adding no token

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from motab import engine as engine_module
 from motab import evaluate as evaluate_module
 from motab.engine import Trajectory
 from motab.evaluate import answers_match, evaluate, extract_boxed, normalize_answer
@@ -64,8 +65,9 @@ def test_grading_aggregation_and_files(tmp_path, monkeypatch):
             out.append(Trajectory(list(prompt), tokens=tokenizer.encode(planted[problem][sample])))
         return out
 
-    monkeypatch.setattr(evaluate_module, "rollout", fake_rollout)
-    monkeypatch.setattr(evaluate_module, "paged_for_rollouts", lambda model, *args: model)
+    # generate rolls out through motab.engine.rollout_in_batches
+    monkeypatch.setattr(engine_module, "rollout", fake_rollout)
+    monkeypatch.setattr(engine_module, "paged_for_rollouts", lambda model, *args: model)
     result = evaluate("model", tokenizer, [[0], [1]], ["3/4", "7"], samples=2, batch_size=3, out_dir=tmp_path)
     assert [p["correct"] for p in result.per_problem] == [[True, False], [True, True]]
     assert result.accuracy == pytest.approx(0.75)
