@@ -464,7 +464,8 @@ class PagedKVCache:
         self, plan_slot: _PlanSlot, rows: int, allocate: bool, moved_blocks: int, new_tokens: int, slots: torch.Tensor
     ) -> None:
         """Uploads the slot's first ``rows`` plan rows and applies them: one copy, one launch."""
-        if rows == 0:
+        if rows == 0:  # nothing to copy or launch; the slot is free again at once
+            self._plans.give_back(plan_slot)
             return
         plan = self._plans.upload(plan_slot, rows)
         if self._use_triton:

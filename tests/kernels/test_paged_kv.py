@@ -362,3 +362,14 @@ def test_a_call_leaves_the_plan_of_a_call_in_flight_alone():
     cache.reserve([1], [30])
     assert np.array_equal(in_flight.host[:3], plan)
     check_invariants(cache)
+
+
+def test_calls_on_no_rows_give_their_plan_slot_back():
+    cache = paged_kv.PagedKVCache(1, 1, 4, num_blocks=8, block_size=4, max_rows=2)
+    cache._plans = fenced_ring(rows=2)
+    for call in [cache.truncate, cache.reserve] * 3:
+        for slot in cache._plans._slots:  # the GPU is past every earlier call
+            slot.fence = slot.fence or FakeFence()
+            slot.fence.passed = True
+        call([], [])
+        assert cache._plans.size == 1  # the one slot went out and came back
