@@ -585,6 +585,8 @@ class _Engine:
         cuts[row] = min(length, cuts.get(row, length))
 
     def _apply_cuts(self) -> None:
+        if not self._cuts:  # called before every extend: no profiler range, no timing sync for nothing
+            return
         with self.phase("truncation"):
             for model, cuts in self._cuts.items():
                 model.truncate(list(cuts), list(cuts.values()))
