@@ -75,20 +75,23 @@ def clear_run(out: Path) -> None:
     """Removes the run's own files (checkpoints, latest, metrics, temporaries) and nothing else."""
     for folder in checkpoints(out):
         shutil.rmtree(folder)
-    for path in temporaries(out) + [out / name for name in RUN_FILES]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    remove_temporaries(out)
+    for path in (out / name for name in RUN_FILES):
+        if path.exists():
+            _remove(path)
 
 
 def remove_temporaries(out: Path) -> None:
     """Removes what an earlier save cut short (a kill, a full disk): nothing reads these."""
     for path in temporaries(out):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def cut_metrics(path: Path, step: int) -> None:
@@ -103,10 +106,17 @@ def cut_metrics(path: Path, step: int) -> None:
 
 def _logged_step(line: str) -> float:
     """The step of a metrics line; a line cut short by a kill counts as after every checkpoint."""
+    record = metrics_line(line)
+    return record["step"] if record is not None and "step" in record else float("inf")
+
+
+def metrics_line(line: str) -> dict | None:
+    """A line of metrics.jsonl, or None for one a kill cut short."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def checkpoints_to_delete(out: Path, limit: int | None) -> list[Path]:

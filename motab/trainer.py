@@ -87,6 +87,7 @@ from motab.runs import (
     clear_run,
     cut_metrics,
     latest_checkpoint,
+    metrics_line,
     remove_temporaries,
 )
 
@@ -475,7 +476,7 @@ class DistillationTrainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        metrics = [m for m in map(_metrics_line, path.read_text(encoding="utf-8").splitlines()) if m]
+        metrics = [m for m in map(metrics_line, path.read_text(encoding="utf-8").splitlines()) if m]
         monitored = self.config.rollout.mode not in UNMONITORED_MODES
         temporary = self.out / ".loss.png.tmp"
         plot_training_curves(metrics, temporary, interventions=monitored)
@@ -638,14 +639,6 @@ def changed_settings(saved: dict, current: dict, prefix: str = "train.") -> list
 def _comparable(value):
     """Tuples and lists alike (a config read back may hold either)."""
     return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def _metrics_line(line: str) -> dict | None:
-    """A line of metrics.jsonl, or None for one a kill cut short."""
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
 
 
 @contextlib.contextmanager
