@@ -289,7 +289,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(name: str, dtype, device, role: str = "model"):
     """A causal LM and its tokenizer from disk (a folder or a cached hub id): never a download, never
     a hang. What a user can mend (a missing folder, an uncached id, unreadable weights) is a
-    ConfigError naming the model's ``role`` (student, teacher) and the file."""
+    ConfigError naming the model's ``role`` (student, teacher) and the file. A local folder's files
+    were checked by ``check_sources`` before anything heavy loaded; every command calls it first."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -297,8 +298,6 @@ def load_model(name: str, dtype, device, role: str = "model"):
     from motab.runs import without_hf_bars
 
     folder = local_model_folder(name, role)
-    if folder is not None:
-        check_model_files(folder, role)
     try:
         tokenizer = load_tokenizer(name)
         with without_hf_bars():  # transformers' own loading bar would break into the command's bars
