@@ -388,6 +388,24 @@ def check_dtype(value: Any, name: str = "dtype") -> str:
     return value
 
 
+def changed_fields(before: dict, now: dict) -> list[tuple[tuple[str, ...], Any, Any]]:
+    """Every leaf where two nested settings dicts (``asdict`` of a config, or its JSON) differ:
+    ``(keys from the top, value before, value now)`` in key order. Tuples and lists with the same
+    items are equal (a config read back from disk may hold either)."""
+    found = []
+    for key in sorted(set(before) | set(now)):
+        x, y = before.get(key), now.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found += [((key, *keys), a, b) for keys, a, b in changed_fields(x, y)]
+        elif _as_list(x) != _as_list(y):
+            found.append(((key,), x, y))
+    return found
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 def build_configs(raw: dict) -> tuple[TrainConfig, RolloutConfig]:
     """(TrainConfig, RolloutConfig) from a resolved raw config."""
     built = {section: build_section(section, raw.get(section)) for section in SECTION_CLASSES}

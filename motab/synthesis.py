@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from motab.config import STEP_MODES, ConfigError, RolloutConfig
+from motab.config import STEP_MODES, ConfigError, RolloutConfig, changed_fields
 from motab.data import load_records, resolve_field_map
 from motab.engine import paged_for_rollouts, rollout
 from motab.runs import RowProgress
@@ -286,19 +286,8 @@ def _prepare(out: Path, parts: Path, settings: dict, resume: bool, overwrite: bo
         raise ConfigError(f"nothing to resume: {recorded} does not exist")
     before = json.loads(recorded.read_text())
     if before != json.loads(json.dumps(settings)):
-        changed = sorted(_differences(before, json.loads(json.dumps(settings))))
+        changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before, json.loads(json.dumps(settings))))
         raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    found = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            found += _differences(x, y, f"{prefix}{key}.")
-        elif x != y:
-            found.append(f"{prefix}{key}")
-    return found
 
 
 def _part_records(parts: Path) -> list[dict]:

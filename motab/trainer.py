@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from motab.config import ConfigError, TrainConfig
+from motab.config import ConfigError, TrainConfig, changed_fields
 from motab.data import Problem
 from motab.engine import paged_for_rollouts, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
@@ -620,25 +620,16 @@ class ResumeWarning(UserWarning):
     """A resumed run's setting differs from the checkpoint's."""
 
 
-def changed_settings(saved: dict, current: dict, prefix: str = "train.") -> list[str]:
+def changed_settings(saved: dict, current: dict) -> list[str]:
     """One line per setting that differs between two ``asdict(TrainConfig)``, named as the YAML
-    writes it (``train.learning_rate``, ``rollout.draft_len``, ``monitor.tau``)."""
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        if prefix == "train." and key in UNCOMPARED:
-            continue
-        before, now = saved.get(key), current.get(key)
-        if isinstance(before, dict) and isinstance(now, dict):
-            inner = "rollout." if key == "rollout" else f"{key}."  # rollout's sections are top-level
-            changes += changed_settings(before, now, inner)
-        elif _comparable(before) != _comparable(now):
-            changes.append(f"{prefix}{key} changed from {before!r} in the checkpoint to {now!r}")
-    return changes
-
-
-def _comparable(value):
-    """Tuples and lists alike (a config read back may hold either)."""
-    return list(value) if isinstance(value, (tuple, list)) else value
+    writes it (``train.learning_rate``, ``rollout.draft_len``, ``monitor.tau``: rollout's sections
+    are sections of their own)."""
+    return [
+        f"{'.'.join(keys[-2:]) if len(keys) > 1 else 'train.' + keys[0]} changed from {before!r} in the "
+        f"checkpoint to {now!r}"
+        for keys, before, now in changed_fields(saved, current)
+        if keys[0] not in UNCOMPARED
+    ]
 
 
 @contextlib.contextmanager
