@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import date, datetime, timezone
@@ -45,9 +46,17 @@ def card_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
+def machine_load() -> dict:
+    """The host's load averages (1, 5 and 15 minutes) and its CPU count: a CPU timing is only
+    comparable with another taken under the same load."""
+    one, five, fifteen = os.getloadavg()
+    return dict(load_1min=one, load_5min=five, load_15min=fifteen, cpus=os.cpu_count())
+
+
 def run_facts(device: torch.device, **extra) -> dict:
-    """What every result records: the card, the date, torch's version, plus ``extra``."""
-    return dict(card=card_name(device), date=str(date.today()), torch=torch.__version__, **extra)
+    """What every result records: the card, the date, torch's version, the host's load when the
+    result is written, plus ``extra``."""
+    return dict(card=card_name(device), date=str(date.today()), torch=torch.__version__, **machine_load(), **extra)
 
 
 def write_results(out: str | Path, stem: str, record: dict, markdown: str) -> None:

@@ -15,6 +15,12 @@ def sync(device: torch.device) -> None:
 
 def median_seconds(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    return statistics.median(run_seconds(fn, device, reps, warmup))
+
+
+def run_seconds(fn, device: torch.device, reps: int, warmup: int = 2) -> list[float]:
+    """Seconds of each of ``reps`` runs of ``fn()`` after ``warmup`` runs (a shared CPU's spread is
+    part of the result)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -30,7 +36,7 @@ def median_seconds(fn, device: torch.device, reps: int, warmup: int = 2) -> floa
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def copy_bandwidth(device: torch.device) -> float:

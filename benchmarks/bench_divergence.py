@@ -23,11 +23,12 @@ and no memory is measured. Writes ``results.json`` and ``results.md`` under ``--
 
 from __future__ import annotations
 
+import statistics
 from datetime import date
 
 import torch
 from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
-from _timing import copy_bandwidth, median_seconds
+from _timing import copy_bandwidth, median_seconds, run_seconds
 
 from motab_kernels import fused_linear_divergence
 from motab_kernels.divergence import api
@@ -166,10 +167,11 @@ def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, ba
             for name, loss_fn in loss_functions(impls, kind, beta, device, backward, chunk_sizes).items():
                 step, free_gradients = make_step(loss_fn, inputs, backward)
                 try:
-                    seconds = median_seconds(step, device, reps)
+                    runs = run_seconds(step, device, reps)
+                    seconds = statistics.median(runs)
                     peak = peak_extra_bytes(step, device, before=free_gradients)
                 except torch.OutOfMemoryError:
-                    seconds, peak = None, "OOM"
+                    runs, seconds, peak = [], None, "OOM"
                     torch.cuda.empty_cache()
                 scratch = peak - (accumulated if backward else 0) if isinstance(peak, int) else None
                 rows.append(
@@ -182,6 +184,8 @@ def bench_shape(n, ds, dt, v, modes, kinds, beta, dtype, device, impls, reps, ba
                         "V": v,
                         "impl": name,
                         "ms": None if seconds is None else seconds * 1e3,
+                        "ms_min": min(runs) * 1e3 if runs else None,
+                        "ms_max": max(runs) * 1e3 if runs else None,
                         "floor_ms": floors[mode] * 1e3,
                         "x_floor": None if seconds is None else seconds / floors[mode],
                         "peak_extra_GiB": peak / GiB if isinstance(peak, int) else peak,
@@ -202,15 +206,16 @@ def fmt(x, digits=2):
 
 
 HEADER = (
-    "| kind | mode | N | Ds | Dt | V | impl | ms | floor ms | × floor | peak extra GiB | scratch GiB |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| kind | mode | N | Ds | Dt | V | impl | ms, median (min–max) | floor ms | × floor | peak extra GiB | "
+    "scratch GiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def format_row(r):
+    spread = "" if r["ms_min"] is None else f" ({fmt(r['ms_min'])}–{fmt(r['ms_max'])})"
     return (
         f"| {r['kind']} | {r['mode']} | {r['N']} | {r['Ds']} | {r['Dt']} | {r['V']} | {r['impl']} | "
-        f"{fmt(r['ms'])} | {fmt(r['floor_ms'])} | {fmt(r['x_floor'])} | {fmt(r['peak_extra_GiB'])} | "
+        f"{fmt(r['ms'])}{spread} | {fmt(r['floor_ms'])} | {fmt(r['x_floor'])} | {fmt(r['peak_extra_GiB'])} | "
         f"{fmt(r['scratch_GiB'])} |"
     )
 

@@ -14,21 +14,27 @@ Greedy decoding on both sides, so both write the same records: the benchmark che
 breaches and root causes exactly (V to 1e-3) and reports how many agree. Random models
 (``--shape``: tiny on a CPU, Qwen2.5-0.5B-shaped on a GPU) with a character tokenizer whose
 ".\\n\\n" is one token, its LM-head row raised so that steps end; ε0 is set to the median of the
-step values of an unbounded run, so that about half the steps would breach. Writes
-``synthesis.json`` and ``synthesis.md`` under ``--out``.
+step values of an unbounded run, so that about half the steps would breach.
+
+What does not depend on the machine comes first: per model, the tokens its decoder reads per
+committed token (prompt and response; the physical minimum is one: each token enters each cache
+once) and its forwards per step written. Times are the median, minimum and maximum of
+``--repeats`` runs of each way, with the machine's load average, since a shared CPU's timings
+move with its other work. Writes ``synthesis.json`` and ``synthesis.md`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import bench_parser, parse_bench_args, run_facts, write_results
+from _common import bench_parser, machine_load, parse_bench_args, run_facts, write_results
 from _models import random_lm
 from _timing import sync
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -63,6 +69,53 @@ class StopAtString(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         return contains_stop_at_end(self.tokenizer, input_ids[0, self.start :].tolist(), [STOP])
+
+
+class DecoderReads:
+    """Counts the forwards of each model's decoder and the tokens they read (a pre-hook: every
+    forward, whoever calls it: HF ``generate``, a scoring forward, the paged engine's extend)."""
+
+    def __init__(self, **models: torch.nn.Module):
+        self.forwards = dict.fromkeys(models, 0)
+        self.tokens = dict.fromkeys(models, 0)
+        self._hooks = [
+            model.get_decoder().register_forward_pre_hook(self._counter(name), with_kwargs=True)
+            for name, model in models.items()
+        ]
+
+    def _counter(self, name: str):
+        def count(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.forwards[name] += 1
+            self.tokens[name] += ids.numel() if ids is not None else kwargs["inputs_embeds"].shape[:-1].numel()
+
+        return count
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def counted(run, student, teacher) -> tuple[object, DecoderReads]:
+    """``run()``'s result and what it asked of each model's decoder."""
+    reads = DecoderReads(student=student, teacher=teacher)
+    try:
+        return run(), reads
+    finally:
+        reads.close()
+
+
+def timed(run, device, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` runs of ``run()`` (after one untimed warm-up run)."""
+    run()
+    seconds = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        run()
+        sync(device)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def scripts_loop(student, teacher, tokenizer, prompt: list[int], config: RolloutConfig) -> dict:
@@ -124,6 +177,7 @@ def scripts_loop(student, teacher, tokenizer, prompt: list[int], config: Rollout
         breach=breach is not None,
         root_cause=breach,
         values=values,
+        steps=len(steps),
     )
 
 
@@ -132,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--shape", default=None, help=f"one of {sorted(SHAPES)} (default: qwen0.5b on a GPU, tiny)")
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 on a GPU, 64 on a CPU")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each way (median, min, max)")
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     if on_gpu:  # same records need the same argmax: no TF32
@@ -181,20 +236,20 @@ def main(argv=None):
     config = RolloutConfig(**{**base.__dict__, "monitor": MonitorConfig(epsilon0=epsilon0, theta=1.0)})
     print(f"# {len(values)} steps in the scouting run; ε0 = their median V = {epsilon0:.3g}", flush=True)
 
-    ours(config)  # warm-up: compilation, allocator
-    sync(device)
-    started = time.perf_counter()
-    records = ours(config)
-    sync(device)
-    ours_seconds = time.perf_counter() - started
-
     prompts = [tokenizer(q.text)["input_ids"] for q in questions]
-    scripts_loop(student, teacher, tokenizer, prompts[0], config)  # warm-up
-    sync(device)
-    started = time.perf_counter()
-    theirs = [scripts_loop(student, teacher, tokenizer, p, config) for p in prompts]
-    sync(device)
-    scripts_seconds = time.perf_counter() - started
+    load_before = machine_load()
+
+    def engine_run():
+        return ours(config)
+
+    def scripts_run():
+        return [scripts_loop(student, teacher, tokenizer, p, config) for p in prompts]
+
+    records, ours_reads = counted(engine_run, student, teacher)
+    theirs, their_reads = counted(scripts_run, student, teacher)
+    ours_seconds = timed(engine_run, device, args.repeats)
+    scripts_seconds = timed(scripts_run, device, args.repeats)
+    load_after = machine_load()
 
     agree = 0
     for mine, other in zip(records, theirs):
@@ -210,6 +265,24 @@ def main(argv=None):
         )
         agree += same
     tokens = sum(r["tokens"] for r in records)
+    committed = tokens + sum(len(p) for p in prompts)  # what each cache must hold at the end
+    steps = sum(len(r["steps"]) for r in records)
+    assert steps == sum(t["steps"] for t in theirs) or agree < len(records)
+
+    def work(reads: DecoderReads) -> dict:
+        return {
+            f"{name}_{what}": value
+            for name in ("student", "teacher")
+            for what, value in (
+                ("tokens_per_committed", reads.tokens[name] / committed),
+                ("forwards_per_step", reads.forwards[name] / steps),
+            )
+        }
+
+    def spread(seconds: list[float]) -> dict:
+        return dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds))
+
+    engine, scripts = spread(ours_seconds), spread(scripts_seconds)
     result = run_facts(
         device,
         shape=shape,
@@ -218,17 +291,38 @@ def main(argv=None):
         epsilon0=epsilon0,
         breach_rate=sum(r["breach"] for r in records) / len(records),
         records_agree=agree,
-        engine_seconds=ours_seconds,
-        scripts_seconds=scripts_seconds,
-        engine_tokens_per_s=tokens / ours_seconds,
-        scripts_tokens_per_s=tokens / scripts_seconds,
-        speedup=scripts_seconds / ours_seconds,
+        committed_tokens=committed,
+        steps=steps,
+        engine=work(ours_reads),
+        scripts=work(their_reads),
+        repeats=args.repeats,
+        engine_seconds=engine,
+        scripts_seconds=scripts,
+        speedup_of_medians=scripts["median"] / engine["median"],
+        load_before=load_before,
+        load_after=load_after,
     )
+    name = args.shape or ("qwen0.5b" if on_gpu else "tiny")
+    per_model = (
+        "| way | student tokens read / committed | teacher tokens read / committed | student forwards / step | "
+        "teacher forwards / step |\n|---|---|---|---|---|\n"
+    )
+    for way, reads in (("engine", result["engine"]), ("scripts' loop", result["scripts"])):
+        per_model += (
+            f"| {way} | {reads['student_tokens_per_committed']:.2f} | {reads['teacher_tokens_per_committed']:.2f} | "
+            f"{reads['student_forwards_per_step']:.2f} | {reads['teacher_forwards_per_step']:.2f} |\n"
+        )
+
+    def seconds(s: dict) -> str:
+        return f"{s['median']:.2f} ({s['min']:.2f}–{s['max']:.2f})"
+
     table = (
-        f"| card | shape | records | agree | breach rate | engine s | scripts' loop s | speed-up |\n"
-        f"|---|---|---|---|---|---|---|---|\n"
-        f"| {result['card']} | {args.shape or ('qwen0.5b' if on_gpu else 'tiny')} | {len(records)} | {agree} | "
-        f"{result['breach_rate']:.0%} | {ours_seconds:.2f} | {scripts_seconds:.2f} | {result['speedup']:.1f}× |"
+        f"{result['card']}, {name}, {len(records)} records ({agree} agree), {steps} steps, breach rate "
+        f"{result['breach_rate']:.0%}, {committed} committed tokens\n\n{per_model}\n"
+        f"| card | engine s, median (min–max) | scripts' loop s, median (min–max) | ratio of medians | repeats | "
+        f"load before / after (1 min) |\n|---|---|---|---|---|---|\n"
+        f"| {result['card']} | {seconds(engine)} | {seconds(scripts)} | {result['speedup_of_medians']:.1f}× | "
+        f"{args.repeats} | {load_before['load_1min']:.2f} / {load_after['load_1min']:.2f} |"
     )
     print(table)
     write_results(args.out, "synthesis", result, table)

@@ -193,24 +193,14 @@ def test_errors_are_clear(workspace, tmp_path, capsys):
     assert "tokenizers differ" in capsys.readouterr().err
 
 
-def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(tmp_path, capsys):
+def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(toy_pipeline, tmp_path, capsys):
     """The README's three commands on the toy task (the shipped teacher, an untrained toy student)."""
-    from motab.demo.run import STUDENT_SHAPE
-    from motab.demo.toy_models import toy_model
     from motab.toy.task import generate_split
-    from motab.toy.teacher import load_teacher, teacher_path
 
-    _, tokenizer = load_teacher()
-    student = str(tmp_path / "student")
-    toy_model(tokenizer, STUDENT_SHAPE, 0).save_pretrained(student)
-    tokenizer.save_pretrained(student)
-    data = tmp_path / "train.jsonl"
-    data.write_text(
-        "".join(json.dumps(dict(question=p.prompt, answer=p.answer)) + "\n" for p in generate_split("train", 6))
-    )
+    student = toy_pipeline[toy_pipeline.index("--student") + 1]
     records = tmp_path / "records.jsonl"
-    synthesize = ["synthesize", "--preset", "toy", "--student", student, "--teacher", str(teacher_path())]
-    synthesize += ["--data", str(data), "--responses", "2", "--out", str(records), "--render", str(tmp_path / "r.png")]
+    synthesize = ["synthesize", "--preset", "toy", *toy_pipeline]
+    synthesize += ["--responses", "2", "--out", str(records), "--render", str(tmp_path / "r.png")]
     assert main(synthesize) == 0
     written = [json.loads(line) for line in records.read_text().splitlines()]
     assert [(r["id"], r["response_index"]) for r in written] == [(i, k) for i in range(6) for k in range(2)]
@@ -251,3 +241,75 @@ def test_rollout_in_batches_writes_what_one_batch_writes(workspace):
         assert main(["rollout", *common, "--batch-size", batch, "--out", str(out)]) == 0
         written.append([json.loads(line)["tokens"] for line in out.read_text().splitlines()])
     assert written[0] == written[1] and len(written[0]) == 3
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline(tmp_path_factory):
+    """An untrained toy student saved beside the shipped teacher, and six train questions."""
+    from motab.demo.run import STUDENT_SHAPE
+    from motab.demo.toy_models import toy_model
+    from motab.toy.task import generate_split
+    from motab.toy.teacher import load_teacher, teacher_path
+
+    root = tmp_path_factory.mktemp("toy")
+    _, tokenizer = load_teacher()
+    toy_model(tokenizer, STUDENT_SHAPE, 0).save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    data = root / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps(dict(question=p.prompt, answer=p.answer)) + "\n" for p in generate_split("train", 6))
+    )
+    return ["--student", str(root / "student"), "--teacher", str(teacher_path()), "--data", str(data)]
+
+
+def test_synthesize_flags_reach_the_rollout_and_the_options(toy_pipeline, tmp_path, monkeypatch):
+    """Each flag of ``motab synthesize`` lands in the setting it names; without them, the preset's."""
+    import motab.synthesis
+    from motab.synthesis import SynthesisSummary
+
+    seen = {}
+
+    def captured(student, teacher, tokenizer, questions, out, config, options, **kwargs):
+        seen.update(config=config, options=options, questions=questions)
+        return SynthesisSummary(0, 0, 0, 0, 1.0)
+
+    monkeypatch.setattr(motab.synthesis, "synthesize", captured)
+    base = ["synthesize", "--preset", "toy", *toy_pipeline, "--out", str(tmp_path / "r.jsonl")]
+    assert main(base) == 0
+    config, options = seen["config"], seen["options"]
+    assert config.monitor.adaptive_boundary and config.monitor.entropy_top_k == 20
+    assert (config.monitor.epsilon0, config.monitor.theta, config.step_skd_gamma) == (0.2, 1.0, 0.9)
+    assert config.step_stop == "\n\n" and not config.trim_stop and config.max_new_tokens == 96
+    assert config.student_sampling.temperature == config.teacher_sampling.temperature == 0.6
+    assert (options.responses, options.marker, options.seed, options.prompt_format) == (5, "??", 0, "raw")
+    flags = ["--mode", "step_skd", "--static-boundary", "--top-k", "7", "--epsilon0", "0.3", "--theta", "2.5"]
+    flags += ["--gamma", "0.45", "--temperature", "0.8", "--stop", "\\n", "--trim-stop", "--max-new-tokens", "40"]
+    flags += ["--max-step-tokens", "9", "--responses", "2", "--marker", "!!", "--seed", "4", "--batch-size", "3"]
+    flags += ["--limit", "4", "--overwrite"]
+    assert main(base + flags) == 0
+    config, options = seen["config"], seen["options"]
+    assert config.mode == "step_skd" and not config.monitor.adaptive_boundary and config.monitor.entropy_top_k == 7
+    assert (config.monitor.epsilon0, config.monitor.theta, config.step_skd_gamma) == (0.3, 2.5, 0.45)
+    assert config.step_stop == "\n" and config.trim_stop and config.max_new_tokens == 40 and config.max_step_tokens == 9
+    assert config.student_sampling.temperature == config.teacher_sampling.temperature == 0.8
+    assert (options.responses, options.marker, options.seed, options.batch_size) == (2, "!!", 4, 3)
+    assert len(seen["questions"]) == 4
+
+
+def test_synthesize_static_boundary_and_top_k_shape_the_records(toy_pipeline, tmp_path):
+    """On the toy models: --static-boundary holds every step to ε0 itself while H is still
+    measured; --top-k 1 measures H over one token, which is always 0."""
+    common = ["synthesize", "--preset", "toy", *toy_pipeline, "--responses", "1", "--epsilon0", "0.25"]
+
+    def student_steps(*flags):
+        out = tmp_path / f"r{len(flags)}.jsonl"
+        assert main(common + ["--out", str(out), *flags]) == 0
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        return [s for r in records for s in r["steps"] if s["writer"] == "student"]
+
+    adaptive = student_steps()
+    assert any(s["entropy"] > 0 and s["boundary"] < 0.25 for s in adaptive)  # H > 0 lowers the boundary
+    static = student_steps("--static-boundary")
+    assert static and all(s["boundary"] == 0.25 for s in static) and any(s["entropy"] > 0 for s in static)
+    one = student_steps("--top-k", "1", "--theta", "3")
+    assert one and all(s["entropy"] == 0 and s["boundary"] == 0.25 for s in one)

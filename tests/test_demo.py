@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -68,6 +69,11 @@ def test_quick_demo_writes_the_report(tmp_path):
     guidance = saved["teacher_guidance"][0]
     assert set(guidance) == {"first_wrong", "teacher_right_at_first", "consistent", "true", "other"}
     assert 0 <= guidance["teacher_right_at_first"] <= guidance["first_wrong"] <= QUICK.validation
+    # the record says how to run it again, on what code and machine, and under what load
+    facts = saved["provenance"]
+    assert facts["command"] == f"motab demo --quick --out {tmp_path}" and facts["seconds"] >= 1
+    assert facts["commit"] is None or re.fullmatch(r"[0-9a-f]{40}\+?", facts["commit"])
+    assert len(facts["load_at_start"]) == 3 and facts["torch"] == torch.__version__
 
 
 def test_teacher_guidance_counts_nothing_for_a_student_that_makes_no_mistake():
@@ -114,13 +120,63 @@ def test_a_tuning_of_some_methods_merges_into_the_record():
 def test_the_demo_runs_the_settings_its_tuning_record_chose():
     record = json.loads(tuning_record_path().read_text())
     assert record["size"] == FULL.__dict__, "tuned at the demo's own budget"
-    assert record["chosen"] == tuned_options()
     for method, grid in TUNING_GRID.items():
         runs = [r for r in record["runs"] if r["method"] == method]
         assert [r["options"] for r in runs] == grid, f"{method}: the record is of another grid"
         best = max(runs, key=lambda r: r["validation_accuracy"])
         assert record["chosen"][method] == best["options"]
     assert len({len(grid) for grid in TUNING_GRID.values()}) == 1, "the same tuning budget for every method"
+
+
+def option_value(config, key: str):
+    """The value a ``SECTION.KEY`` option took in a TrainConfig."""
+    section, name = key.split(".")
+    if section == "train":
+        return getattr(config, name)
+    holder = config.rollout if section == "rollout" else getattr(config.rollout, section)
+    return getattr(holder, name)
+
+
+def test_the_demo_trains_each_method_with_the_setting_its_record_chose(tmp_path, monkeypatch):
+    """run_demo reads each method's choice from the tuning record and trains with it: a record
+    whose choices are planted (a learning rate of each method's own, the tuned option kept) must
+    reach every method's training configuration at both budgets, and the run's record."""
+    import motab.demo.run as demo
+
+    record = json.loads(tuning_record_path().read_text())
+    planted = {
+        method: {**record["chosen"][method], "train.learning_rate": 1e-4 * (n + 1)} for n, method in enumerate(METHODS)
+    }
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(dict(record, chosen=planted)))
+    monkeypatch.setattr(demo, "tuning_record_path", lambda: path)
+    trained = []
+
+    def recorded_run(student, teacher, tokenizer, train, validation, config, progress=True):
+        trained.append(config)
+        return dict(
+            method=config.rollout.mode, steps=config.steps, curve=[(0, 0.5), (config.steps, 0.5)],
+            validation_accuracy=0.5, interventions_per_100=0.0, student_tokens=1, teacher_tokens=1,
+            train_seconds=1.0 + METHODS.index(config.rollout.mode),  # every method but the clock moves
+        )  # fmt: skip
+
+    monkeypatch.setattr(demo, "run_method", recorded_run)
+    monkeypatch.setattr(demo, "warm_student", lambda tokenizer, seed, size, device="cpu": torch.nn.Linear(1, 1))
+    monkeypatch.setattr(demo, "greedy_accuracy", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(demo, "teacher_decay", lambda *args: {})
+    monkeypatch.setattr(demo, "teacher_guidance", lambda *args: {})
+    monkeypatch.setattr(demo, "test_grades", lambda *args: dict.fromkeys(
+        ("test_accuracy", "test_accuracy_last_answer", "test_marker_share"), 0.5
+    ))  # fmt: skip
+    monkeypatch.setattr(demo, "_render_rollout", lambda *args: None)
+    monkeypatch.setattr(demo, "format_table", lambda results: "")
+    results = run_demo(tmp_path / "demo", quick=True, progress=False)
+    modes = [config.rollout.mode for config in trained]
+    assert set(modes) == set(METHODS) and len(modes) == 2 * len(METHODS) - 1  # on_policy's clock run is its own
+    for config in trained:
+        for key, value in planted[config.rollout.mode].items():
+            assert option_value(config, key) == value, (config.rollout.mode, key)
+    assert all(run["options"] == planted[run["method"]] for run in results["runs"])
 
 
 def test_tune_picks_the_best_validation_setting_and_wants_equal_budgets():

@@ -17,7 +17,7 @@ from motab.engine import rollout
 from motab.models import PagedModel
 from motab_kernels import OutOfBlocksError
 from tests.engine_checks import check_invariant_every_round
-from tests.tiny import tiny_qwen2, word_tokenizer
+from tests.tiny import hf_greedy, tiny_qwen2, word_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -31,13 +31,6 @@ def model(seed, hidden=64, vocab=101):
     return (
         tiny_qwen2(seed, hidden=hidden, vocab=vocab, initializer_range=0.4, tie_word_embeddings=False).to(DEVICE).eval()
     )
-
-
-def hf_greedy(m, prefix, n):
-    out = m.generate(
-        torch.tensor([prefix], device=DEVICE), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prefix) :].tolist()
 
 
 def planted_teacher(student, token, hidden, strength=30.0):
@@ -294,15 +287,23 @@ def test_sampling_filters_seeds_and_distribution():
     assert sample(logits, SamplingConfig(temperature=0.0), [0, 1, 2], [0, 0, 0]).tolist() == [1, 1, 1]
     top2 = sample(logits[:1].expand(400, 4), SamplingConfig(top_k=2), list(range(400)), [0] * 400)
     assert set(top2.tolist()) == {1, 2}
-    # a row's draw depends on its seed and counter only, not on the other rows
-    one = sample(logits[:1], SamplingConfig(), [11], [4])
-    many = sample(
-        torch.randn(5, 4, device=DEVICE).index_copy(0, torch.tensor([3], device=DEVICE), logits[:1]),
-        SamplingConfig(),
-        [1, 2, 3, 11, 5],
-        [0, 0, 0, 4, 0],
-    )
-    assert many[3] == one[0]
+    # a row's draw depends on its seed and counter only, not on the other rows or its place among
+    # them: 48 draws from 64 equally likely tokens, each alone and inside a shuffled batch of other
+    # rows (an RNG that ignored this would match by chance with probability 64^-48)
+    flat = torch.zeros(1, 64, device=DEVICE)
+    seeds, counters = list(range(100, 148)), [3 * i for i in range(48)]
+    alone = [int(sample(flat, SamplingConfig(), [s], [c])[0]) for s, c in zip(seeds, counters)]
+    assert len(set(alone)) > 20  # the draws do vary with the seed and counter
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0)).tolist()
+    batch_logits = torch.randn(96, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    batch_seeds, batch_counters = list(range(96)), [7] * 96
+    for row, place in enumerate(order[:48]):
+        batch_logits[place], batch_seeds[place], batch_counters[place] = flat[0], seeds[row], counters[row]
+    together = sample(batch_logits, SamplingConfig(), batch_seeds, batch_counters).tolist()
+    assert [together[place] for place in order[:48]] == alone
+    # and a row's next draw (counter + 1) is another draw, not the same one again
+    again = [int(sample(flat, SamplingConfig(), [s], [c + 1])[0]) for s, c in zip(seeds, counters)]
+    assert sum(a == b for a, b in zip(alone, again)) < 8
     # frequencies follow softmax(logits / T) (20k draws: 4 standard errors)
     n, temperature = 20000, 1.5
     draws = sample(logits[:1].expand(n, 4), SamplingConfig(temperature=temperature), [7] * n, list(range(n)))

@@ -31,6 +31,13 @@ def test_extract_boxed(text, expected):
     "predicted,reference,same",
     [
         ("1,000", "1000", True),
+        ("1,234,567", "1234567", True),
+        # a comma that is not a thousands separator separates values: never dropped
+        ("1,2", "12", False),
+        ("1, 2", "12", False),
+        ("12,34", "1234", False),
+        ("1,2345", "12345", False),
+        (r"\{1,2\}", r"\{12\}", False),
         ("1000.0", "1000", True),
         (r"\frac{6}{8}", "3/4", True),
         (r"\dfrac{3}{4}", "0.75", True),

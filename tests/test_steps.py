@@ -16,7 +16,7 @@ from motab.engine import rollout
 from motab.models import PagedModel
 from motab.steps import contains_stop_at_end, entropy_boundary, oracle_value, root_cause, topk_entropy, trim_at_stop
 from tests.engine_checks import check_invariant_every_round
-from tests.tiny import stop_tokenizer, tiny_qwen2
+from tests.tiny import hf_greedy, stop_tokenizer, tiny_qwen2
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOKENIZER = stop_tokenizer()
@@ -63,27 +63,30 @@ def teacher_logits(teacher, sequence):
         return teacher(torch.tensor([sequence], device=DEVICE)).logits[0].float()
 
 
-def hf_greedy(m, prefix, n):
-    ids = torch.tensor([prefix], device=DEVICE)
-    # an explicit mask: generate would otherwise mask every prefix token equal to the pad id
-    out = m.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prefix) :].tolist()
-
-
 # ------------------------------------------------------------------------------ pure functions
 def test_root_cause_of_planted_values():
     eps = [0.2] * 6
     assert root_cause([0.05], eps[:1]) == 0  # a breach at the first step
     # δ = [-0.1, -0.5, +0.1, -0.3]: the least is at k = 2
     assert root_cause([0.9, 0.8, 0.3, 0.4, 0.1], eps[:5]) == 2
-    # equal δ at k = 1 and k = 3: the lowest k
-    assert root_cause([0.9, 0.6, 0.6, 0.3], eps[:4]) == 1
+    # δ = [-0.25, 0, -0.25]: an exact tie (dyadic values, no rounding) goes to the lowest k
+    assert (0.5 - 0.75) == (0.25 - 0.5) and root_cause([0.75, 0.5, 0.5, 0.25], eps[:4]) == 1
+    # the same tie after a larger δ first: still the lowest of the tied k, not the first candidate
+    assert root_cause([0.75, 0.875, 0.625, 0.875, 0.625], [0.125] * 5) == 2
     # k = 2 has the least δ but its previous step was unsafe, as was k = 3's: only k = 1 qualifies
     assert root_cause([0.9, 0.8, 0.1, 0.15], [0.2, 0.85, 0.2, 0.2]) == 1
-    # no candidate at all (every previous step unsafe): the step of least V
+    # no candidate at all (every previous step unsafe): the step of least V, ties to the lowest k
     assert root_cause([0.3, 0.1], [0.5, 0.5]) == 1
+    assert root_cause([0.25, 0.25, 0.375], [0.5, 0.5, 0.5]) == 0
+
+
+def test_root_cause_reads_an_empty_step_as_safe_with_value_one():
+    """An empty step (the writer ended it at once: nothing to score) has no V; it counts as a safe
+    step of value 1, so the step after it can be the root cause and the steps keep their indices."""
+    # V read as [0.75, 1, 0.25]: δ = [+0.25, -0.75]; the empty step 1 was safe, so k = 2 qualifies
+    assert root_cause([0.75, None, 0.25], [0.5] * 3) == 2
+    # V read as [1, 0.25]: k = 1 (after the empty first step) is the root cause, not step 0
+    assert root_cause([None, 0.25], [0.5, 0.5]) == 1
 
 
 def test_boundary_oracle_value_and_topk_entropy():
@@ -123,11 +126,15 @@ def test_trim_lands_where_sglang_cuts_the_stop_string():
 
 
 # ------------------------------------------------------------------------------ the engine
-def test_oracle_values_and_boundaries_are_the_teachers_own(student, teacher):
-    trajectories = rollout(
-        student, teacher, PROMPTS, config(monitor=NEVER), seeds=SEEDS, tokenizer=TOKENIZER, teacher_tokenizer=TOKENIZER
-    )
-    checked = 0
+@pytest.mark.parametrize("top_k,adaptive", [(20, True), (3, True), (20, False)])
+def test_oracle_values_and_boundaries_are_the_teachers_own(student, teacher, top_k, adaptive):
+    """V of every step from a fresh teacher forward; H over the teacher's top ``entropy_top_k``
+    tokens before the step; ε = ε0 · exp(−θ · H), or ε0 itself with the adaptive boundary off (H is
+    still recorded)."""
+    monitor = replace(NEVER, entropy_top_k=top_k, adaptive_boundary=adaptive)
+    tokenizers = dict(tokenizer=TOKENIZER, teacher_tokenizer=TOKENIZER)
+    trajectories = rollout(student, teacher, PROMPTS, config(monitor=monitor), seeds=SEEDS, **tokenizers)
+    checked, entropies = 0, []
     for traj in trajectories:
         assert traj.root_cause is None and set(traj.sources) == {"student"}
         assert sum(len(s["tokens"]) for s in traj.steps) == len(traj.tokens)
@@ -139,11 +146,14 @@ def test_oracle_values_and_boundaries_are_the_teachers_own(student, teacher):
             logp = logits[before : before + len(scored)].log_softmax(-1)
             expected = math.exp(float(logp[torch.arange(len(scored)), torch.tensor(scored)].mean()))
             assert math.isclose(step["oracle_value"], expected, rel_tol=1e-4)
-            h = float(topk_entropy(logits[before : before + 1], 20)[0])
+            h = float(topk_entropy(logits[before : before + 1], top_k)[0])
             assert math.isclose(step["entropy"], h, rel_tol=1e-4, abs_tol=1e-6)
-            assert math.isclose(step["boundary"], 1e-30 * math.exp(-h), rel_tol=1e-4)
+            entropies.append(h)
+            assert math.isclose(step["boundary"], 1e-30 * math.exp(-h) if adaptive else 1e-30, rel_tol=1e-4)
             checked += 1
     assert checked >= 4 and any(s["end"] == "stop" for t in trajectories for s in t.steps)
+    # not vacuous: the teacher spreads over more than 3 tokens, so the top 20 and the top 3 differ
+    assert top_k == 3 or max(entropies) > math.log(3)
 
 
 def test_a_step_ends_exactly_at_its_first_stop_string(student, teacher):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,10 +16,13 @@ import torch.multiprocessing as mp
 from motab import synthesis
 from motab.config import ConfigError, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.synthesis import Question, SynthesisOptions, load_questions, stitch, synthesize
-from tests.tiny import stop_tokenizer, tiny_qwen2
+from tests.tiny import hf_greedy, stop_tokenizer, tiny_qwen2
 
 TOKENIZER = stop_tokenizer()
-QUESTIONS = [Question(f"q{i}", text) for i, text in enumerate(["ab = 3", "x + 1", "q + 7 = 9, so", "zz", "k = 2"])]
+TEXTS = ["ab = 3", "x + 1", "q + 7 = 9, so", "zz", "k = 2"]
+QUESTIONS = [Question(f"q{i}", text) for i, text in enumerate(TEXTS)]
+# a file without ids keys its records by the question's index: ints, which JSON keeps as ints
+INDEXED = [Question(i, text) for i, text in enumerate(TEXTS)]
 # ε0 0.02 on random tiny models: some responses breach, some do not
 CONFIG = RolloutConfig(
     mode="step_motab",
@@ -51,11 +55,19 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def reference(pair, tmp_path_factory):
-    """The records of one uninterrupted run."""
-    out = tmp_path_factory.mktemp("reference") / "records.jsonl"
-    synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
-    return read(out)
+def references(pair, tmp_path_factory):
+    """The records of one uninterrupted run of ``QUESTIONS`` (string ids) and of ``INDEXED`` (int ids)."""
+    runs = {}
+    for name, questions in (("str", QUESTIONS), ("int", INDEXED)):
+        out = tmp_path_factory.mktemp("reference") / "records.jsonl"
+        synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
+        runs[name] = read(out)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["str"]
 
 
 def read(path):
@@ -109,7 +121,76 @@ def test_records_hold_the_stitched_text_and_every_field(reference):
             assert set(step) >= {"text", "oracle_value", "boundary", "entropy"} and ".\n\n" not in step["text"]
 
 
-def test_a_killed_run_resumes_to_the_same_records(pair, reference, tmp_path, monkeypatch):
+def records_and_trajectories(student, teacher, config, out, monkeypatch, questions=QUESTIONS):
+    """The records of a run and the trajectories the engine returned for them (one rank: the
+    rows in the records' order)."""
+    trajectories = []
+    original = synthesis.rollout
+
+    def keeping(*args, **kwargs):
+        trajectories.extend(original(*args, **kwargs))
+        return trajectories[-len(args[2]) :]
+
+    monkeypatch.setattr(synthesis, "rollout", keeping)
+    synthesize(student, teacher, TOKENIZER, questions, out, config, OPTIONS, progress=False)
+    records = read(out)
+    assert len(records) == len(trajectories)
+    return records, trajectories
+
+
+def test_a_correction_is_the_teachers_own_continuation_of_the_rewound_context(pair, tmp_path, monkeypatch):
+    """With a greedy teacher the correction is what HF ``generate`` writes from the prompt and the
+    steps before t*, token for token, and the record's text is that context's steps, the marker and
+    that correction."""
+    config = replace(CONFIG, teacher_sampling=SamplingConfig(temperature=0.0))
+    records, trajectories = records_and_trajectories(*pair, config, tmp_path / "r.jsonl", monkeypatch)
+    teacher = pair[1]
+    corrected = 0
+    for record, traj in zip(records, trajectories):
+        if not record["breach"]:
+            continue
+        t = record["root_cause"]
+        start = traj.interventions[-1][0]
+        # the rewound context: the prompt and the first t steps, each followed by the separator
+        context = traj.tokens[:start]
+        assert TOKENIZER.decode(context) == "".join(s["text"] + "\n\n" for s in record["steps"][:t])
+        written = len(traj.tokens) - start
+        teachers = hf_greedy(teacher, traj.prompt + context, written)
+        assert record["correction"] == TOKENIZER.decode(teachers, skip_special_tokens=True)
+        # it runs to EOS or to its budget: max(min_correction_tokens, max_new_tokens − tokens before t*)
+        budget = max(config.min_correction_tokens, config.max_new_tokens - start)
+        assert teachers[-1] == TOKENIZER.eos_token_id or written == budget
+        assert TOKENIZER.eos_token_id not in teachers[:-1]
+        steps = "\n\n".join(s["text"] for s in record["steps"])
+        assert record["output"] == steps + "\n\nHowever,\n\n" + record["correction"]
+        corrected += 1
+    assert corrected >= 3
+
+
+@pytest.mark.parametrize("mode", ["step_skd", "teacher_steps"])
+def test_a_baseline_record_holds_the_final_response_and_no_rejected_step(pair, tmp_path, monkeypatch, mode):
+    """step_skd and teacher_steps never breach: a record's text is the response as it stands at the
+    end (steps as written, no stop string trimmed), which holds no step the teacher rejected."""
+    config = replace(CONFIG, mode=mode, trim_stop=False)
+    student = None if mode == "teacher_steps" else pair[0]
+    records, trajectories = records_and_trajectories(student, pair[1], config, tmp_path / "r.jsonl", monkeypatch)
+    rejected = kept = 0
+    for record, traj in zip(records, trajectories):
+        assert not record["breach"] and record["correction"] is None and record["root_cause"] is None
+        assert record["output"] == TOKENIZER.decode(traj.tokens, skip_special_tokens=True)
+        assert record["output"] == "".join(s["text"] for s in record["steps"] if s["kept"])
+        rejected += sum(not s["kept"] for s in record["steps"])
+        kept += sum(s["kept"] and s["writer"] == "student" for s in record["steps"])
+    if mode == "step_skd":  # both decisions happen, so leaving a rejected step in would show
+        assert rejected >= 2 and kept >= 2
+    else:
+        assert rejected == kept == 0
+
+
+@pytest.mark.parametrize("ids", ["str", "int"])
+def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_path, monkeypatch):
+    questions, reference = (QUESTIONS if ids == "str" else INDEXED), references[ids]
+    assert [r["id"] for r in reference[::3]] == [q.id for q in questions]  # the ids as the input gave them
     out = tmp_path / "records.jsonl"
     calls = []
     original = synthesis.rollout
@@ -122,21 +203,21 @@ def test_a_killed_run_resumes_to_the_same_records(pair, reference, tmp_path, mon
 
     monkeypatch.setattr(synthesis, "rollout", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
+        synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
     monkeypatch.setattr(synthesis, "rollout", original)
     assert not out.exists()
     part = tmp_path / "records.jsonl.parts" / "part-0.jsonl"
     assert len(part.read_text().splitlines()) == 8  # two batches of four
     with open(part, "a") as f:
-        f.write('{"id": "q4", "respo')  # a line cut short by the kill
+        f.write('{"id": ' + json.dumps(questions[4].id) + ', "respo')  # a line cut short by the kill
     with pytest.raises(ConfigError, match="--resume"):
-        synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, progress=False)
+        synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
     with pytest.raises(ConfigError, match="changed: options.marker"):
-        synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, SynthesisOptions(responses=3, marker="But"), resume=True)
-    summary = synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, resume=True, progress=False)
+        synthesize(*pair, TOKENIZER, questions, out, CONFIG, SynthesisOptions(responses=3, marker="But"), resume=True)
+    summary = synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, resume=True, progress=False)
     assert summary.records == 7 and summary.skipped == 8
     assert_same_records(read(out), reference)
-    again = synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, OPTIONS, resume=True, progress=False)
+    again = synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, resume=True, progress=False)
     assert again.records == 0
     assert_same_records(read(out), reference)
 

@@ -45,3 +45,14 @@ def stop_tokenizer() -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n"), (".", "\n\n")], unk_token="<unk>"))
     bpe.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>")
+
+
+def hf_greedy(model: torch.nn.Module, prefix: list[int], n: int) -> list[int]:
+    """The ``n`` tokens HF ``generate`` writes greedily after ``prefix`` (one unpadded row, EOS not
+    honoured): the independent oracle of what a model writes."""
+    ids = torch.tensor([prefix], device=next(model.parameters()).device)
+    # an explicit mask: generate would otherwise mask every prefix token equal to the pad id
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prefix) :].tolist()

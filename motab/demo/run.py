@@ -19,15 +19,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import platform
 import random
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from datetime import date
 from importlib import resources
 from pathlib import Path
 
 import torch
+import transformers
 
 from motab.config import RolloutConfig, TrainConfig, build_configs, set_option
 from motab.data import Problem
@@ -71,7 +76,7 @@ class DemoSize:
     decay_problems: int
 
 
-# One seed takes 12–13 minutes on a 2-core CPU (8 methods at two budgets; about 6 when the demo
+# One seed takes 12–19 minutes on a 2-core CPU, by the machine (8 methods at two budgets; about 6 when the demo
 # ran 5 methods at one budget, within the 10 minutes it was then allowed). The warm start
 # (1500 steps on a 2000-problem slice) brings the student to 30–45 % so that its own samples mean
 # something (after 300 steps, at ≈ 20 %, it sat on the flat start of its learning curve and no
@@ -112,7 +117,7 @@ PAPER_OPTIONS = {
     "teacher_sampling": dict(temperature=PAPER_PRESET["temperature"]),
 }
 
-# The tuning grid (``python -m motab.demo.tune``, the README's protocol): the same number of
+# The tuning grid (``python -m motab.demo.tune``, reports/demo/PROTOCOL.md): the same number of
 # distinct settings for every method — the learning rate and one option that is the method's own —
 # tried from the same warm start and judged on the validation split only. The off_policy teacher's
 # temperatures are spread (0 / 1 / 2): the teacher is so sure of itself that 0.7 sampled exactly
@@ -211,10 +216,13 @@ def run_demo(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Runs every method for every seed under the README's protocol and writes the report; returns
-    the results. Per seed, one warm start; every method trains from it twice over: at equal steps
-    (``size.steps``) and at equal wall clock (the training time ``CLOCK_METHOD`` needs for those
-    steps); the test split is read only to evaluate those final students."""
+    """Runs every method for every seed under the protocol (reports/demo/PROTOCOL.md) and writes
+    the report, its provenance included; returns the results. Per seed, one warm start; every
+    method trains from it twice over: at equal steps (``size.steps``) and at equal wall clock (the
+    training time ``CLOCK_METHOD`` needs for those steps); the test split is read only to evaluate
+    those final students."""
+    started, load_at_start = time.time(), os.getloadavg()
+    command = demo_command(seeds=seeds, steps=steps, quick=quick, device=device, out=out)
     size = QUICK if quick else FULL
     if steps is not None:
         size = replace(size, steps=steps)
@@ -266,11 +274,55 @@ def run_demo(
     for warning in results.get("clock_warnings", []):
         print("warning:", warning)
     results["methods"] = summarize(results["runs"])
+    results["provenance"] = provenance(command, device, started, load_at_start)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     curves = [r for r in results["runs"] if r["budget"] == "steps"]
     plot_accuracy_curves(curves, list(METHODS), out / "accuracy.png")
     print(format_table(results))
     return results
+
+
+def demo_command(*, seeds: int, steps: int | None, quick: bool, device: str, out) -> str:
+    """The ``motab demo`` command line that runs these settings."""
+    flags = [f"--seeds {seeds}"] * (seeds != 1) + [f"--steps {steps}"] * (steps is not None) + ["--quick"] * quick
+    return " ".join(["motab demo", *flags, *[f"--device {device}"] * (device != "cpu"), f"--out {out}"])
+
+
+def provenance(command: str, device: str, started: float, load_at_start: tuple[float, float, float]) -> dict:
+    """What a run record carries beside its results: the command, the code's commit, the machine
+    and its load averages (1, 5, 15 min) at the start and the end (the equal-wall-clock steps come
+    from measured times, so they move with the load)."""
+    return dict(
+        command=command,
+        date=str(date.today()),
+        commit=source_commit(),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        device=device,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        seconds=round(time.time() - started),
+        load_at_start=[round(x, 2) for x in load_at_start],
+        load_at_end=[round(x, 2) for x in os.getloadavg()],
+    )
+
+
+def source_commit() -> str | None:
+    """The git commit of the checkout this code runs from, with "+" when tracked files differ from
+    it; None when the package is not run from a checkout of its own."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None  # installed inside some other repository (a venv in a checkout)
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("+" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def test_grades(model, tokenizer, test) -> dict:
