@@ -30,13 +30,12 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from _common import bench_parser, machine_load, parse_bench_args, run_facts, write_results
 from _models import random_lm
-from _timing import sync
+from _timing import run_seconds
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tokenizer (tests/tiny.py)
@@ -103,19 +102,6 @@ def counted(run, student, teacher) -> tuple[object, DecoderReads]:
         return run(), reads
     finally:
         reads.close()
-
-
-def timed(run, device, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` runs of ``run()`` (after one untimed warm-up run)."""
-    run()
-    seconds = []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        run()
-        sync(device)
-        seconds.append(time.perf_counter() - started)
-    return seconds
 
 
 def scripts_loop(student, teacher, tokenizer, prompt: list[int], config: RolloutConfig) -> dict:
@@ -245,10 +231,11 @@ def main(argv=None):
     def scripts_run():
         return [scripts_loop(student, teacher, tokenizer, p, config) for p in prompts]
 
+    # the counted runs are each way's warm-up: the timed runs follow them at once
     records, ours_reads = counted(engine_run, student, teacher)
+    ours_seconds = run_seconds(engine_run, device, args.repeats, warmup=0)
     theirs, their_reads = counted(scripts_run, student, teacher)
-    ours_seconds = timed(engine_run, device, args.repeats)
-    scripts_seconds = timed(scripts_run, device, args.repeats)
+    scripts_seconds = run_seconds(scripts_run, device, args.repeats, warmup=0)
     load_after = machine_load()
 
     agree = 0
