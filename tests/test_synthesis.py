@@ -3,6 +3,7 @@ changed output, and the same records from one rank or two (gloo)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -56,18 +57,21 @@ def pair():
 
 @pytest.fixture(scope="module")
 def references(pair, tmp_path_factory):
-    """The records of one uninterrupted run of ``QUESTIONS`` (string ids) and of ``INDEXED`` (int ids)."""
-    runs = {}
-    for name, questions in (("str", QUESTIONS), ("int", INDEXED)):
+    """The records of one uninterrupted run of ``QUESTIONS`` ("str" ids) or ``INDEXED`` ("int"
+    ids), each run once, when first asked for."""
+
+    @functools.cache
+    def of(ids):
         out = tmp_path_factory.mktemp("reference") / "records.jsonl"
-        synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
-        runs[name] = read(out)
-    return runs
+        synthesize(*pair, TOKENIZER, QUESTIONS if ids == "str" else INDEXED, out, CONFIG, OPTIONS, progress=False)
+        return read(out)
+
+    return of
 
 
 @pytest.fixture(scope="module")
 def reference(references):
-    return references["str"]
+    return references("str")
 
 
 def read(path):
@@ -121,7 +125,7 @@ def test_records_hold_the_stitched_text_and_every_field(reference):
             assert set(step) >= {"text", "oracle_value", "boundary", "entropy"} and ".\n\n" not in step["text"]
 
 
-def records_and_trajectories(student, teacher, config, out, monkeypatch, questions=QUESTIONS):
+def records_and_trajectories(student, teacher, config, out, monkeypatch):
     """The records of a run and the trajectories the engine returned for them (one rank: the
     rows in the records' order)."""
     trajectories = []
@@ -132,7 +136,7 @@ def records_and_trajectories(student, teacher, config, out, monkeypatch, questio
         return trajectories[-len(args[2]) :]
 
     monkeypatch.setattr(synthesis, "rollout", keeping)
-    synthesize(student, teacher, TOKENIZER, questions, out, config, OPTIONS, progress=False)
+    synthesize(student, teacher, TOKENIZER, QUESTIONS, out, config, OPTIONS, progress=False)
     records = read(out)
     assert len(records) == len(trajectories)
     return records, trajectories
@@ -189,7 +193,7 @@ def test_a_baseline_record_holds_the_final_response_and_no_rejected_step(pair, t
 
 @pytest.mark.parametrize("ids", ["str", "int"])
 def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_path, monkeypatch):
-    questions, reference = (QUESTIONS if ids == "str" else INDEXED), references[ids]
+    questions, reference = (QUESTIONS if ids == "str" else INDEXED), references(ids)
     assert [r["id"] for r in reference[::3]] == [q.id for q in questions]  # the ids as the input gave them
     out = tmp_path / "records.jsonl"
     calls = []
