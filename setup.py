@@ -29,7 +29,9 @@ setup(
     extras_require={
         # trl (now a regular dependency) is also the independent oracle for the divergences
         # (GKDTrainer.generalized_jsd_loss).
-        "test": ["pytest>=8", "ruff>=0.6"],
+        # tensorboard (about 15 MB with grpcio and protobuf): tests/test_trackers.py reads back the event
+        # file that train.report_to: tensorboard writes.
+        "test": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14"],
         # The TRL drop-in (motab.integrations.trl); the range its tests cover.
         "trl": ["trl>=0.20,<2"],
         "bench": ["liger-kernel>=0.5"],

@@ -1,43 +1,25 @@
-"""Random models for the benchmarks, built from configs (nothing is downloaded): Qwen2.5-shaped
-on a GPU, tiny on a CPU."""
+"""Random models for the benchmarks, from the package's factory (``motab.tiny``; nothing is
+downloaded): Qwen2.5-shaped on a GPU, tiny on a CPU. Shapes are ``tiny_config``'s arguments."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
+
+from motab.tiny import tiny_model
 
 QWEN_VOCAB = 151936
-QWEN2_5_1_5B = dict(
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
-QWEN2_5_7B = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    tie_word_embeddings=False,
-)
-TINY_STUDENT = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
-TINY_TEACHER = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
+QWEN2_5_1_5B = dict(hidden=1536, intermediate=8960, layers=28, heads=12, kv_heads=2, tie=True)
+QWEN2_5_7B = dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, tie=False)
+TINY_STUDENT = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)
+TINY_TEACHER = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2)
 
 
 def random_lm(shape: dict, vocab: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.nn.Module:
     """A randomly initialised Qwen2 causal LM of ``shape`` in eval mode, built where it runs:
     initialising a 7B-shaped model on a GPU takes seconds, on the host's CPU minutes."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **shape)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model = tiny_model(
+        seed, **shape, vocab=vocab, max_positions=32768, attn_implementation="sdpa", dtype=dtype, device=device
+    )
     return model.eval()
 
 

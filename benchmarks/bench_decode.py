@@ -30,6 +30,7 @@ from _models import QWEN2_5_1_5B, QWEN_VOCAB, TINY_STUDENT, random_lm  # noqa: E
 from _timing import copy_bandwidth, median_seconds  # noqa: E402
 
 from motab.models import PagedModel, greedy_decode  # noqa: E402
+from motab.tiny import tiny_config  # noqa: E402
 from motab_kernels import PagedKVCache, QueryLayout, paged_attention  # noqa: E402
 from motab_kernels.paged_attention import plan_splits  # noqa: E402
 
@@ -199,7 +200,7 @@ def main(argv=None):
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     shape, dtype = (QWEN2_5_1_5B, torch.bfloat16) if on_gpu else (TINY_STUDENT, torch.float32)
-    config = dict(shape, vocab_size=QWEN_VOCAB if on_gpu else 1000)
+    config = tiny_config(**shape, vocab=QWEN_VOCAB if on_gpu else 1000).to_dict()  # the fields by their HF names
     prompt_len, new_tokens = (128, 128) if on_gpu else (16, 16)
     chunks = args.chunks if args.chunks is not None else ("512,1024,2048" if on_gpu else "256")
     chunks = [int(c) for c in chunks.split(",") if c]

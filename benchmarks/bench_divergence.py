@@ -29,9 +29,9 @@ from datetime import date
 import torch
 from _common import bench_parser, card_name, parse_bench_args, run_facts, write_results
 from _timing import copy_bandwidth, median_seconds, run_seconds
+from fused_monitor import FUSED_MONITOR_KINDS, fused_monitor_divergence
 
 from motab_kernels import fused_linear_divergence
-from motab_kernels.divergence import api
 from motab_kernels.reference import per_token_divergence
 
 GPU_SHAPES = [  # (N, Ds, Dt, V, modes)
@@ -119,11 +119,11 @@ def loss_functions(impls, kind, beta, device, backward, chunk_sizes=()):
                 hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="triton", chunk_size=rows
             ).loss
         )
-    if "triton" in impls and not backward and kind in api.FUSED_MONITOR_KINDS:
-        # the fused monitor kernel (logit tiles in registers), next to the default buffered
-        # ``triton`` monitor (cuBLAS logits into the chunk buffer + the row kernel), same card
+    if "triton" in impls and not backward and kind in FUSED_MONITOR_KINDS:
+        # the fused monitor kernel (logit tiles in registers; benchmarks/fused_monitor.py), next to
+        # the buffered ``triton`` monitor (cuBLAS logits into the chunk buffer + the row kernel), same card
         fns["fused_monitor"] = lambda hs, ws, ht, wt, target: (
-            fused_linear_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target, impl="fused_monitor").loss
+            fused_monitor_divergence(hs, ws, ht, wt, kind=kind, beta=beta, target=target).loss
         )
     fns["naive"] = lambda hs, ws, ht, wt, target: naive_loss(hs, ws, ht, wt, target, kind, beta)
     liger = liger_loss_fn(kind, beta)

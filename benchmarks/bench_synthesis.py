@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,23 +37,16 @@ from _models import random_lm
 from _timing import run_seconds
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' tokenizer (tests/tiny.py)
-from motab.config import MonitorConfig, RolloutConfig, SamplingConfig  # noqa: E402
-from motab.steps import contains_stop_at_end, entropy_boundary, oracle_value, root_cause, topk_entropy  # noqa: E402
-from motab.synthesis import Question, SynthesisOptions, stitch, synthesize  # noqa: E402
-from tests.tiny import stop_tokenizer  # noqa: E402
+from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
+from motab.steps import contains_stop_at_end, entropy_boundary, oracle_value, root_cause, topk_entropy
+from motab.synthesis import Question, SynthesisOptions, stitch, synthesize
+from motab.tiny import stop_tokenizer
 
-SHAPES = {
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ),
-    "small": dict(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2
-    ),
+SHAPES = {  # motab.tiny.tiny_config's arguments
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2),
+    "small": dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=2),
     # Qwen2.5-0.5B's body (its 151936-entry head replaced by the benchmark tokenizer's)
-    "qwen0.5b": dict(
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
-    ),
+    "qwen0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2),
 }
 STOP = ".\n\n"
 
@@ -183,7 +175,7 @@ def main(argv=None):
     stop_id = tokenizer.convert_tokens_to_ids(STOP)
     models = []
     for seed in (0, 1):
-        model = random_lm(dict(shape, tie_word_embeddings=False), len(tokenizer), torch.float32, device, seed)
+        model = random_lm(dict(shape, tie=False), len(tokenizer), torch.float32, device, seed)
         with torch.no_grad():
             model.lm_head.weight.mul_(20.0)  # random small models are near-uniform: sharpen them
             model.lm_head.weight[stop_id] *= 1.5  # and make steps end

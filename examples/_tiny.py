@@ -1,33 +1,23 @@
-"""Tiny random models and an in-memory tokenizer, so the examples run offline on a CPU."""
+"""Tiny random models and an in-memory tokenizer (``motab.tiny``), so the examples run offline on a CPU."""
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+from motab.tiny import tiny_model as _tiny_model
+from motab.tiny import tiny_tokenizer
 
 VOCAB = 101
 
 
 def tiny_model(hidden: int, layers: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    return AutoModelForCausalLM.from_config(config)
+    """A random Qwen2 causal LM of ``VOCAB`` ids, 4 query heads sharing 2 K/V heads."""
+    return _tiny_model(seed, vocab=VOCAB, hidden=hidden, layers=layers, initializer_range=0.2)
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"t{i}": i for i in range(VOCAB - 2)} | {"<pad>": VOCAB - 2, "<eos>": VOCAB - 1}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>", unk_token="t0")
+def word_tokenizer():
+    """Words "t0" … "t98", "<pad>" and "<eos>": the models' ``VOCAB`` ids."""
+    return tiny_tokenizer(VOCAB)
 
 
 def completion_rows(n: int, length: int = 24, prompt: int = 8, seed: int = 0) -> dict[str, list]:

@@ -30,40 +30,39 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from motab.config import (
     FIELD_MAP_HELP,
+    PROMPT_FORMATS,
     TOP_LEVEL,
     ConfigError,
     FieldMap,
     RolloutConfig,
-    apply_overrides,
     build_configs,
+    build_section,
     check_device,
     check_dtype,
+    default_option,
     parse_field_map,
     resolve_config,
+    set_option,
 )
+from motab.policy import POLICIES, STEP_MODES, policy_of
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
-ANSWER_FORMATS = ("boxed", "toy")
-# Defaults of ``motab synthesize`` (flags and --set override them). "paper": the reference scripts'
-# stop string, marker, budgets and sampling; "toy": the toy task's (``motab.toy.task.PAPER_PRESET``).
-SYNTHESIS_PRESETS = {
-    "paper": dict(
-        stop=".\n\n",
-        marker="However,",
-        max_new_tokens=32768,
-        max_step_tokens=8192,
-        min_correction_tokens=256,
-        temperature=0.6,
-    ),
-    "toy": TOY_PRESET,
-}
+# The reference scripts' stop string, marker, budgets and sampling, as synthesize's flags name them.
+PAPER_PRESET = dict(
+    stop=".\n\n",
+    marker="However,",
+    max_new_tokens=32768,
+    max_step_tokens=8192,
+    min_correction_tokens=256,
+    temperature=0.6,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,148 +141,270 @@ def field_map_flag(text: str) -> str | FieldMap:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="motab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+def unescaped(text: str) -> str:
+    """An argparse type: ``text`` with its backslash escapes (``\\n``) read, as a flag writes a stop string."""
+    import codecs
 
-    train = commands.add_parser(
-        "train",
-        help="distil a student from a teacher (MOTAB or a baseline)",
-        description="Distils the student from the teacher on the data set's prompts. "
-        "Checkpoints go to train.output_dir; --resume continues from the latest.",
-    )
-    train.add_argument("--config", help="YAML file (see `motab --help`)")
-    _model_arguments(train)
-    train.add_argument("--output-dir", help="where checkpoints and metrics.jsonl go")
-    train.add_argument("--steps", type=int_at_least(1), help="optimizer steps")
-    train.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
-    _override_argument(train)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    train.add_argument(
-        "--overwrite", action="store_true", help="start again in a used output folder (removes the run's checkpoints)"
-    )
-    train.set_defaults(run=run_train)
-
-    roll = commands.add_parser(
-        "rollout",
-        help="roll out prompts and save the trajectories",
-        description="Writes one JSON line per trajectory; --render draws one as a PNG.",
-    )
-    roll.add_argument("--config", help="YAML file (see `motab --help`)")
-    _model_arguments(roll)
-    roll.add_argument("--mode", help="motab, on_policy, off_policy, skd or adaswitch")
-    roll.add_argument("--limit", type=int_at_least(1), default=16, help="prompts to roll out (default 16)")
-    roll.add_argument("--out", required=True, help="trajectories JSONL")
-    roll.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows rolled out together (default 16)")
-    roll.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
-    _override_argument(roll)
-    roll.set_defaults(run=run_rollout)
-
-    demo = commands.add_parser(
-        "demo",
-        help="MOTAB and its baselines on the toy task, with the shipped teacher (CPU, minutes)",
-        description="Distils a small student from the shipped toy teacher with the online methods (off_policy, "
-        "on_policy, skd, adaswitch, motab) and the paper's pipeline and its baselines (step_motab, step_skd, "
-        "teacher_steps: synthesis, then SFT) at the same budget, evaluates each on the held-out test split and "
-        "writes a report.",
-    )
-    demo.add_argument("--out", default="motab-demo", help="report folder (default motab-demo)")
-    demo.add_argument("--seeds", type=int_at_least(1), default=1, help="seeds per method; the table shows mean ± std")
-    demo.add_argument("--steps", type=int_at_least(1), help="training steps per method")
-    demo.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
-    demo.add_argument("--device", default="cpu")
-    demo.set_defaults(run=run_demo)
-
-    synth = commands.add_parser(
-        "synthesize",
-        help="the paper's data synthesis: step-level rollouts with rewinds, written as SFT records",
-        description="Rolls out --responses samples per question step by step (step_motab: the oracle value "
-        "against the entropy boundary, a rewind to the TD-error root cause, the teacher's correction; or the "
-        "scripts' baselines step_skd and teacher_steps) and writes one JSON record per sample. Resumable "
-        "(--resume); under torchrun each rank takes a share and rank 0 merges.",
-    )
-    _model_arguments(synth)
-    synth.add_argument("--out", required=True, help="records JSONL")
-    synth.add_argument("--preset", choices=sorted(SYNTHESIS_PRESETS), help="defaults for a setting (toy: the toy task)")
-    synth.add_argument("--mode", choices=("step_motab", "step_skd", "teacher_steps"), help="default step_motab")
-    synth.add_argument("--responses", type=int_at_least(1), help="samples per question (default 5)")
-    synth.add_argument("--prompt-format", choices=("raw", "chat"), help="raw: the bare question (default), chat")
-    synth.add_argument("--field-map", type=field_map_flag, default="auto", help=FIELD_MAP_HELP)
-    synth.add_argument("--limit", type=int_at_least(1), help="first N questions only")
-    synth.add_argument("--stop", help='the step stop string, escapes allowed (default ".\\n\\n")')
-    synth.add_argument("--trim-stop", action="store_true", help="cut the stop string off as SGLang does (the scripts)")
-    synth.add_argument("--epsilon0", type=number_at_least(0, strictly=True), help="boundary scale ε0 (default 0.2)")
-    synth.add_argument("--theta", type=number_at_least(0), help="boundary sharpness θ (default 1.0)")
-    synth.add_argument("--top-k", type=int_at_least(1), help="teacher tokens of the boundary's entropy (default 20)")
-    synth.add_argument(
-        "--static-boundary", action="store_true", help="H = 0: the constant ε0 the scripts computed on SGLang"
-    )
-    synth.add_argument("--gamma", type=number_at_least(0), help="step_skd's γ (default 0.9)")
-    synth.add_argument("--marker", help='text between the student\'s steps and the correction (default "However,")')
-    synth.add_argument(
-        "--temperature", type=number_at_least(0), help="sampling temperature of both models (default 0.6)"
-    )
-    synth.add_argument("--max-new-tokens", type=int_at_least(1), help="tokens a trajectory (default 32768)")
-    synth.add_argument("--max-step-tokens", type=int_at_least(1), help="tokens a step (default 8192)")
-    synth.add_argument("--batch-size", type=int_at_least(1), default=32, help="rows per rollout (default 32)")
-    synth.add_argument("--seed", type=int_at_least(0), default=0)
-    synth.add_argument("--dtype", help="float32 or bfloat16 (default: bfloat16 on CUDA)")
-    synth.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
-    synth.add_argument("--overwrite", action="store_true", help="start again: remove an existing --out and its parts")
-    synth.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
-    _override_argument(synth)
-    synth.set_defaults(run=run_synthesize)
-
-    sft = commands.add_parser(
-        "sft",
-        help="supervised fine-tuning on synthesized records (TRL's SFTTrainer)",
-        description="Fine-tunes --model on the prompt/completion records (loss on the completion only) with "
-        "the reference scripts' defaults: lr 5e-5, 6 epochs, cosine to 1e-6, 5 %% warm-up, weight decay 0.1, "
-        "Adam β2 0.95, packing. Checkpoints are HF Trainer's; --resume continues from the latest.",
-    )
-    sft.add_argument("--model", required=True, help="the student: local folder or cached hub id")
-    sft.add_argument("--data", required=True, help="records JSONL (motab synthesize) or any prompt/completion file")
-    sft.add_argument("--out", required=True, help="folder for checkpoints and the final model")
-    sft.add_argument("--epochs", type=number_at_least(0, strictly=True), help="default 6")
-    sft.add_argument("--learning-rate", type=number_at_least(0, strictly=True), help="default 5e-5")
-    sft.add_argument("--max-steps", type=int_at_least(1), help="stop after N optimizer steps (overrides --epochs)")
-    sft.add_argument("--max-length", type=int_at_least(1), help="tokens per packed row (default 32768)")
-    sft.add_argument("--batch-size", type=int_at_least(1), help="rows per device and step (default 1)")
-    sft.add_argument("--gradient-accumulation", type=int_at_least(1), help="default 1")
-    sft.add_argument("--no-packing", action="store_true", help="one record per row, padded")
-    sft.add_argument("--save-steps", type=int_at_least(1), help="checkpoint every N steps (default 500)")
-    sft.add_argument("--seed", type=int_at_least(0), help="default 0")
-    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    sft.set_defaults(run=run_sft)
-
-    evaluate = commands.add_parser("eval", help="accuracy of a model on a benchmark with \\boxed{} answers")
-    evaluate.add_argument("--model", required=True, help="local folder or cached hub id")
-    evaluate.add_argument("--data", required=True, help="JSONL / Parquet / datasets folder with answers")
-    evaluate.add_argument("--field-map", type=field_map_flag, default="auto", help=FIELD_MAP_HELP)
-    evaluate.add_argument(
-        "--samples", type=int_at_least(1), default=1, help="samples per problem (pass@1 is their mean)"
-    )
-    evaluate.add_argument("--temperature", type=number_at_least(0), default=0.0, help="0 is greedy")
-    evaluate.add_argument("--max-new-tokens", type=int_at_least(1), default=512)
-    evaluate.add_argument("--limit", type=int_at_least(1), help="first N problems only")
-    evaluate.add_argument(
-        "--answer-format", choices=ANSWER_FORMATS, default="boxed", help="boxed: the last \\boxed{} (default); toy: #d"
-    )
-    evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
-    evaluate.set_defaults(run=run_eval)
-    return parser
+    try:
+        return codecs.decode(text, "unicode_escape")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error.reason}") from None
 
 
-def _override_argument(parser: argparse.ArgumentParser) -> None:
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets options of the run's configuration: ``options`` are where its
+    value goes (top-level keys such as ``"student"``, or ``"section.option"``). The one table of a
+    command's flags builds its parser and maps the parsed values (``flag_options``); a flag's
+    default is the configuration's, so its help reads it from the dataclass."""
+
+    name: str
+    options: tuple[str, ...]
+    help: str
+    kwargs: dict = field(default_factory=dict)  # argparse's type, choices, const
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+def _flag(name: str, options: str | tuple[str, ...], help: str, **kwargs) -> Flag:
+    return Flag(name, (options,) if isinstance(options, str) else options, help, kwargs)
+
+
+def _switch(name: str, option: str, value: bool, help: str) -> Flag:
+    """A flag without a value that sets ``option`` to ``value``."""
+    return Flag(name, (option,), help, dict(action="store_const", const=value))
+
+
+MODEL_FLAGS = (
+    _flag("--student", "student", "local folder or cached hub id"),
+    _flag("--teacher", "teacher", "local folder or cached hub id"),
+    _flag("--data", "data", "JSONL / Parquet / datasets folder"),
+    _flag("--device", "device", "cpu, cuda or cuda:N (default: cuda when available)"),
+)
+TRAIN_FLAGS = (
+    *MODEL_FLAGS,
+    _flag("--output-dir", "train.output_dir", "where checkpoints and metrics.jsonl go"),
+    _flag("--steps", "train.steps", "optimizer steps", type=int_at_least(1)),
+    _flag("--mode", "rollout.mode", f"one of {', '.join(POLICIES)}"),
+    _flag("--report-to", "train.report_to", "experiment tracker(s): none, all, tensorboard, trackio, wandb, ..."),
+)
+ROLLOUT_FLAGS = (*MODEL_FLAGS, _flag("--mode", "rollout.mode", f"one of {', '.join(POLICIES)}"))
+TEMPERATURES = ("student_sampling.temperature", "teacher_sampling.temperature")
+SYNTHESIZE_FLAGS = (
+    *MODEL_FLAGS,
+    _flag("--dtype", "dtype", "float32 or bfloat16 (default: bfloat16 on CUDA)"),
+    _flag("--field-map", "field_map", FIELD_MAP_HELP, type=field_map_flag),
+    _flag("--mode", "rollout.mode", "", choices=STEP_MODES),
+    _flag("--responses", "synthesis.responses", "samples per question", type=int_at_least(1)),
+    _flag("--prompt-format", "synthesis.prompt_format", "raw: the bare question; chat", choices=PROMPT_FORMATS),
+    _flag("--stop", "rollout.step_stop", "the step stop string, escapes allowed", type=unescaped),
+    _switch("--trim-stop", "rollout.trim_stop", True, "cut the stop string off as SGLang does (the scripts)"),
+    _flag("--epsilon0", "monitor.epsilon0", "boundary scale ε0", type=number_at_least(0, strictly=True)),
+    _flag("--theta", "monitor.theta", "boundary sharpness θ", type=number_at_least(0)),
+    _flag("--top-k", "monitor.entropy_top_k", "teacher tokens of the boundary's entropy", type=int_at_least(1)),
+    _switch("--static-boundary", "monitor.adaptive_boundary", False, "H = 0: the constant ε0 the scripts had"),
+    _flag("--gamma", "rollout.step_skd_gamma", "step_skd's γ", type=number_at_least(0)),
+    _flag("--marker", "synthesis.marker", "text between the student's steps and the correction"),
+    _flag("--temperature", TEMPERATURES, "sampling temperature of both models", type=number_at_least(0)),
+    _flag("--max-new-tokens", "rollout.max_new_tokens", "tokens a trajectory", type=int_at_least(1)),
+    _flag("--max-step-tokens", "rollout.max_step_tokens", "tokens a step", type=int_at_least(1)),
+    _flag(
+        "--min-correction-tokens",
+        "rollout.min_correction_tokens",
+        "tokens the correction may write at least",
+        type=int_at_least(0),
+    ),
+    _flag("--batch-size", "synthesis.batch_size", "rows per rollout", type=int_at_least(1)),
+    _flag("--seed", "synthesis.seed", "the seed rows' seeds are hashed from", type=int_at_least(0)),
+)
+SFT_FLAGS = (
+    _flag("--model", "model", "the student: a local model folder"),
+    _flag("--data", "data", "records JSONL (motab synthesize) or any prompt/completion file"),
+    _flag("--epochs", "sft.num_train_epochs", "epochs", type=number_at_least(0, strictly=True)),
+    _flag("--learning-rate", "sft.learning_rate", "peak learning rate", type=number_at_least(0, strictly=True)),
+    _flag("--max-steps", "sft.max_steps", "stop after N optimizer steps (overrides --epochs)", type=int_at_least(1)),
+    _flag("--max-length", "sft.max_length", "tokens per packed row", type=int_at_least(1)),
+    _flag("--batch-size", "sft.per_device_train_batch_size", "rows per device and step", type=int_at_least(1)),
+    _flag("--gradient-accumulation", "sft.gradient_accumulation_steps", "micro-batches a step", type=int_at_least(1)),
+    _switch("--no-packing", "sft.packing", False, "one record per row, padded"),
+    _flag("--save-steps", "sft.save_steps", "checkpoint every N steps", type=int_at_least(1)),
+    _flag("--seed", "sft.seed", "the run's seed", type=int_at_least(0)),
+    _flag("--report-to", "sft.report_to", "experiment tracker: none, tensorboard, trackio, wandb, ..."),
+)
+EVAL_FLAGS = (
+    _flag("--model", "model", "local folder or cached hub id"),
+    _flag("--data", "data", "JSONL / Parquet / datasets folder with answers"),
+    _flag("--field-map", "field_map", FIELD_MAP_HELP, type=field_map_flag),
+    _flag("--samples", "evaluation.samples", "samples per problem (pass@1 is their mean)", type=int_at_least(1)),
+    _flag("--temperature", "evaluation.temperature", "0 is greedy", type=number_at_least(0)),
+    _flag("--max-new-tokens", "evaluation.max_new_tokens", "tokens a completion", type=int_at_least(1)),
+    _flag("--batch-size", "evaluation.batch_size", "rows generated together", type=int_at_least(1)),
+    _flag("--answer-format", "evaluation.answer_format", "boxed: the last \\boxed{}; toy: #d"),
+    _flag("--device", "device", "cpu, cuda or cuda:N (default: cuda when available)"),
+)
+
+
+def preset_sections(values: dict) -> dict:
+    """A synthesize preset written as flag values (``stop``, ``temperature``, ...), as the sections
+    of a run file: the defaults a run file, flags and --set then override. A preset runs step_motab."""
+    flags = {flag.dest: flag for flag in SYNTHESIZE_FLAGS}
+    raw = {"rollout": {"mode": "step_motab"}}
+    for key, value in values.items():
+        for option in flags[key].options:
+            set_option(raw, option, value)
+    return raw
+
+
+# Defaults of ``motab synthesize``. "paper": the reference scripts'; "toy": the toy task's
+# (``motab.toy.task.PAPER_PRESET``).
+SYNTHESIS_PRESETS = {"paper": preset_sections(PAPER_PRESET), "toy": preset_sections(TOY_PRESET)}
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: tuple[Flag, ...], preset: dict | None = None) -> None:
+    """``flags`` on ``parser``, each unset by default (None: the configuration decides); the help
+    says the default: the preset's where one applies, else the configuration's."""
+    for flag in flags:
+        default = _preset_value(preset, flag.options[0]) if preset else None
+        default = default_option(flag.options[0]) if default is None else default
+        text = flag.help
+        if default is not None and "action" not in flag.kwargs:
+            text = f"{text} (default {json.dumps(default, ensure_ascii=False)})" if text else f"default {default}"
+        parser.add_argument(flag.name, dest=flag.dest, default=None, help=text, **flag.kwargs)
+
+
+def flag_options(args: argparse.Namespace, flags: tuple[Flag, ...]) -> dict:
+    """The options the given flags set, by option name (an unset flag sets nothing)."""
+    return {option: getattr(args, flag.dest) for flag in flags for option in flag.options}
+
+
+def _preset_value(preset: dict, option: str):
+    section, _, name = option.partition(".")
+    return preset.get(section, {}).get(name) if name else preset.get(section)
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run file (see `motab --help`); flags and --set override it")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--student", help="local folder or cached hub id")
-    parser.add_argument("--teacher", help="local folder or cached hub id")
-    parser.add_argument("--data", help="JSONL / Parquet / datasets folder")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    add_flags(parser, TRAIN_FLAGS)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start again in a used output folder (removes the run's checkpoints)"
+    )
+    parser.set_defaults(run=run_train, flags=TRAIN_FLAGS)
+
+
+def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    add_flags(parser, ROLLOUT_FLAGS)
+    parser.add_argument("--limit", type=int_at_least(1), default=16, help="prompts to roll out (default 16)")
+    parser.add_argument("--out", required=True, help="trajectories JSONL")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows rolled out together (default 16)")
+    parser.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
+    parser.set_defaults(run=run_rollout, flags=ROLLOUT_FLAGS)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="motab-demo", help="report folder (default motab-demo)")
+    parser.add_argument("--seeds", type=int_at_least(1), default=1, help="seeds per method; the table shows mean ± std")
+    parser.add_argument("--steps", type=int_at_least(1), help="training steps per method")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(run=run_demo)
+
+
+def _synthesize_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    parser.add_argument(
+        "--preset", choices=sorted(SYNTHESIS_PRESETS), default="paper", help="defaults (paper; toy: the toy task)"
+    )
+    add_flags(parser, SYNTHESIZE_FLAGS, SYNTHESIS_PRESETS["paper"])
+    parser.add_argument("--out", required=True, help="records JSONL")
+    parser.add_argument("--limit", type=int_at_least(1), help="first N questions only")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    parser.add_argument("--overwrite", action="store_true", help="start again: remove an existing --out and its parts")
+    parser.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
+    parser.set_defaults(run=run_synthesize, flags=SYNTHESIZE_FLAGS)
+
+
+def _sft_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    add_flags(parser, SFT_FLAGS)
+    parser.add_argument("--out", required=True, help="folder for checkpoints and the final model")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.set_defaults(run=run_sft, flags=SFT_FLAGS)
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    add_flags(parser, EVAL_FLAGS)
+    parser.add_argument("--limit", type=int_at_least(1), help="first N problems only")
+    parser.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
+    parser.set_defaults(run=run_eval, flags=EVAL_FLAGS)
+
+
+# Each command's parser: what adds its arguments, and its help and description.
+COMMAND_PARSERS = {
+    "train": (
+        _train_arguments,
+        dict(
+            help="distil a student from a teacher (MOTAB or a baseline)",
+            description="Distils the student from the teacher on the data set's prompts. "
+            "Checkpoints go to train.output_dir; --resume continues from the latest.",
+        ),
+    ),
+    "rollout": (
+        _rollout_arguments,
+        dict(
+            help="roll out prompts and save the trajectories",
+            description="Writes one JSON line per trajectory; --render draws one as a PNG.",
+        ),
+    ),
+    "demo": (
+        _demo_arguments,
+        dict(
+            help="MOTAB and its baselines on the toy task, with the shipped teacher (CPU, minutes)",
+            description="Distils a small student from the shipped toy teacher with the online methods (off_policy, "
+            "on_policy, skd, adaswitch, motab) and the paper's pipeline and its baselines (step_motab, step_skd, "
+            "teacher_steps: synthesis, then SFT) at the same budget, evaluates each on the held-out test split and "
+            "writes a report.",
+        ),
+    ),
+    "synthesize": (
+        _synthesize_arguments,
+        dict(
+            help="the paper's data synthesis: step-level rollouts with rewinds, written as SFT records",
+            description="Rolls out --responses samples per question step by step (step_motab: the oracle value "
+            "against the entropy boundary, a rewind to the TD-error root cause, the teacher's correction; or the "
+            "scripts' baselines step_skd and teacher_steps) and writes one JSON record per sample. Settings: the "
+            "preset, then --config, then the flags, then --set. Resumable (--resume); under torchrun each rank "
+            "takes a share and rank 0 merges.",
+        ),
+    ),
+    "sft": (
+        _sft_arguments,
+        dict(
+            help="supervised fine-tuning on synthesized records (TRL's SFTTrainer)",
+            description="Fine-tunes --model on the prompt/completion records (loss on the completion only) with "
+            "the reference scripts' defaults: lr 5e-5, 6 epochs, cosine to 1e-6, 5 %% warm-up, weight decay 0.1, "
+            "Adam β2 0.95, packing. Checkpoints are HF Trainer's; --resume continues from the latest.",
+        ),
+    ),
+    "eval": (_eval_arguments, dict(help="accuracy of a model on a benchmark with \\boxed{} answers")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="motab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, text) in COMMAND_PARSERS.items():
+        add_arguments(commands.add_parser(name, **text))
+    return parser
 
 
 def load_model(name: str, dtype, device, role: str = "model"):
@@ -439,12 +560,11 @@ def _init_distributed(raw: dict) -> int:
     return dist.get_rank()
 
 
-def _raw_config(args) -> dict:
-    """The run's configuration: the YAML file, then the flags the command has, then --set."""
-    flags = {key: getattr(args, key, None) for key in ("student", "teacher", "data", "device")}
-    for option, flag in (("train.output_dir", "output_dir"), ("train.steps", "steps"), ("rollout.mode", "mode")):
-        flags[option] = getattr(args, flag, None)
-    return resolve_config(args.config, flags, args.set)
+def _raw_config(args, defaults: dict | None = None) -> dict:
+    """The run's configuration: ``defaults`` (a preset), the YAML file, the command's flags, --set."""
+    return resolve_config(
+        args.config, flag_options(args, args.flags), args.set, command=args.command, defaults=defaults
+    )
 
 
 def run_train(args) -> int:
@@ -456,13 +576,14 @@ def run_train(args) -> int:
 
     check_run_folder(train.output_dir, args.resume, args.overwrite)  # before any model loads
     # torch and transformers load only now: a mistake in the configuration shows in a fraction of a second
-    from motab.engine import with_tokenizer_defaults
-    from motab.trainer import DistillationTrainer
+    from motab.policy import resolve_training
+    from motab.trainer import DistillationTrainer, Trackers
 
     rank = _init_distributed(raw)
+    Trackers(train, rank)  # an unknown tracker, or one whose package is missing, refused before the models load
     student, teacher, tokenizer, problems = _setup(raw, train.rollout)
-    train = replace(train, rollout=with_tokenizer_defaults(train.rollout, tokenizer))
-    if rank == 0:  # after the tokenizer filled EOS, the vocabulary size and the step delimiters
+    train = resolve_training(train, tokenizer)
+    if rank == 0:  # the mode's own monitor settings, and EOS, the vocabulary size and the step delimiters filled in
         print_resolved(raw, train)
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
     try:
@@ -493,11 +614,12 @@ def run_rollout(args) -> int:
     check_writable(out, "--out", folder=False)  # before the generation, which the write would otherwise lose
     if args.render:
         check_writable(args.render, "--render", folder=False)
-    from motab.engine import rollout_in_batches, with_tokenizer_defaults
+    from motab.engine import rollout_in_batches
     from motab.plots import render_trajectory
+    from motab.policy import resolve
 
     student, teacher, tokenizer, problems = _setup(raw, rollout)
-    rollout = with_tokenizer_defaults(rollout, tokenizer)
+    rollout, _ = resolve(rollout, tokenizer)
     print_resolved(raw, rollout)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
     # a bar on stderr when it is a terminal; row i keeps seed i whatever the batches
@@ -517,111 +639,79 @@ def run_rollout(args) -> int:
 
 
 def run_eval(args) -> int:
-    if args.device is not None:
-        check_device(args.device, "--device")
-    check_sources({"model": args.model}, args.data, args.field_map)
+    raw = _raw_config(args)
+    settings = build_section("evaluation", raw.get("evaluation"))
+    check_sources({"model": raw["model"]}, raw["data"], _field_map(raw))
     check_writable(args.out, "--out", folder=True)  # before the generation, which the write would otherwise lose
+    import motab.demo  # noqa: F401  (registers the toy task's answer format, "toy")
     from motab.config import SamplingConfig
-    from motab.evaluate import evaluate
+    from motab.evaluate import evaluate, get_answer_format
 
-    device, dtype = _device_and_dtype(args.device, None)
-    model, tokenizer = load_model(args.model, dtype, device)
-    problems, _ = _load_problems(args.data, tokenizer, field_map=args.field_map, limit=args.limit)
+    try:
+        answer_format = get_answer_format(settings.answer_format)
+    except ValueError as error:
+        raise ConfigError(f"evaluation.answer_format: {error}") from error
+    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
+    model, tokenizer = load_model(raw["model"], dtype, device)
+    problems, _ = _load_problems(raw["data"], tokenizer, field_map=_field_map(raw), limit=args.limit)
     if any(p.answer is None for p in problems):
-        raise ConfigError(f"{args.data} has no answer field: eval needs reference answers")
+        raise ConfigError(f"{raw['data']} has no answer field: eval needs reference answers")
     result = evaluate(
         model,
         tokenizer,
         [p.prompt_ids for p in problems],
         [p.answer for p in problems],
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(temperature=args.temperature),
+        samples=settings.samples,
+        max_new_tokens=settings.max_new_tokens,
+        sampling=SamplingConfig(temperature=settings.temperature),
+        batch_size=settings.batch_size,
+        seed=settings.seed,
         out_dir=args.out,
-        answer_format=args.answer_format,
+        answer_format=answer_format,
         progress=None,  # a bar on stderr when it is a terminal
     )
-    print(f"accuracy (pass@1 over {args.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
+    print(f"accuracy (pass@1 over {settings.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
     return 0
 
 
 def run_synthesize(args) -> int:
-    preset = SYNTHESIS_PRESETS[args.preset or "paper"]
-
-    def chosen(flag: str, key: str | None = None):
-        value = getattr(args, flag)
-        return preset.get(key or flag) if value is None else value
-
-    temperature = chosen("temperature")
-    rollout = dict(
-        mode=args.mode or "step_motab",
-        step_stop=_unescaped(args.stop, "--stop") if args.stop else preset["stop"],
-        trim_stop=args.trim_stop,
-        max_new_tokens=chosen("max_new_tokens"),
-        max_step_tokens=chosen("max_step_tokens"),
-        min_correction_tokens=preset["min_correction_tokens"],
-    )
-    if args.gamma is not None:
-        rollout["step_skd_gamma"] = args.gamma
-    monitor = {
-        key: getattr(args, flag)
-        for key, flag in (("epsilon0", "epsilon0"), ("theta", "theta"), ("entropy_top_k", "top_k"))
-    }
-    monitor = {key: value for key, value in monitor.items() if value is not None}
-    if args.static_boundary:
-        monitor["adaptive_boundary"] = False
-    raw = {
-        "rollout": rollout,
-        "monitor": monitor,
-        "student_sampling": {"temperature": temperature},
-        "teacher_sampling": {"temperature": temperature},
-    }
-    apply_overrides(raw, args.set)
+    raw = _raw_config(args, SYNTHESIS_PRESETS[args.preset])
     _, config = build_configs(raw)
-    needed = ("teacher", "data") if config.mode == "teacher_steps" else ("student", "teacher", "data")
-    for name in needed:
-        if not getattr(args, name):
-            raise ConfigError(f"--{name} is required for mode {config.mode}")
-    check_sources({role: getattr(args, role) for role in needed if role != "data"}, args.data, args.field_map)
-    if args.device is not None:
-        check_device(args.device, "--device")
-    if args.dtype is not None:
-        check_dtype(args.dtype, "--dtype")
+    options = build_section("synthesis", raw.get("synthesis"))
+    policy = policy_of(config.mode)
+    if not policy.in_steps:
+        raise ConfigError(f"rollout.mode: synthesize runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
+    if policy.needs_student and "student" not in raw:
+        raise ConfigError(f"--student is required for mode {config.mode}")
+    roles = ("student", "teacher") if policy.needs_student else ("teacher",)
+    check_sources({role: raw[role] for role in roles}, raw["data"], _field_map(raw))
     out = Path(args.out)
     check_writable(out, "--out", folder=False)
     if args.render:
         check_writable(args.render, "--render", folder=False)
     # torch and transformers load only now: a mistake in the options shows in a fraction of a second
-    from motab.synthesis import SynthesisOptions, check_output, load_questions, synthesize
+    from motab.policy import resolve
+    from motab.synthesis import check_output, load_questions, synthesize
 
     check_output(out, args.resume, args.overwrite)  # before any model loads
-
-    try:
-        options = SynthesisOptions(
-            responses=5 if args.responses is None else args.responses,
-            prompt_format=args.prompt_format or "raw",
-            marker=chosen("marker"),
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        questions = load_questions(args.data, args.field_map, args.limit)
+        questions = load_questions(raw["data"], _field_map(raw), args.limit)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
-    raw_device = {"device": args.device} if args.device else {}
-    rank = _init_distributed(raw_device)
+    rank = _init_distributed(raw)
     world = _world_size()
-    device, dtype = _device_and_dtype(raw_device.get("device", args.device), args.dtype)
+    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
     _check_graphs_device(config.cuda_graphs, device)
-    teacher, tokenizer = load_model(args.teacher, dtype, device, "teacher")
+    teacher, tokenizer = load_model(raw["teacher"], dtype, device, "teacher")
     student = None
-    if config.mode != "teacher_steps":
-        student, student_tokenizer = load_model(args.student, dtype, device, "student")
+    if policy.needs_student:
+        student, student_tokenizer = load_model(raw["student"], dtype, device, "student")
         _check_tokenizers(student_tokenizer, tokenizer)
         tokenizer = student_tokenizer
+    config, _ = resolve(config, tokenizer)
+    if rank == 0:
+        print_resolved(raw, config, synthesis=options)
     barrier = _barrier() if world > 1 else None
     summary = synthesize(
         student, teacher, tokenizer, questions, out, config, options,
@@ -644,44 +734,25 @@ def run_synthesize(args) -> int:
     return 0
 
 
-def _unescaped(text: str, flag: str) -> str:
-    """``text`` with its backslash escapes (``\\n``) read, as a flag writes a stop string."""
-    import codecs
-
-    try:
-        return codecs.decode(text, "unicode_escape")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{flag} {text!r}: {error.reason}") from error
-
-
 def run_sft(args) -> int:
-    folder = local_model_folder(args.model, "model")
+    raw = _raw_config(args)
+    options = build_section("sft", raw.get("sft"))
+    folder = local_model_folder(raw["model"], "model")
     if folder is None:  # a hub id: SFTTrainer is given a folder, never a download
         raise ConfigError(
-            f"the model {args.model!r} is not a local folder: sft fine-tunes a saved model folder "
-            f"(`hf download {args.model} --local-dir DIR` makes one)"
+            f"the model {raw['model']!r} is not a local folder: sft fine-tunes a saved model folder "
+            f"(`hf download {raw['model']} --local-dir DIR` makes one)"
         )
     check_model_files(folder, "model")
     check_writable(args.out, "--out", folder=True)
-    from motab.sft import SFTOptions, resume_point, run_sft, to_dataset
+    from motab.sft import resume_point, run_sft, to_dataset
 
-    given = dict(
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        max_steps=args.max_steps,
-        max_length=args.max_length,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation,
-        save_steps=args.save_steps,
-        seed=args.seed,
-    )
     try:
-        options = SFTOptions(**{k: v for k, v in given.items() if v is not None}, packing=not args.no_packing)
         resume_point(args.out, args.resume)  # a used folder or nothing to resume: said before anything loads
-        to_dataset(args.data)
+        to_dataset(raw["data"])
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
-    result = run_sft(args.model, args.data, args.out, options, resume=args.resume)
+    result = run_sft(raw["model"], raw["data"], args.out, options, resume=args.resume)
     print(f"done: {result.global_step} steps, training loss {result.training_loss:.4f}; model saved in {args.out}")
     return 0
 
@@ -744,10 +815,12 @@ def run_demo(args) -> int:
     return 0
 
 
-def print_resolved(raw: dict, config) -> None:
-    """Prints the run's configuration as it runs: the top-level keys and the ``TrainConfig`` (or the
-    ``RolloutConfig``) with what the tokenizer filled in. Lists of ids on one line each."""
-    dumped = yaml.dump(_printable(raw, config), Dumper=_ConfigDumper, sort_keys=False, width=120)
+def print_resolved(raw: dict, config, **sections) -> None:
+    """Prints the run's configuration as it runs: the top-level keys, the ``TrainConfig`` (or the
+    ``RolloutConfig``) as ``motab.policy.resolve`` settled it — the mode's own monitor settings, what
+    the tokenizer filled in — and any other section built (``synthesis=...``). Lists of ids on one
+    line each."""
+    dumped = yaml.dump(_printable(raw, config, sections), Dumper=_ConfigDumper, sort_keys=False, width=120)
     print("resolved config:\n" + dumped)
 
 
@@ -762,8 +835,9 @@ _ConfigDumper.add_representer(
 )
 
 
-def _printable(raw: dict, config) -> dict:
+def _printable(raw: dict, config, sections: dict) -> dict:
     shown = {k: v for k, v in raw.items() if k in TOP_LEVEL}
+    shown |= {name: asdict(value) for name, value in sections.items()}
     values = asdict(config)
     if "rollout" in values:  # a TrainConfig
         shown["train"] = {k: v for k, v in values.items() if k != "rollout"}

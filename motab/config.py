@@ -4,8 +4,10 @@ Imports neither torch nor transformers, so that a configuration is checked in mi
 any model loads. The sections of a YAML run file map onto these classes: ``train`` →
 ``TrainConfig``, ``rollout`` → ``RolloutConfig``, ``monitor`` → ``MonitorConfig`` (the boundary; its
 scores and rules are explained in ``motab.monitor``), ``student_sampling`` and ``teacher_sampling``
-→ ``SamplingConfig``; top-level keys name the models, the data (``field_map``: which record fields
-to read, a ``FieldMap``) and the device.
+→ ``SamplingConfig``, ``synthesis`` → ``SynthesisOptions``, ``evaluation`` → ``EvaluationConfig``,
+``sft`` → ``SFTOptions``; top-level keys name the models, the data (``field_map``: which record
+fields to read, a ``FieldMap``) and the device. ``COMMANDS`` says which keys each command reads;
+``resolve_config`` layers a command's preset, run file, flags and ``--set`` overrides, in that order.
 
 Every value is read as its field's annotation says (``coerce_option``: ``1e-5``, which YAML 1.1
 reads as a string, is a number for a float field; ``2.5`` is refused for an int) and checked against
@@ -14,6 +16,7 @@ its range; a mistake is a ``ConfigError`` naming ``section.option`` and what it 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import math
@@ -106,9 +109,6 @@ class MonitorConfig:
 
 
 MODES = ("motab", "on_policy", "off_policy", "skd", "adaswitch", "step_motab", "step_skd", "teacher_steps")
-# Modes that write rows step by step (``step_stop``, ``max_step_tokens``, ``trim_stop``): the paper's
-# pipeline and the reference scripts' two baselines.
-STEP_MODES = ("step_motab", "step_skd", "teacher_steps")
 # How ``motab train`` spreads the student over several ranks (see ``motab.trainer``).
 PARALLEL = ("ddp", "fsdp")
 
@@ -199,9 +199,21 @@ class TrainConfig:
     seed: int = 0
     # Under torchrun: "ddp" replicates the student on every rank, "fsdp" shards it (FSDP2).
     parallel: str = "ddp"
+    # Experiment trackers that get each metrics line, as transformers' ``TrainingArguments.report_to``
+    # names them: "none", "all" (every one installed), a name or a list of names. Whether a name is
+    # one of transformers' integrations and its package is installed is the trainer's to check (this
+    # module imports no transformers), when it is built: before any rollout.
+    report_to: str | tuple[str, ...] = "none"
 
     def __post_init__(self) -> None:
         _require_choice("parallel", self.parallel, PARALLEL, "parallel mode")
+        if isinstance(self.report_to, list):  # one shape whether it came from YAML or from Python
+            self.report_to = tuple(self.report_to)
+        names = (self.report_to,) if isinstance(self.report_to, str) else self.report_to
+        named = isinstance(names, tuple) and all(isinstance(name, str) and name for name in names)
+        _require(named, "report_to", "must be a tracker's name or a list of names", self.report_to)
+        alone = len(names) == 1 or not {"none", "all"} & set(names)
+        _require(alone, "report_to", "takes none and all alone, not in a list", self.report_to)
         # FSDP's hooks run in every forward of a sharded student: a graph would capture them
         sharded_graphs = self.parallel == "fsdp" and self.rollout.cuda_graphs
         _require(not sharded_graphs, "parallel", "cannot be fsdp with rollout.cuda_graphs", self.parallel)
@@ -219,6 +231,135 @@ class TrainConfig:
         _require_choice("loss_kind", self.loss_kind, LOSS_KINDS, "loss")
         _require(0.0 <= self.loss_beta <= 1.0, "loss_beta", "must lie in [0, 1]", self.loss_beta)
         _require(self.loss_temperature > 0, "loss_temperature", "must be > 0", self.loss_temperature)
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """``report_to`` as a tuple of names, empty for "none" ("all" stays as it is)."""
+        names = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        return () if names == ("none",) else names
+
+
+# How ``motab synthesize`` writes a question as a prompt.
+PROMPT_FORMATS = ("raw", "chat")
+
+
+@dataclass(frozen=True)
+class SynthesisOptions:
+    """How questions become records (the rollout itself is a ``RolloutConfig``)."""
+
+    responses: int = 5  # samples per question, as the scripts
+    prompt_format: str = "raw"  # "raw": the bare question, as the scripts; "chat": the tokenizer's template
+    marker: str = "However,"  # the transition between the student's steps and the teacher's correction
+    seed: int = 0
+    batch_size: int = 32  # rows (question × response) per rollout
+
+    def __post_init__(self) -> None:
+        _require_choice("prompt_format", self.prompt_format, PROMPT_FORMATS, "prompt format")
+        for name in ("responses", "batch_size"):
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.seed >= 0, "seed", "must be ≥ 0", self.seed)
+
+
+ANSWER_FORMAT_DEFAULT = "boxed"
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How ``motab eval`` samples and grades (the ``evaluation`` section)."""
+
+    samples: int = 1  # completions per problem; pass@1 is their mean
+    temperature: float = 0.0  # 0 is greedy
+    max_new_tokens: int = 512
+    batch_size: int = 32  # rows generated together
+    seed: int = 0
+    answer_format: str = ANSWER_FORMAT_DEFAULT  # a format registered with motab.evaluate
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "max_new_tokens", "batch_size"):
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.temperature >= 0, "temperature", "must be ≥ 0 (0 is greedy)", self.temperature)
+        _require(self.seed >= 0, "seed", "must be ≥ 0", self.seed)
+        _require(bool(self.answer_format), "answer_format", "must name a format", self.answer_format)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_sft(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"SFTOptions.{name} {rule}, got {value!r}")
+
+
+@dataclass
+class SFTOptions:
+    """Hyper-parameters of the SFT stage; the defaults are the reference scripts' (the checkpoint and
+    logging cadence, gradient checkpointing and ``report_to`` are ours). ``max_steps`` overrides the
+    epoch count, for tests and quick runs."""
+
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 6
+    #: cosine decay from ``learning_rate`` down to ``min_lr`` (transformers' ``cosine_with_min_lr``)
+    min_lr: float = 1e-6
+    #: fraction of the training steps spent in linear warm-up
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    packing: bool = True
+    #: tokens per packed row, or the truncation length without packing (None: no truncation, packing off only)
+    max_length: int | None = 32768
+    #: with packing, the rows of a batch are flattened into one row of up to this many times max_length tokens
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    #: bf16 mixed precision; None means on exactly when CUDA is available
+    bf16: bool | None = None
+    #: recompute activations in the backward pass (TRL's default): long traces do not fit otherwise
+    gradient_checkpointing: bool = True
+    save_steps: int = 500
+    #: checkpoints kept in output_dir (the oldest are deleted); None keeps them all
+    save_total_limit: int | None = 2
+    seed: int = 0
+    logging_steps: int = 10
+    max_steps: int | None = None
+    #: where the Trainer reports metrics ("none", "tensorboard", "wandb", ...)
+    report_to: str = "none"
+    #: the Trainer's and the data preparation's progress bars
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "num_train_epochs", "min_lr", "warmup_ratio", "weight_decay", "adam_beta2"):
+            _check_sft(_is_number(getattr(self, name)), name, "must be a number", getattr(self, name))
+        _check_sft(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        _check_sft(self.num_train_epochs > 0, "num_train_epochs", "must be > 0", self.num_train_epochs)
+        _check_sft(0 <= self.min_lr <= self.learning_rate, "min_lr", "must lie in [0, learning_rate]", self.min_lr)
+        _check_sft(0 <= self.warmup_ratio < 1, "warmup_ratio", "must lie in [0, 1)", self.warmup_ratio)
+        _check_sft(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check_sft(0 < self.adam_beta2 < 1, "adam_beta2", "must lie in (0, 1)", self.adam_beta2)
+        length = self.max_length
+        if length is None:
+            _check_sft(not self.packing, "max_length", "must be set when packing (it is the packed row length)", None)
+        else:
+            _check_sft(_is_int(length) and length >= 1, "max_length", "must be an int >= 1", length)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+            value = getattr(self, name)
+            _check_sft(_is_int(value) and value >= 1, name, "must be an int >= 1", value)
+        for name in ("save_total_limit", "max_steps"):
+            value = getattr(self, name)
+            _check_sft(value is None or (_is_int(value) and value >= 1), name, "must be None or an int >= 1", value)
+        _check_sft(_is_int(self.seed) and self.seed >= 0, "seed", "must be an int >= 0", self.seed)
+        for name in ("packing", "gradient_checkpointing", "progress"):
+            _check_sft(isinstance(getattr(self, name), bool), name, "must be a bool", getattr(self, name))
+        _check_sft(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be None, True or False", self.bf16)
+
+    def use_bf16(self) -> bool:
+        """Whether this run trains in bf16: explicit, or on CUDA only (CPU bf16 autocast is slow)."""
+        import torch  # here only: the configuration loads without torch
+
+        return torch.cuda.is_available() if self.bf16 is None else self.bf16
 
 
 @dataclass(frozen=True)
@@ -267,8 +408,7 @@ def parse_field_map(spec: str | dict | FieldMap) -> str | FieldMap:
 
 
 # The sections and top-level keys of a run's configuration (YAML file, flags, --set overrides).
-TOP_LEVEL = {"student", "teacher", "data", "field_map", "max_prompt_tokens", "device", "dtype"}
-SECTIONS = {"train", "rollout", "monitor", "student_sampling", "teacher_sampling"}
+TOP_LEVEL = {"student", "teacher", "model", "data", "field_map", "max_prompt_tokens", "device", "dtype"}
 # What each section builds. ``monitor`` and the samplings are fields of RolloutConfig and ``rollout``
 # one of TrainConfig, but a config writes each as a section of its own.
 SECTION_CLASSES = {
@@ -277,18 +417,73 @@ SECTION_CLASSES = {
     "monitor": MonitorConfig,
     "student_sampling": SamplingConfig,
     "teacher_sampling": SamplingConfig,
+    "synthesis": SynthesisOptions,
+    "evaluation": EvaluationConfig,
+    "sft": SFTOptions,
+}
+SECTIONS = set(SECTION_CLASSES)
+_ROLLOUT_SECTIONS = ("rollout", "monitor", "student_sampling", "teacher_sampling")
+
+
+@dataclass(frozen=True)
+class CommandKeys:
+    """What one command's configuration holds: its top-level keys (``required`` among them) and
+    its sections; anything else in a run file is refused, naming the command."""
+
+    top_level: tuple[str, ...]
+    sections: tuple[str, ...]
+    required: tuple[str, ...]
+
+
+COMMANDS = {
+    "train": CommandKeys(
+        ("student", "teacher", "data", "field_map", "max_prompt_tokens", "device", "dtype"),
+        ("train", *_ROLLOUT_SECTIONS),
+        ("student", "teacher", "data"),
+    ),
+    # a rollout reads a training run's file as it is: its train section is not used
+    "rollout": CommandKeys(
+        ("student", "teacher", "data", "field_map", "max_prompt_tokens", "device", "dtype"),
+        ("train", *_ROLLOUT_SECTIONS),
+        ("student", "teacher", "data"),
+    ),
+    # the student is required unless the mode is teacher-written (motab.policy says; checked by the command)
+    "synthesize": CommandKeys(
+        ("student", "teacher", "data", "field_map", "device", "dtype"),
+        ("synthesis", *_ROLLOUT_SECTIONS),
+        ("teacher", "data"),
+    ),
+    "eval": CommandKeys(("model", "data", "field_map", "device", "dtype"), ("evaluation",), ("model", "data")),
+    "sft": CommandKeys(("model", "data"), ("sft",), ("model", "data")),
 }
 # The devices the pipeline runs on (its kernels are Triton's, or the CPU's reference code).
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def resolve_config(path: str | Path | None, flags: dict[str, Any], overrides: list[str]) -> dict:
-    """The raw configuration of a run: the YAML file at ``path``, then ``flags`` (values of
+def resolve_config(
+    path: str | Path | None,
+    flags: dict[str, Any],
+    overrides: list[str],
+    *,
+    command: str = "train",
+    defaults: dict | None = None,
+) -> dict:
+    """The raw configuration of one ``command``'s run, each layer over the one before: ``defaults``
+    (a preset, in the same sections as a file), the YAML file at ``path``, ``flags`` (values of
     command-line flags by option name, ``"student"`` or ``"train.steps"``; unset ones are None),
-    then ``overrides`` (``SECTION.KEY=VALUE`` strings, values read as YAML); every key checked and
-    every top-level value (the sections are checked by ``build_configs``)."""
-    raw = read_config_file(Path(path)) if path else {}
-    _refuse_unknown(raw, TOP_LEVEL | SECTIONS, "config keys")
+    then ``overrides`` (``SECTION.KEY=VALUE`` strings, values read as YAML). Keys the command does
+    not read are refused, the required ones checked, every top-level value checked (the sections
+    are checked when they are built: ``build_configs``, ``build_section``)."""
+    keys = COMMANDS[command]
+    allowed = set(keys.top_level) | set(keys.sections)
+    raw = copy.deepcopy(defaults) if defaults else {}
+    given = read_config_file(Path(path)) if path else {}
+    _refuse_unknown(given, allowed, "config keys")
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key].update(value)  # a file's section over the preset's: option by option
+        else:
+            raw[key] = value
     for key, value in flags.items():
         if value is None:  # an unset flag; 0 and "" are values, to be checked like any other
             continue
@@ -297,11 +492,23 @@ def resolve_config(path: str | Path | None, flags: dict[str, Any], overrides: li
         else:
             set_option(raw, key, value)
     apply_overrides(raw, overrides)
-    for key in ("student", "teacher", "data"):
+    _refuse_unknown(raw, allowed, "config keys")
+    for key in keys.required:
         if key not in raw:
             raise ConfigError(f"no {key} given (config key or --{key})")
     check_top_level(raw)
     return raw
+
+
+def default_option(option: str) -> Any:
+    """The default of ``section.option`` (its dataclass field's), or None for a top-level key."""
+    section, _, name = option.partition(".")
+    if not name:
+        return None
+    for f in fields(SECTION_CLASSES[section]):
+        if f.name == name:
+            return f.default
+    raise ConfigError(f"{section} has no option {name!r}")
 
 
 def read_config_file(path: Path) -> dict:
@@ -356,7 +563,7 @@ def set_option(raw: dict, key: str, value: Any) -> None:
 def check_top_level(raw: dict) -> None:
     """Refuses a top-level value of the wrong kind: a model or data path that is not a string, a bad
     field map, max_prompt_tokens, device or dtype (converting max_prompt_tokens to an int)."""
-    for key in ("student", "teacher", "data"):
+    for key in ("student", "teacher", "model", "data"):
         if key in raw and not (isinstance(raw[key], str) and raw[key]):
             raise ConfigError(f"{key} must be a folder, file or hub id (a non-empty string), got {raw[key]!r}")
     if "field_map" in raw:
@@ -477,16 +684,16 @@ def coerce_option(value: Any, hint: Any, name: str) -> Any:
     numbers: YAML 1.1, which PyYAML reads, takes ``1e-5`` for a string."""
     if value is None and _allows_none(hint):
         return None
-    kind = _without_none(hint)
-    if get_origin(kind) is tuple:
-        if isinstance(value, (list, tuple)):
-            items = [_convert(item, get_args(kind)[0]) for item in value]
-            if all(item is not None for item in items):
-                return tuple(items)
-    else:
-        converted = _convert(value, kind)
-        if converted is not None:
-            return converted
+    for kind in _kinds(hint):  # ``str | tuple[str, ...]``: the first kind that takes the value
+        if get_origin(kind) is tuple:
+            if isinstance(value, (list, tuple)):
+                items = [_convert(item, get_args(kind)[0]) for item in value]
+                if all(item is not None for item in items):
+                    return tuple(items)
+        else:
+            converted = _convert(value, kind)
+            if converted is not None:
+                return converted
     raise OptionError(name, f"{{option}} must be {_expected(hint)}, got {value!r}")
 
 
@@ -531,8 +738,8 @@ _KINDS = {
 
 def _expected(hint: Any) -> str:
     """What a field annotated ``hint`` takes, in words."""
-    kind = _without_none(hint)
-    text = f"a list of {_KINDS[get_args(kind)[0]][1]}" if get_origin(kind) is tuple else _KINDS[kind][0]
+    kinds = [f"a list of {_KINDS[get_args(k)[0]][1]}" if get_origin(k) is tuple else _KINDS[k][0] for k in _kinds(hint)]
+    text = " or ".join(kinds)
     return f"{text} or null" if _allows_none(hint) else text
 
 
@@ -540,12 +747,11 @@ def _allows_none(hint: Any) -> bool:
     return get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
 
 
-def _without_none(hint: Any) -> Any:
-    """``X`` for ``X | None``; any other hint as it is."""
+def _kinds(hint: Any) -> list[Any]:
+    """The kinds a field takes: ``[X, Y]`` for ``X | Y | None``; ``[hint]`` for any other hint."""
     if get_origin(hint) not in (Union, types.UnionType):
-        return hint
-    (kind,) = [arg for arg in get_args(hint) if arg is not type(None)]
-    return kind
+        return [hint]
+    return [arg for arg in get_args(hint) if arg is not type(None)]
 
 
 # What each option means, one line each: the README's reference table (``reference_table``) is made
@@ -555,6 +761,7 @@ def _without_none(hint: Any) -> Any:
 TOP_LEVEL_HELP: dict[str, tuple[str, Any, str]] = {
     "student": ("str", ..., "the student model: a local folder or a hub id already in the local cache"),
     "teacher": ("str", ..., "the teacher model, as `student`; it must share the student's tokenizer"),
+    "model": ("str", ..., "eval and sft: the model to evaluate or fine-tune, as `student`"),
     "data": ("str", ..., "the prompts: a JSONL or Parquet file or a saved `datasets` folder"),
     "field_map": (
         "str or mapping",
@@ -590,6 +797,9 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "save_total_limit": "keep only the newest N checkpoints (null: keep all)",
         "seed": "the run's random seed",
         "parallel": f"how torchrun ranks hold the student: {', '.join(PARALLEL)} (replicated or sharded)",
+        "report_to": "experiment trackers that get each metrics line from rank 0, through transformers' "
+        "integrations: none, all (every one installed), or a name or list of names (tensorboard, trackio, wandb, "
+        "mlflow, ...; its package must be installed); TensorBoard writes under output_dir/runs/",
     },
     RolloutConfig: {
         "mode": f"who writes and what is monitored: {', '.join(MODES)}",
@@ -635,6 +845,45 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "entropy_top_k": "step modes: teacher tokens of the entropy H",
         "adaptive_boundary": "step modes: false forces H = 0, the constant ε0 of the reference scripts",
     },
+    SynthesisOptions: {
+        "responses": "synthesize: samples (records) per question",
+        "prompt_format": f"synthesize: how a question becomes a prompt: {', '.join(PROMPT_FORMATS)} (the "
+        "tokenizer's chat template)",
+        "marker": "synthesize: the text between the student's kept steps and the teacher's correction",
+        "seed": "synthesize: the seed each row's is hashed from (with the question's id and the response index)",
+        "batch_size": "synthesize: rows (question × response) rolled out together",
+    },
+    EvaluationConfig: {
+        "samples": "eval: completions per problem (pass@1 is their mean)",
+        "temperature": "eval: sampling temperature (0: greedy)",
+        "max_new_tokens": "eval: tokens a completion may write",
+        "batch_size": "eval: rows generated together",
+        "seed": "eval: the seed of the rows' sampling (row i of sample j: seed + i × samples + j)",
+        "answer_format": "eval: how the final answer is read and graded: boxed (the last \\boxed{}), or a format "
+        "a front end registered (toy)",
+    },
+    SFTOptions: {
+        "learning_rate": "sft: peak learning rate",
+        "num_train_epochs": "sft: epochs over the records",
+        "min_lr": "sft: the cosine schedule's floor",
+        "warmup_ratio": "sft: share of the steps in linear warm-up",
+        "weight_decay": "sft: AdamW's weight decay",
+        "adam_beta2": "sft: AdamW's β2",
+        "packing": "sft: pack records into rows of max_length tokens (documents never attend to each other)",
+        "max_length": "sft: tokens per packed row, or the truncation length without packing (null: none, "
+        "packing off only)",
+        "per_device_train_batch_size": "sft: rows per device and step",
+        "gradient_accumulation_steps": "sft: micro-batches per optimizer step",
+        "bf16": "sft: bf16 mixed precision (null: on exactly when CUDA is available)",
+        "gradient_checkpointing": "sft: recompute activations in backward",
+        "save_steps": "sft: steps between checkpoints",
+        "save_total_limit": "sft: checkpoints kept (null: all)",
+        "seed": "sft: the run's seed",
+        "logging_steps": "sft: steps between log lines",
+        "max_steps": "sft: stop after this many optimizer steps (null: the epochs decide)",
+        "report_to": "sft: where the Trainer reports metrics (none, tensorboard, wandb, ...)",
+        "progress": "sft: the Trainer's progress bars",
+    },
     SamplingConfig: {
         "temperature": "sampling temperature (0: greedy)",
         "top_k": "sample among the k likeliest tokens (0: all)",
@@ -671,8 +920,8 @@ def reference_table() -> str:
 
 
 def _type_name(hint: Any) -> str:
-    kind = _without_none(hint)
-    text = f"list of {get_args(kind)[0].__name__}" if get_origin(kind) is tuple else kind.__name__
+    kinds = [f"list of {get_args(k)[0].__name__}" if get_origin(k) is tuple else k.__name__ for k in _kinds(hint)]
+    text = " or ".join(kinds)
     return f"{text} or null" if _allows_none(hint) else text
 
 

@@ -1,4 +1,11 @@
-"""Accuracy on a benchmark of problems with final answers written as ``\\boxed{...}``.
+"""Accuracy on a benchmark of problems with checkable final answers, by answer format.
+
+An answer format (``AnswerFormat``) says how a completion is read and graded: ``extract`` takes its
+final answer (what ``problems.jsonl`` shows), ``is_correct`` grades the completion against the
+reference (by default: the extracted answer matches it after ``normalize_answer``; a grader that
+reads the whole completion, such as math-verify, gives its own). Formats are looked up by name in a
+registry: ``boxed`` is built in; a front end registers its own (``register_answer_format``: the demo
+registers ``toy``, the toy task's ``#d``), so this module knows no task.
 
 ``extract_boxed`` takes the last ``\\boxed{}`` (or ``\\fbox{}``) of a completion, braces balanced;
 ``normalize_answer`` and ``answers_match`` compare it with the reference: integers and decimals
@@ -12,14 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 from motab.config import RolloutConfig, SamplingConfig
 from motab.engine import rollout_in_batches
-from motab.toy.task import extract_answer as toy_answer
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -52,18 +58,75 @@ def normalize_answer(answer: str) -> str:
     return s
 
 
-def extract_answer(text: str, answer_format: str = "boxed") -> str | None:
-    """The final answer of a completion: its last ``\\boxed{}`` ("boxed"), or the toy task's
-    ``#d`` ("toy", graded as the demo grades it)."""
-    if answer_format == "boxed":
-        return extract_boxed(text)
-    if answer_format == "toy":
-        return toy_answer(text)
-    raise ValueError(f"unknown answer format {answer_format!r}; expected 'boxed' or 'toy'")
-
-
 def answers_match(predicted: str | None, reference: str) -> bool:
     return predicted is not None and normalize_answer(predicted) == normalize_answer(reference)
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How the answers of a benchmark are read and graded.
+
+    ``extract(completion)``: the completion's final answer, or None if it gives none (recorded in
+    ``problems.jsonl``). ``is_correct(completion, reference)``: whether the completion answers the
+    reference; None grades ``answers_match(extract(completion), reference)``. A grader that reads
+    the whole completion (math-verify's ``verify(parse(reference), parse(completion))``) or
+    compares in its own way (a multiple-choice letter) is given here; its verdict need not agree
+    with the extracted answer, which is then only shown."""
+
+    name: str
+    extract: Callable[[str], str | None]
+    is_correct: Callable[[str, str], bool] | None = None
+    description: str = ""
+
+    def grade(self, completion: str, reference: str) -> tuple[str | None, bool]:
+        """(extracted answer, correct) of one completion."""
+        extracted = self.extract(completion)
+        if self.is_correct is None:
+            return extracted, answers_match(extracted, reference)
+        return extracted, bool(self.is_correct(completion, reference))
+
+
+_FORMATS: dict[str, AnswerFormat] = {}
+
+
+def register_answer_format(answer_format: AnswerFormat, *, replace: bool = False) -> AnswerFormat:
+    """Makes ``answer_format`` known by its name (``evaluate(..., answer_format=name)``, ``motab eval
+    --answer-format``) and returns it. Registering the same format again changes nothing; another
+    format under a name already taken is refused unless ``replace``."""
+    if not isinstance(answer_format, AnswerFormat):
+        raise TypeError(f"expected an AnswerFormat, got {type(answer_format).__name__}")
+    held = _FORMATS.get(answer_format.name)
+    if held is not None and held != answer_format and not replace:
+        raise ValueError(f"answer format {answer_format.name!r} is already registered (pass replace=True)")
+    _FORMATS[answer_format.name] = answer_format
+    return answer_format
+
+
+def answer_formats() -> tuple[str, ...]:
+    """The names of the registered answer formats, in order of registration."""
+    return tuple(_FORMATS)
+
+
+def get_answer_format(answer_format: str | AnswerFormat) -> AnswerFormat:
+    """The registered format of that name (a format passed as a value is returned as it is)."""
+    if isinstance(answer_format, AnswerFormat):
+        return answer_format
+    found = _FORMATS.get(answer_format)
+    if found is None:
+        known = ", ".join(repr(name) for name in _FORMATS)
+        raise ValueError(
+            f"unknown answer format {answer_format!r}; registered: {known} "
+            "(a front end adds its own with motab.evaluate.register_answer_format)"
+        )
+    return found
+
+
+BOXED = register_answer_format(AnswerFormat("boxed", extract_boxed, description="the last \\boxed{} of a completion"))
+
+
+def extract_answer(text: str, answer_format: str | AnswerFormat = "boxed") -> str | None:
+    """The final answer of a completion in a registered format (default: its last ``\\boxed{}``)."""
+    return get_answer_format(answer_format).extract(text)
 
 
 def _as_number(s: str) -> Fraction | None:
@@ -121,19 +184,20 @@ def evaluate(
     batch_size: int = 32,
     seed: int = 0,
     out_dir: str | Path | None = None,
-    answer_format: str = "boxed",
+    answer_format: str | AnswerFormat = "boxed",
     progress: bool | None = False,
 ) -> EvalResult:
     """Generates ``samples`` completions per prompt (token ids) with the paged engine and grades
-    their last ``\\boxed{}`` against ``answers``. With ``out_dir``: ``problems.jsonl`` (one line
-    per problem: completions, extracted answers, correctness) and ``summary.json``. ``answer_format``
-    "toy" grades the toy task's ``#d`` answers instead. ``progress``: a bar of completions written and
-    tokens/s on stderr (None: only when stderr is a terminal)."""
+    them against ``answers`` in ``answer_format`` (a registered name, or an ``AnswerFormat``; default
+    the last ``\\boxed{}``; ``answer_formats()`` lists the names). With ``out_dir``: ``problems.jsonl``
+    (one line per problem: completions, extracted answers, correctness) and ``summary.json``.
+    ``progress``: a bar of completions written and tokens/s on stderr (None: only when stderr is a
+    terminal)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if samples < 1:
         raise ValueError(f"samples must be ≥ 1, got {samples}")
-    extract_answer("", answer_format)  # an unknown format is refused before any generation
+    grader = get_answer_format(answer_format)  # an unknown format is refused before any generation
     jobs = [(i, k) for i in range(len(prompts)) for k in range(samples)]
     seeds = [seed + i * samples + k for i, k in jobs]
     written = generate(
@@ -151,8 +215,9 @@ def evaluate(
         completions[i].append(tokenizer.decode(tokens, skip_special_tokens=True))
     per_problem = []
     for i, answer in enumerate(answers):
-        extracted = [extract_answer(c, answer_format) for c in completions[i]]
-        correct = [answers_match(e, answer) for e in extracted]
+        graded = [grader.grade(c, answer) for c in completions[i]]
+        extracted = [e for e, _ in graded]
+        correct = [ok for _, ok in graded]
         per_problem.append(
             dict(
                 index=i,

@@ -32,7 +32,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset
@@ -40,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from motab.config import SFTOptions
 from motab.models import load_tokenizer
 from motab.runs import without_hf_bars
 
@@ -47,71 +47,6 @@ logger = logging.getLogger(__name__)
 
 #: The only columns training sees; the rest of a synthesised record is metadata.
 COLUMNS = ("prompt", "completion")
-
-
-@dataclass
-class SFTOptions:
-    """Hyper-parameters of the SFT stage; the defaults are the reference scripts' (the checkpoint and
-    logging cadence, gradient checkpointing and ``report_to`` are ours). ``max_steps`` overrides the
-    epoch count, for tests and quick runs."""
-
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 6
-    #: cosine decay from ``learning_rate`` down to ``min_lr`` (transformers' ``cosine_with_min_lr``)
-    min_lr: float = 1e-6
-    #: fraction of the training steps spent in linear warm-up
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.1
-    adam_beta2: float = 0.95
-    packing: bool = True
-    #: tokens per packed row, or the truncation length without packing (None: no truncation, packing off only)
-    max_length: int | None = 32768
-    #: with packing, the rows of a batch are flattened into one row of up to this many times max_length tokens
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    #: bf16 mixed precision; None means on exactly when CUDA is available
-    bf16: bool | None = None
-    #: recompute activations in the backward pass (TRL's default): long traces do not fit otherwise
-    gradient_checkpointing: bool = True
-    save_steps: int = 500
-    #: checkpoints kept in output_dir (the oldest are deleted); None keeps them all
-    save_total_limit: int | None = 2
-    seed: int = 0
-    logging_steps: int = 10
-    max_steps: int | None = None
-    #: where the Trainer reports metrics ("none", "tensorboard", "wandb", ...)
-    report_to: str = "none"
-    #: the Trainer's and the data preparation's progress bars
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("learning_rate", "num_train_epochs", "min_lr", "warmup_ratio", "weight_decay", "adam_beta2"):
-            _check(_is_number(getattr(self, name)), name, "must be a number", getattr(self, name))
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
-        _check(self.num_train_epochs > 0, "num_train_epochs", "must be > 0", self.num_train_epochs)
-        _check(0 <= self.min_lr <= self.learning_rate, "min_lr", "must lie in [0, learning_rate]", self.min_lr)
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must lie in [0, 1)", self.warmup_ratio)
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _check(0 < self.adam_beta2 < 1, "adam_beta2", "must lie in (0, 1)", self.adam_beta2)
-        length = self.max_length
-        if length is None:
-            _check(not self.packing, "max_length", "must be set when packing (it is the packed row length)", None)
-        else:
-            _check(_is_int(length) and length >= 1, "max_length", "must be an int >= 1", length)
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
-            value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, name, "must be an int >= 1", value)
-        for name in ("save_total_limit", "max_steps"):
-            value = getattr(self, name)
-            _check(value is None or (_is_int(value) and value >= 1), name, "must be None or an int >= 1", value)
-        _check(_is_int(self.seed) and self.seed >= 0, "seed", "must be an int >= 0", self.seed)
-        for name in ("packing", "gradient_checkpointing", "progress"):
-            _check(isinstance(getattr(self, name), bool), name, "must be a bool", getattr(self, name))
-        _check(self.bf16 is None or isinstance(self.bf16, bool), "bf16", "must be None, True or False", self.bf16)
-
-    def use_bf16(self) -> bool:
-        """Whether this run trains in bf16: explicit, or on CUDA only (CPU bf16 autocast is slow)."""
-        return torch.cuda.is_available() if self.bf16 is None else self.bf16
 
 
 @dataclass
@@ -123,19 +58,6 @@ class SFTResult:
     global_step: int
     training_loss: float
     resumed_from: Path | None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check(ok: bool, name: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"SFTOptions.{name} {rule}, got {value!r}")
 
 
 def read_records(records: str | Path | list[dict]) -> list[tuple[str, dict]]:

@@ -35,30 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from motab.config import STEP_MODES, ConfigError, RolloutConfig, changed_fields
+from motab.config import ConfigError, RolloutConfig, SynthesisOptions, changed_fields
 from motab.data import load_records, resolve_field_map
 from motab.engine import paged_for_rollouts, rollout
+from motab.policy import STEP_MODES, resolve
 from motab.runs import RowProgress
 from motab.steps import SCRIPT_SEPARATOR
 
-PROMPT_FORMATS = ("raw", "chat")
-
-
-@dataclass(frozen=True)
-class SynthesisOptions:
-    """How questions become records (the rollout itself is a ``RolloutConfig``)."""
-
-    responses: int = 5  # samples per question, as the scripts
-    prompt_format: str = "raw"  # "raw": the bare question, as the scripts; "chat": the tokenizer's template
-    marker: str = "However,"  # the transition between the student's steps and the teacher's correction
-    seed: int = 0
-    batch_size: int = 32  # rows (question × response) per rollout
-
-    def __post_init__(self) -> None:
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"unknown prompt format {self.prompt_format!r}; expected one of {PROMPT_FORMATS}")
-        if self.responses < 1 or self.batch_size < 1:
-            raise ValueError(f"responses and batch_size must be ≥ 1, got {self.responses} and {self.batch_size}")
+# SynthesisOptions is frozen: one shared default is safe.
+DEFAULT_OPTIONS = SynthesisOptions()
 
 
 @dataclass(frozen=True)
@@ -175,7 +160,7 @@ def synthesize(
     questions: Sequence[Question],
     out: str | Path,
     config: RolloutConfig,
-    options: SynthesisOptions = SynthesisOptions(),
+    options: SynthesisOptions = DEFAULT_OPTIONS,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -188,7 +173,8 @@ def synthesize(
     ranks each takes every ``world_size``-th row, writes its own part file, and rank 0 merges after
     ``barrier``. Refuses an existing output or parts without ``resume`` (continue) or ``overwrite`` (remove
     them first), and a resume with other settings."""
-    if config.mode not in STEP_MODES:
+    config, policy = resolve(config, tokenizer)
+    if not policy.in_steps:
         raise ValueError(f"synthesis runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
     out = Path(out)
     parts = _parts_dir(out)

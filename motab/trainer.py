@@ -39,19 +39,17 @@ The teacher is replicated on every rank either way.
 Every ``save_every`` steps (and on Ctrl-C or SIGTERM) a checkpoint is written atomically: a temporary
 folder, renamed into place once every rank has written its part, then ``latest`` pointed at it;
 SIGINT and SIGTERM wait until that is done. ``save_total_limit`` keeps the newest N checkpoints
-(never the one ``latest`` names); rank 0 redraws ``loss.png`` at each save. It holds the
-student as a plain Hugging Face folder (``student/``, ``save_pretrained``, safetensors), the
-scheduler, the step, RNG states and the optimizer: in ``trainer_state.pt`` under DDP (rank 0's RNG);
-under FSDP the sharded parameters and optimizer state in ``sharded/``
-(``torch.distributed.checkpoint``), each rank's RNG in ``rng-<rank>.pt``, and ``student/`` gathered
-tensor by tensor into rank 0's CPU memory (one full copy there while it is written). The output
+(never the one ``latest`` names); rank 0 redraws ``loss.png`` at each save. What a checkpoint
+holds (the student as a plain Hugging Face folder, the optimizer, scheduler, step and RNG states;
+under FSDP the shards) and how it is written and read back is ``motab.checkpoint``'s. The output
 folder must be one that every rank sees. A folder that holds a run (``motab.runs``) is refused
 unless ``resume`` or ``overwrite`` (which removes the run's own files first); the temporaries of a
 save cut short are removed at the start. ``resume=True`` continues from the latest checkpoint to
 the same parameters an uninterrupted run reaches (bit for bit on CPU), with the same ``parallel``
 and number of ranks; it refuses a checkpoint of another student shape (ConfigError), warns of each
 setting changed (``ResumeWarning``) and cuts ``metrics.jsonl`` back to the checkpoint's step.
-Metrics go to ``metrics.jsonl``, one line a step (``lr``: the rate that step used).
+Metrics go to ``metrics.jsonl``, one line a step (``lr``: the rate that step used), and from rank 0
+to the experiment trackers ``report_to`` names (``Trackers``: transformers' reporting callbacks).
 """
 
 from __future__ import annotations
@@ -71,16 +69,30 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from motab.config import ConfigError, TrainConfig, changed_fields
+from motab.checkpoint import (
+    ResumeWarning,
+    changed_settings,
+    check_fits,
+    full_student_state,
+    load_replicated,
+    load_sharded,
+    progress_state,
+    read_progress,
+    rng_state,
+    save_atomically,
+    save_replicated,
+    save_sharded,
+)
+from motab.config import ConfigError, TrainConfig
 from motab.data import Problem
 from motab.engine import paged_for_rollouts, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
 from motab.models import final_hidden_states, lm_head, shared_vocab
+from motab.policy import policy_of
 from motab.runs import (
     check_run_folder,
     checkpoints_to_delete,
@@ -199,6 +211,8 @@ class DistillationTrainer:
                 f"micro_batch ({config.micro_batch})"
             )
         self.per_rank = config.prompts_per_step // self.world
+        # an unknown tracker, or one whose package is missing, is refused before any model work
+        self.trackers = Trackers(config, self.rank)
         # the ids both heads are scored over, checked before any rollout (heads padded differently,
         # as Qwen2.5-7B's and 1.5B's are, train over the tokenizer's ids only)
         self.vocab = shared_vocab(student, teacher, tokenizer, config.rollout.vocab_size)
@@ -269,12 +283,14 @@ class DistillationTrainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.config.steps, initial=self.step, desc="motab train", unit="step")
+        self.trackers.begin(self.step, self.student, self.tokenizer, self.optimizer, self.scheduler)
         try:
             with _sigterm_as_interrupt():
                 history = self._train_loop(bar)
         finally:
             if bar is not None:
                 bar.close()
+            self.trackers.end()  # an interrupted run's trackers are closed too (files flushed, runs finished)
         return history
 
     def _prepare_folder(self, resume: bool, overwrite: bool) -> None:
@@ -298,6 +314,7 @@ class DistillationTrainer:
                 history.append(metrics)
                 with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(metrics) + "\n")
+                self.trackers.log(metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", interventions=metrics["interventions_per_100"])
@@ -315,7 +332,7 @@ class DistillationTrainer:
         config = self.config
         # an interrupt inside this step saves the state before it, RNG included, so that a resume
         # draws the same numbers as an uninterrupted run
-        self._rng_before_step = (self.step, _rng_state())
+        self._rng_before_step = (self.step, rng_state())
         start = time.perf_counter()
         mine = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
         problems = self.step_problems(self.step)[mine]
@@ -433,7 +450,7 @@ class DistillationTrainer:
             hidden = final_hidden_states(self.teacher, ids, mask)
         return hidden[loss_positions]
 
-    # ---------------------------------------------------------------------------------------
+    # --- checkpoints (their format and atomic write: motab.checkpoint) -------------------------
     def save(self) -> Path:
         """Writes checkpoint-<step> atomically and points ``latest`` at it; every rank calls it.
         SIGINT and SIGTERM wait until it is done (a second Ctrl-C must not leave only the temporary
@@ -447,25 +464,14 @@ class DistillationTrainer:
         return final
 
     def _save_checkpoint(self) -> Path:
-        final = self.out / f"checkpoint-{self.step}"
-        temporary = self.out / f".checkpoint-{self.step}.tmp"
-        if self.rank == 0:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-        self._barrier()
-        if self.sharded:
-            self._save_sharded(temporary)
-        elif self.rank == 0:
-            self._save_replicated(temporary)
-        self._barrier()  # every rank's part is written
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(temporary, final)
-            pointer = self.out / ".latest.tmp"
-            pointer.write_text(final.name)
-            os.replace(pointer, self.out / "latest")
-        self._barrier()
-        self.last_checkpoint = final
+        def write_part(folder: Path) -> None:  # sharded, every rank writes its shards; else rank 0 all
+            if self.sharded:
+                self._save_sharded(folder)
+            elif self.rank == 0:
+                self._save_replicated(folder)
+
+        final = save_atomically(self.out, self.step, write_part, self.rank, self.world)
+        self.last_checkpoint = final  # only once its rename succeeded
         return final
 
     def _draw_curves(self) -> None:
@@ -477,55 +483,43 @@ class DistillationTrainer:
         if not path.exists():
             return
         metrics = [m for m in map(metrics_line, path.read_text(encoding="utf-8").splitlines()) if m]
-        monitored = self.config.rollout.mode not in UNMONITORED_MODES
+        monitored = policy_of(self.config.rollout.mode).monitors
         temporary = self.out / ".loss.png.tmp"
         plot_training_curves(metrics, temporary, interventions=monitored)
         os.replace(temporary, self.out / "loss.png")
 
     def _save_replicated(self, folder: Path) -> None:
-        """The whole student, optimizer, scheduler, rank 0's RNG states and the step (rank 0)."""
-        self._save_student(folder / "student")
-        state = dict(optimizer=self.optimizer.state_dict(), **self._progress_state(), **self._resumable_rng())
-        torch.save(state, folder / "trainer_state.pt")
+        """Rank 0's whole checkpoint: student, optimizer, scheduler, step, its RNG states."""
+        save_replicated(
+            folder, self.student, self.tokenizer, self.optimizer, self._progress_state(), self._resumable_rng()
+        )
 
     def _save_sharded(self, folder: Path) -> None:
-        """Each rank's shards of the parameters and optimizer state and its RNG states; rank 0
-        also the gathered student as a plain HF folder, the scheduler and the step."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        """This rank's part of a sharded checkpoint (rank 0's with the gathered student)."""
+        save_sharded(
+            folder,
+            self.train_model,
+            self.optimizer,
+            self.student,
+            self.tokenizer,
+            self._progress_state(),
+            self._resumable_rng(),
+            self.rank,
+        )
 
-        model_state, optimizer_state = get_state_dict(self.train_model, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "sharded")
-        torch.save(self._resumable_rng(), folder / f"rng-{self.rank}.pt")
-        full = self.full_student_state()
-        if self.rank == 0:
-            self._save_student(folder / "student", full)
-            torch.save(self._progress_state(), folder / "trainer_state.pt")
-
-    def _save_student(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The student as a Hugging Face folder, from ``state_dict`` (default: its own)."""
-        self.student.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(folder)
+    def _progress_state(self) -> dict:
+        return progress_state(self.scheduler, self.step, self.world, self.config)
 
     def _resumable_rng(self) -> dict:
         """The RNG states at the start of step ``self.step``: taken then if that step was begun
         (and cut short), else now."""
         step, state = getattr(self, "_rng_before_step", (None, None))
-        return state if step == self.step else _rng_state()
-
-    def _progress_state(self) -> dict:
-        return dict(scheduler=self.scheduler.state_dict(), step=self.step, world=self.world, config=asdict(self.config))
+        return state if step == self.step else rng_state()
 
     def full_student_state(self) -> dict[str, torch.Tensor]:
         """The student's whole state dict. Under FSDP every rank must call it: the shards are
         gathered one tensor at a time to rank 0's CPU memory (the other ranks get ``{}``)."""
-        if not self.sharded:
-            return self.student.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.student, options=options)
+        return full_student_state(self.student, self.sharded)
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -536,100 +530,109 @@ class DistillationTrainer:
         checking that it fits the student (ConfigError naming the first parameter that does not)
         and warning of every setting changed since it was written."""
         folder = latest_checkpoint(self.out)
-        written_sharded = (folder / "sharded").is_dir()
-        if written_sharded != self.sharded:
-            raise ConfigError(
-                f"checkpoint {folder} was written {'with' if written_sharded else 'without'} FSDP sharding and "
-                f"this run {'shards' if self.sharded else 'does not shard'} the student: resume with the "
-                "train.parallel and the number of ranks that wrote it"
-            )
-        self._check_shapes(folder)
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        check_fits(folder, self.student, self.sharded)
+        state = read_progress(folder)
         if self.rank == 0:
             for change in changed_settings(state.get("config", {}), asdict(self.config)):
                 warnings.warn(f"resuming {folder}: {change}", ResumeWarning, stacklevel=3)
         if self.sharded:
-            self._load_sharded(folder, state["world"])
+            load_sharded(folder, self.train_model, self.optimizer, state["world"], self.rank, self.world)
         else:
-            self._load_replicated(folder, state)
+            load_replicated(folder, self.student, self.optimizer, state, self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
 
-    def _check_shapes(self, folder: Path) -> None:
-        """ConfigError unless the checkpoint's student has this student's parameter names and
-        shapes (read from the safetensors headers, so nothing is loaded)."""
-        from safetensors import safe_open
 
-        saved = {}
-        for shard in sorted((folder / "student").glob("*.safetensors")):
-            with safe_open(shard, framework="pt") as f:
-                saved.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-        # a DTensor's shape is the whole parameter's, so this holds under FSDP too
-        mine = {name: tuple(t.shape) for name, t in self.student.state_dict().items()}
-        for name, shape in saved.items():
-            if name not in mine:
-                raise ConfigError(f"checkpoint {folder} does not fit the student: it has {name}, the student not")
-            if mine[name] != shape:
-                raise ConfigError(
-                    f"checkpoint {folder} does not fit the student: {name} is {list(shape)} there and "
-                    f"{list(mine[name])} in the student"
-                )
-        missing = [name for name in mine if name not in saved and not self._is_tied(name)]
-        if missing:
-            raise ConfigError(f"checkpoint {folder} does not fit the student: it lacks {missing[0]}")
+class Trackers:
+    """The experiment trackers ``TrainConfig.report_to`` names, through transformers' own reporting
+    integrations (``TensorBoardCallback``, ``TrackioCallback``, ``WandbCallback``, ...), called as
+    its Trainer calls them: ``on_train_begin``, ``on_log`` with each metrics line (its numbers, the
+    step as ``global_step``), ``on_train_end``. Rank 0 alone reports.
 
-    def _load_replicated(self, folder: Path, state: dict) -> None:
-        from safetensors.torch import load_file
+    Built on every rank, when the trainer is: a name transformers does not know, or a tracker whose
+    package is missing (its callback refuses to be made), is a ConfigError on all ranks alike,
+    before any rollout. The callbacks read the run from a ``TrainingArguments`` holding the settings
+    that mean the same there (``output_dir``: TensorBoard writes under ``output_dir/runs/``, W&B and
+    the others log them as the run's parameters) and from a ``TrainerState``."""
 
-        weights = {}
-        for shard in sorted((folder / "student").glob("*.safetensors")):
-            weights.update(load_file(shard, device=str(self.device)))
-        missing, unexpected = self.student.load_state_dict(weights, strict=False)
-        # tied weights are stored once: anything missing must be tied to something loaded
-        if unexpected or any(not self._is_tied(name) for name in missing):
-            raise RuntimeError(
-                f"checkpoint {folder} does not fit the student: missing {missing}, unexpected {unexpected}"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state)
+    def __init__(self, config: TrainConfig, rank: int) -> None:
+        self.callbacks: list = []
+        if not config.trackers:
+            return  # a run that reports nowhere imports nothing of transformers' Trainer
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+        from transformers.integrations import INTEGRATION_TO_CALLBACK, get_reporting_integration_callbacks
 
-    def _load_sharded(self, folder: Path, world: int) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        if world != self.world:
+        unknown = [name for name in config.trackers if name not in ("all", *INTEGRATION_TO_CALLBACK)]
+        if unknown:  # transformers' own ValueError ("... is not supported"), in our words
             raise ConfigError(
-                f"checkpoint {folder} was written by {world} ranks; resume it on {world}, not {self.world}"
+                f"train.report_to: unknown tracker {unknown[0]!r}; expected none, all or some of "
+                + ", ".join(INTEGRATION_TO_CALLBACK)
             )
-        model_state, optimizer_state = get_state_dict(self.train_model, self.optimizer)
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder / "sharded")
-        set_state_dict(self.train_model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-        _set_rng_state(torch.load(folder / f"rng-{self.rank}.pt", weights_only=False))
+        self.args = TrainingArguments(
+            output_dir=str(config.output_dir),
+            report_to=list(config.trackers),
+            max_steps=config.steps,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_steps,
+            max_grad_norm=config.max_grad_norm,
+            seed=config.seed,
+            logging_steps=1,
+            save_steps=config.save_every,
+            save_total_limit=config.save_total_limit,
+        )
+        # args.report_to as the Trainer reads it: "all" expanded to the trackers installed
+        for name, callback in zip(self.args.report_to, get_reporting_integration_callbacks(self.args.report_to)):
+            try:
+                made = callback()
+            except (ImportError, RuntimeError, ValueError) as error:  # its package is not installed
+                message = " ".join(str(error).split())  # one line
+                raise ConfigError(f"train.report_to: cannot report to {name}: {message}") from error
+            if rank == 0:
+                self.callbacks.append(made)
+        self.state = TrainerState(max_steps=config.steps, logging_steps=1, save_steps=config.save_every)
+        self.control = TrainerControl()
+        self.objects: dict = {}
 
-    def _is_tied(self, name: str) -> bool:
-        return getattr(self.student.config, "tie_word_embeddings", False) and name.startswith("lm_head")
+    def begin(self, step: int, student: nn.Module, tokenizer, optimizer, scheduler) -> None:
+        """``on_train_begin`` at ``step`` (a resumed run's checkpoint step), with the objects the
+        Trainer hands its callbacks (the student's config is logged as the model's)."""
+        if not self.callbacks:
+            return
+        self.state.global_step = step
+        self.objects = dict(
+            model=student,
+            processing_class=tokenizer,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            train_dataloader=None,
+            eval_dataloader=None,
+        )
+        self._event("on_train_begin")
+
+    def log(self, metrics: dict) -> None:
+        """``on_log`` with a metrics line's numbers (``mean_score`` is null when no student token
+        was scored: then it is left out), at its step."""
+        if not self.callbacks:
+            return
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.state.global_step = metrics["step"]
+        self.state.log_history.append(dict(numbers))
+        self._event("on_log", logs=numbers)
+
+    def end(self) -> None:
+        """``on_train_end``: the trackers close their files and finish their runs."""
+        self._event("on_train_end")
+
+    def _event(self, name: str, **kwargs) -> None:
+        for callback in self.callbacks:
+            # a callback's TrainerControl (stop, save, evaluate) is for a Trainer's loop, not this one
+            getattr(callback, name)(self.args, self.state, self.control, **self.objects, **kwargs)
 
 
-# modes whose rollouts have no teacher intervention to count
-UNMONITORED_MODES = ("on_policy", "off_policy", "teacher_steps")
-# the settings a resume may change without a warning: where the run is, not how it trains
-UNCOMPARED = ("output_dir",)
-
-
-class ResumeWarning(UserWarning):
-    """A resumed run's setting differs from the checkpoint's."""
-
-
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """One line per setting that differs between two ``asdict(TrainConfig)``, named as the YAML
-    writes it (``train.learning_rate``, ``rollout.draft_len``, ``monitor.tau``: rollout's sections
-    are sections of their own)."""
-    return [
-        f"{'.'.join(keys[-2:]) if len(keys) > 1 else 'train.' + keys[0]} changed from {before!r} in the "
-        f"checkpoint to {now!r}"
-        for keys, before, now in changed_fields(saved, current)
-        if keys[0] not in UNCOMPARED
-    ]
+# --- interrupts: the loop's, so they stay beside it. A SIGTERM ends the loop as Ctrl-C does (which
+# saves), and both wait for the blocks that must not be cut in two: a save, and the optimizer's step
+# with the step count (a state that is neither step could not be resumed).
 
 
 @contextlib.contextmanager
@@ -668,21 +671,3 @@ def _interrupts_deferred():
             signal.signal(kind, handler if handler is not None else signal.SIG_DFL)
     if caught:
         signal.raise_signal(caught[0])
-
-
-def _rng_state() -> dict:
-    """This process's random number generators' states."""
-    return dict(
-        torch_rng=torch.get_rng_state(),
-        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        python_rng=random.getstate(),
-        numpy_rng=np.random.get_state(),
-    )
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(state["python_rng"])
-    np.random.set_state(state["numpy_rng"])

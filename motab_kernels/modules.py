@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 
-from motab_kernels.divergence import DivergenceOutput, fused_linear_divergence
-from motab_kernels.divergence.checks import checked_settings
+from motab_kernels.divergence.api import DivergenceOutput, _linear_divergence
+from motab_kernels.divergence.checks import DEFAULTS, DivergenceOptions, RowInputs, checked_settings
 
 
 class FusedLinearDivergence(nn.Module):
     """Replaces "compute both logits, log_softmax, KL" in a training loop.
 
-    The settings fixed at construction are those of ``fused_linear_divergence`` (checked here,
-    so a bad option fails when the module is built, not at the first step). ``forward`` takes the
+    The settings fixed at construction are those of ``fused_linear_divergence`` (its
+    ``DivergenceOptions``, kept as ``self.options``; the math settings are checked here, so a bad
+    one fails when the module is built, not at the first step). ``forward`` takes the
     two models' final hidden states and LM-head weights and returns a ``DivergenceOutput``; its
     ``loss`` is what to backpropagate.
 
@@ -26,20 +29,21 @@ class FusedLinearDivergence(nn.Module):
 
     def __init__(
         self,
-        kind: str = "jsd",
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        logit_scale: float | tuple[float, float] = 1.0,
-        softcap: float | tuple[float | None, float | None] | None = None,
-        impl: str = "auto",
-        chunk_size: int | None = None,
+        kind: str = DEFAULTS.kind,
+        beta: float = DEFAULTS.beta,
+        temperature: float = DEFAULTS.temperature,
+        ignore_index: int = DEFAULTS.ignore_index,
+        reduction: str = DEFAULTS.reduction,
+        logit_scale: float | tuple[float, float] = DEFAULTS.logit_scale,
+        softcap: float | tuple[float | None, float | None] | None = DEFAULTS.softcap,
+        impl: str = DEFAULTS.impl,
+        chunk_size: int | None = DEFAULTS.chunk_size,
     ) -> None:
-        options = _arguments(locals())
         super().__init__()
         checked_settings(kind, beta, temperature, logit_scale, softcap)
-        self.options = options
+        self.options = DivergenceOptions(
+            kind, beta, temperature, ignore_index, reduction, logit_scale, softcap, impl, chunk_size
+        )
 
     def forward(
         self,
@@ -57,13 +61,9 @@ class FusedLinearDivergence(nn.Module):
         seq_len: int | torch.Tensor | list[int] | None = None,
         cu_seqlens: torch.Tensor | list[int] | None = None,
     ) -> DivergenceOutput:
-        return fused_linear_divergence(**_arguments(locals()), **self.options)
+        rows = RowInputs(target, weights, normalizer, threshold, seq_len, cu_seqlens)
+        hidden = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+        return _linear_divergence(*hidden, self.options, rows)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-def _arguments(scope: dict) -> dict:
-    """A method's arguments by name, from its ``locals()`` on entry: the module forwards them to
-    ``fused_linear_divergence`` under the same names."""
-    return {name: value for name, value in scope.items() if name not in ("self", "__class__")}
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in fields(self.options))

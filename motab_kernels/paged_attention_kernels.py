@@ -233,24 +233,14 @@ def _paged_attention_split_kernel(
     """One chunk of one tile's keys and one K/V head: the tile's normalised partial output and its
     log-sum-exp over the chunk, for ``_merge_splits_kernel``.
 
-    Args:
-        Q: ``[tokens, n_heads, head_dim]`` packed queries (after RoPE).
-        K, V: pools ``[num_blocks, block_size, n_kv_heads, head_dim]``, addressed by flat slot.
+    Args (those not listed are ``_paged_attention_kernel``'s, which has OUT and its strides where
+    this kernel has the partials; TILES is indexed by WORK's tile here):
         PART_OUT: ``[n_work, block_q, n_heads, head_dim]`` fp32 partial outputs (contiguous),
             softmax-normalised within the chunk; 0 for a query that sees none of its keys.
         PART_LSE: ``[n_work, block_q, n_heads]`` fp32 log-sum-exp of the scaled scores over the
             chunk (contiguous); -inf for a query that sees none of its keys.
-        BLOCK_TABLE: ``[rows, max_blocks]`` int32 block ids.
-        TILES: ``[n_tiles, 3]`` int32 (row, first packed token, token count).
-        POSITIONS: ``[tokens]`` int32 absolute position of each packed token.
         WORK: ``[n_work, 3]`` int32 (tile, first key, end key) of each chunk; one per program.
-        stride_*: element strides (token and head of Q, slot and head of K/V, table row).
         n_heads, block_q: query heads, and tokens per tile (the partials' middle dimensions).
-        scale: softmax scale. window: sliding window W (keys above pos − W), read if HAS_WINDOW.
-        head_dim, block_size: D and tokens per cache block.
-        G: query heads per K/V head. BM: query rows per program (tokens × G, padded to a power of
-        two ≥ 16). BN: keys per step. BD: head_dim padded to a power of two.
-        DOT_FP32: cast dot operands to fp32 (interpreter). PRECISION: tl.dot input precision.
     """
     work = tl.program_id(0)
     kv_head = tl.program_id(1)

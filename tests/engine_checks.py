@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from motab import engine as engine_module
+from motab.engine.step import StepRounds
+from motab.engine.token import TokenRounds
 
 
 def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
@@ -27,12 +28,13 @@ def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
                 pm.truncate([row.index], [len(sequence) - 1])
             checked.append(row.index)
 
-    for name in ("_draft_round", "_teacher_round"):
-        original = getattr(engine_module._Engine, name)
+    for driver in (TokenRounds, StepRounds):
+        for name in ("draft_round", "teacher_round"):
+            original = getattr(driver, name)
 
-        def wrapped(self, rows, original=original):
-            original(self, rows)
-            check(self, rows)
+            def wrapped(self, rows, original=original):
+                original(self, rows)
+                check(self, rows)
 
-        monkeypatch.setattr(engine_module._Engine, name, wrapped)
+            monkeypatch.setattr(driver, name, wrapped)
     return checked

@@ -12,9 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from motab import engine as engine_module
 from motab.config import MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout
+from motab.engine import rounds as rounds_module
 from motab.graphs import DecodeGraphs, default_buckets
 from motab.models import PagedModel
 from motab_kernels import fused_linear_divergence
@@ -46,7 +46,7 @@ PROMPTS = [[1 + (i * 7 + j) % 60 for j in range(2 + (i * 3) % 9)] for i in range
 def gpu_code_paths(monkeypatch):
     """The fused op's Triton route, as on a GPU."""
     monkeypatch.setattr(
-        engine_module, "fused_linear_divergence", functools.partial(fused_linear_divergence, impl="triton")
+        rounds_module, "fused_linear_divergence", functools.partial(fused_linear_divergence, impl="triton")
     )
 
 

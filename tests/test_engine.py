@@ -14,6 +14,7 @@ import torch
 from motab import engine as engine_module
 from motab.config import RULES, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout
+from motab.engine.token import TokenRounds
 from motab.models import PagedModel
 from motab_kernels import OutOfBlocksError
 from tests.engine_checks import check_invariant_every_round
@@ -318,15 +319,15 @@ def test_fixed_rule_decided_by_the_op_equals_the_scan(student, monkeypatch):
         monitor=MonitorConfig(rule="fixed", tau=0.6, warmup=3), max_new_tokens=24, draft_len=5, intervention_len=2
     )
     by_op_calls = []
-    original = engine_module._Engine._decided_by_op
+    original = TokenRounds._decided_by_op
     monkeypatch.setattr(
-        engine_module._Engine,
+        TokenRounds,
         "_decided_by_op",
         lambda self, row: by_op_calls.append(original(self, row)) or by_op_calls[-1],
     )
     with_op = rollout(student, teacher, PROMPTS, config)
     assert any(by_op_calls) and any(t.interventions for t in with_op)
-    monkeypatch.setattr(engine_module._Engine, "_decided_by_op", lambda self, row: False)
+    monkeypatch.setattr(TokenRounds, "_decided_by_op", lambda self, row: False)
     with_scan = rollout(student, teacher, PROMPTS, config)
     for a, b in zip(with_op, with_scan):
         assert a.tokens == b.tokens and a.sources == b.sources and a.interventions == b.interventions

@@ -1,7 +1,7 @@
 """The packages' layering, read from the import graph (every import, module-level or inside a
 function): each layer imports only itself and the layers below it, no two modules import each
-other even indirectly, the toy task is a leaf, the ground truth imports nothing of the fast paths,
-and the configuration loads without torch. ARCHITECTURE.md draws the same layers."""
+other even indirectly, the toy task is a leaf that only the front ends import, the ground truth
+imports nothing of the fast paths, and the configuration loads without torch. ARCHITECTURE.md draws the same layers."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ PACKAGES = ("motab_kernels", "motab")
 LAYERS = [
     ("kernels", ("motab_kernels",)),
     ("configuration and the toy task", ("motab.config", "motab.runs", "motab.toy")),
-    ("models on the paged cache", ("motab.models", "motab.graphs", "motab.profiling")),
+    ("models on the paged cache", ("motab.models", "motab.graphs", "motab.profiling", "motab.tiny")),
     ("rollout", ("motab.monitor", "motab.steps", "motab.policy", "motab.engine")),
     (
         "pipeline",
         (
             "motab.losses",
+            "motab.checkpoint",
             "motab.trainer",
             "motab.data",
             "motab.evaluate",
@@ -120,6 +121,24 @@ def test_the_toy_task_is_a_leaf():
         if name.startswith("motab.toy"):
             outside = sorted(t for t in GRAPH[name] if not t.startswith("motab.toy"))
             assert not outside, f"{name} imports {outside}: the toy task must not depend on the pipeline"
+
+
+def test_only_the_front_ends_know_the_toy_task():
+    """The toy task is the demo's: below the front ends no module imports it (``motab.evaluate``
+    grades its answers through a format the demo registers), nor does any module through another."""
+    front_ends = dict(LAYERS)["front ends"]
+
+    def reaches_toy(name, seen):
+        for target in GRAPH[name] - seen:
+            seen.add(target)
+            if target.startswith("motab.toy") or (layer_of(target) is not None and reaches_toy(target, seen)):
+                return True
+        return False
+
+    below = [name for name in MODULES if name != "motab" and not name.startswith(("motab.toy", *front_ends))]
+    assert "motab.evaluate" in below
+    knowing = sorted(name for name in below if reaches_toy(name, set()))
+    assert not knowing, f"{knowing} import the toy task: only front ends (the demo, the CLI) may"
 
 
 def test_the_reference_imports_no_fast_path():

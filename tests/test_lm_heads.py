@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from motab.config import MonitorConfig, RolloutConfig, TrainConfig
 from motab.data import Problem
@@ -15,6 +14,7 @@ from motab.engine import rollout
 from motab.integrations.hf import DistillationTrainer as HFDistillationTrainer
 from motab.integrations.hf import distillation_loss
 from motab.models import PagedModel, lm_head, shared_vocab
+from motab.tiny import tiny_model
 from motab.trainer import DistillationTrainer
 from motab_kernels.reference import per_token_divergence
 from tests.tiny import tiny_qwen2, word_tokenizer
@@ -29,18 +29,7 @@ def qwen_pair():
 
 
 def llama(seed, vocab, hidden):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_model(seed, family="llama", vocab=vocab, hidden=hidden, initializer_range=0.2).eval()
 
 
 def with_head_bias(model, seed):

@@ -11,35 +11,27 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from motab.models import PagedModel, greedy_decode
+from motab.tiny import tiny_config, tiny_model
 from motab_kernels.paged_kv import OutOfBlocksError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 COMMON = dict(
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.4,
+    vocab=101, hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, max_positions=256, initializer_range=0.4
 )
 FAMILIES = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
-    "qwen2-tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=32),
-    "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=6),
+    "llama": lambda: tiny_config("llama", **COMMON),
+    "qwen2": lambda: tiny_config("qwen2", **COMMON, tie=False),
+    "qwen2-tied": lambda: tiny_config("qwen2", **COMMON, tie=True),
+    "qwen3": lambda: tiny_config("qwen3", **COMMON, head_dim=32),
+    "mistral-window": lambda: tiny_config("mistral", **COMMON, sliding_window=6),
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62], [99]]
 
 
 def make_model(family, seed=0, attention="sdpa"):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attention).to(DEVICE).eval()
+    model = tiny_model(seed, FAMILIES[family](), attn_implementation=attention).to(DEVICE).eval()
     model.generation_config.eos_token_id = None
     return model
 

@@ -47,7 +47,7 @@ SYNCS_PER_ROUND = {"on_policy": 2, "motab": 2 + INTERVENTION_LEN}
 def gpu_code_paths(monkeypatch):
     """The fused op's Triton route, as on a GPU (on a CPU its default is the chunked PyTorch one)."""
     monkeypatch.setattr(
-        engine_module, "fused_linear_divergence", functools.partial(fused_linear_divergence, impl="triton")
+        engine_module.rounds, "fused_linear_divergence", functools.partial(fused_linear_divergence, impl="triton")
     )
 
 

@@ -1,50 +1,37 @@
-"""Tiny random models and word-level tokenizers for the tests: built from configs in memory,
-nothing downloaded. The same arguments (seed included) always give the same model."""
+"""The tests' tiny random models and word-level tokenizers, from the package's one factory
+(``motab.tiny``): built from configs in memory, nothing downloaded. The same arguments (seed
+included) always give the same model."""
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+from motab.tiny import stop_tokenizer, tiny_model, word_tokenizer
+
+__all__ = ["hf_greedy", "stop_tokenizer", "tiny_qwen2", "word_tokenizer"]
 
 
 def tiny_qwen2(
-    seed: int, *, hidden: int = 64, layers: int = 2, vocab: int = 64, initializer_range: float = 0.2, **config
+    seed: int,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 64,
+    initializer_range: float = 0.2,
+    tie_word_embeddings: bool = False,
+    **config,
 ) -> torch.nn.Module:
-    """A random Qwen2 causal LM, 4 query heads sharing 2 K/V heads, MLP twice the width.
-
-    Random models at the default initializer_range (0.02) tend to repeat one token under greedy
-    decoding, which hides cache and position bugs; 0.2-0.4 gives varied outputs.
-    """
-    torch.manual_seed(seed)
-    shape = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers)
-    heads = dict(num_attention_heads=4, num_key_value_heads=2)
-    return AutoModelForCausalLM.from_config(
-        Qwen2Config(vocab_size=vocab, initializer_range=initializer_range, **shape, **heads, **config)
+    """A random Qwen2 causal LM, 4 query heads sharing 2 K/V heads, MLP twice the width, at
+    initializer_range 0.2 (varied greedy outputs: see ``motab.tiny``); ``config``: other fields."""
+    return tiny_model(
+        seed,
+        hidden=hidden,
+        layers=layers,
+        vocab=vocab,
+        initializer_range=initializer_range,
+        tie=tie_word_embeddings,
+        **config,
     )
-
-
-def word_tokenizer(words: list[str], unk: str, **special_tokens: str) -> PreTrainedTokenizerFast:
-    """A whitespace-split tokenizer whose id i is ``words[i]`` (``special_tokens``: eos_token, ...)."""
-    level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=unk))
-    level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=level, unk_token=unk, **special_tokens)
-
-
-# Characters of the tiny BPE tokenizer; ids 0 and 1 are <unk> and <eos>.
-_CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,=+#") + ["\n"]
-
-
-def stop_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level BPE tokenizer (47 tokens) with two merges, as Qwen's tokenizer has them:
-    "\\n\\n" and ".\\n\\n" are single tokens, so a step's stop string ".\\n\\n" may be one token
-    (".\\n\\n"), two (".", "\\n\\n") or three; its decoder joins tokens as written."""
-    vocab = {"<unk>": 0, "<eos>": 1}
-    for piece in [*_CHARACTERS, "\n\n", ".\n\n"]:
-        vocab[piece] = len(vocab)
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n"), (".", "\n\n")], unk_token="<unk>"))
-    bpe.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>")
 
 
 def hf_greedy(model: torch.nn.Module, prefix: list[int], n: int) -> list[int]:

@@ -38,8 +38,9 @@ from motab.config import RolloutConfig, TrainConfig, build_configs, set_option
 from motab.data import Problem
 from motab.demo.measures import teacher_decay, teacher_guidance
 from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, greedy_solutions, supervised_train, toy_model
-from motab.engine import rollout, with_tokenizer_defaults
+from motab.engine import rollout
 from motab.plots import plot_accuracy_curves, render_trajectory
+from motab.policy import resolve_training
 from motab.runs import without_hf_bars
 from motab.sft import SFTOptions, run_sft
 from motab.synthesis import Question, SynthesisOptions, synthesize
@@ -60,9 +61,7 @@ CLOCK_METHOD = "on_policy"
 # The steps of an equal-wall-clock run come from the method's own measured pace; if the run then
 # trains more than this far from the clock, the load on the machine changed and the report says so.
 CLOCK_TOLERANCE = 0.25
-STUDENT_SHAPE = dict(
-    hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-)
+STUDENT_SHAPE = dict(hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2)  # motab.tiny.tiny_config's
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,7 @@ def method_config(
     for key, value in options.items():
         set_option(raw, key, value)
     train, rollout = build_configs(raw)
-    return replace(train, rollout=with_tokenizer_defaults(rollout, tokenizer))
+    return resolve_training(replace(train, rollout=rollout), tokenizer)
 
 
 def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu"):

@@ -1,6 +1,7 @@
-"""The demo's toy models: Qwen2-style models built from a shape (no weights downloaded), their
-supervised training on the task's worked solutions, and their greedy solutions and accuracy with
-the paged engine. Teacher training, the warm start, the measurements and the tuning all use these."""
+"""The demo's toy models: Qwen2-style models built from a shape by the package's factory
+(``motab.tiny``; no weights downloaded), their supervised training on the task's worked solutions,
+and their greedy solutions and accuracy with the paged engine. Teacher training, the warm start,
+the measurements and the tuning all use these."""
 
 from __future__ import annotations
 
@@ -8,23 +9,25 @@ import math
 import random
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from motab.evaluate import generate
+from motab.tiny import tiny_config, tiny_model
 from motab.toy.task import is_correct
 
 
 def toy_model(tokenizer, shape: dict, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
+    """A random Qwen2 causal LM of ``shape`` (``motab.tiny.tiny_config``'s arguments: hidden,
+    intermediate, layers, heads, kv_heads) on the toy tokenizer's ids: tied embeddings, 256
+    positions, the tokenizer's pad and EOS."""
+    config = tiny_config(
+        vocab=len(tokenizer),
+        max_positions=256,
+        tie=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **shape,
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return tiny_model(seed, config, attn_implementation="sdpa")
 
 
 def supervised_batch(tokenizer, problems, device):

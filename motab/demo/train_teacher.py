@@ -23,9 +23,7 @@ from motab.demo.toy_models import greedy_accuracy, supervised_train, toy_model
 from motab.toy.task import generate_split
 from motab.toy.tokenizer import build_tokenizer
 
-TEACHER_SHAPE = dict(
-    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
-)
+TEACHER_SHAPE = dict(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2)  # motab.tiny.tiny_config's
 
 
 def main(argv=None):

@@ -1,11 +1,11 @@
 """Fused LM-head + divergence + boundary, one file per role (as Cut Cross-Entropy splits its op):
 
 - ``api.py``: the public functions and their documentation; routes a call to one of the paths below.
-- ``checks.py``: every input and option validated, turned into a ``Call``.
+- ``checks.py``: ``DivergenceOptions`` (the options that are not per-row data, and the one place
+  their defaults live), every input and option validated, turned into a ``Call``.
 - ``passes.py``: the chunk pass over row chunks of a logit source (hidden states + LM heads, or
   logits in memory) and the scratch budget that sizes the chunks.
 - ``rows.py``: the row math of one chunk, by the Triton row kernel or in plain PyTorch.
-- ``fused_monitor.py``: forward-only fkl/rkl straight from hidden states (host side).
 - ``kernels.py``: the Triton kernels.
 - ``autograd.py``: the autograd Function shared by both logit sources.
 
@@ -20,9 +20,9 @@ gradient is needed, the gradient w.r.t. the student logits), and two more GEMMs 
 gradient straight into ``d hidden`` and an fp32 ``d weight`` accumulator. Nothing is recomputed in
 backward: with a reduced loss, the gradients are formed during forward and backward only scales
 them by the incoming scalar (benchmarks/NOTES.md has the cost model behind this choice).
-Forward-only calls (monitoring) take the same buffered pass; on request (``impl="fused_monitor"``)
-fkl/rkl skip the buffer instead: one fused kernel forms the logit tiles with tensor-core dots and
-reduces them in registers, which measured 2× slower than the buffered pass on an H200.
+Forward-only calls (monitoring) take the same buffered pass. A fused kernel that skips the buffer
+(logit tiles formed with tensor-core dots and reduced in registers) measured 2× slower than the
+buffered pass on an H200; it is kept for measurement in ``benchmarks/fused_monitor.py``, not here.
 ``logit_divergence`` runs the same pass over logits already in memory.
 
 Math per row (s, t: transformed student / teacher logits, q = softmax(s), p = softmax(t)):

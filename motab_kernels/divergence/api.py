@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,14 +11,15 @@ import torch
 from motab_kernels import ragged, reference
 from motab_kernels.divergence.autograd import DivergenceFunction, weighted_loss
 from motab_kernels.divergence.checks import (
+    DEFAULTS,
     Call,
-    Options,
+    DivergenceOptions,
+    RowInputs,
     check_linear_inputs,
     check_logit_inputs,
     checked_groups,
     prepare_call,
 )
-from motab_kernels.divergence.fused_monitor import FUSED_MONITOR_KINDS, fused_monitor
 from motab_kernels.divergence.passes import HiddenStates, LogitsInMemory, LogitSource
 from motab_kernels.divergence.rows import RowStats
 
@@ -59,12 +60,12 @@ def fused_linear_divergence(
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
     *,
-    kind: str = "jsd",
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    kind: str = DEFAULTS.kind,
+    beta: float = DEFAULTS.beta,
+    temperature: float = DEFAULTS.temperature,
     target: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    ignore_index: int = DEFAULTS.ignore_index,
+    reduction: str = DEFAULTS.reduction,
     weights: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     threshold: float | torch.Tensor | None = None,
@@ -72,16 +73,17 @@ def fused_linear_divergence(
     cu_seqlens: torch.Tensor | list[int] | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    logit_scale: float | tuple[float, float] = 1.0,
-    softcap: float | tuple[float | None, float | None] | None = None,
-    impl: str = "auto",
-    chunk_size: int | None = None,
+    logit_scale: float | tuple[float, float] = DEFAULTS.logit_scale,
+    softcap: float | tuple[float | None, float | None] | None = DEFAULTS.softcap,
+    impl: str = DEFAULTS.impl,
+    chunk_size: int | None = DEFAULTS.chunk_size,
 ) -> DivergenceOutput:
     """Divergence between teacher and student next-token distributions from hidden states.
 
     Logits are ``hidden @ weight.T + bias``, then multiplied by ``logit_scale``, soft-capped
     (``cap·tanh(x / cap)``) and divided by ``temperature`` (no T² factor is applied anywhere).
-    Scale and cap take one value for both models or a ``(student, teacher)`` pair.
+    Scale and cap take one value for both models or a ``(student, teacher)`` pair. The defaults of
+    the options that are not per-row data are ``checks.DivergenceOptions``'s (written once, there).
 
     Args:
         student_hidden: ``[..., Ds]`` final hidden states; row i predicts ``target[i]`` (the
@@ -109,9 +111,7 @@ def fused_linear_divergence(
             Either is checked where it lies: pass it on the host to spare the device a sync.
         impl: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``), ``"chunked"`` (plain
             PyTorch over row chunks), ``"reference"`` (naive, materialises [N, V]) or ``"auto"``
-            (triton on CUDA, chunked elsewhere; never a silent fallback). ``"fused_monitor"``:
-            forward-only fkl/rkl from hidden states in one fused Triton kernel (no logit buffer;
-            slower than ``"triton"`` where measured, so never chosen by default).
+            (triton on CUDA, chunked elsewhere; never a silent fallback).
         chunk_size: rows per chunk; by default as many as fit a 768 MiB scratch budget.
 
     Dtypes: the matmuls run in the weight's dtype (the hidden state is cast to it), or in the
@@ -122,39 +122,45 @@ def fused_linear_divergence(
     With a reduced loss and a student that requires grad, the gradients are computed during
     this call (nothing is recomputed in backward, which only scales them).
     """
-    options = Options.of(locals())
-    check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
-    source = HiddenStates.of(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    return _divergence(source, student_hidden.shape[:-1], options)
+    options = DivergenceOptions(
+        kind, beta, temperature, ignore_index, reduction, logit_scale, softcap, impl, chunk_size
+    )
+    rows = RowInputs(target, weights, normalizer, threshold, seq_len, cu_seqlens)
+    hidden = (student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+    return _linear_divergence(*hidden, options, rows)
 
 
-def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **options) -> DivergenceOutput:
+def logit_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = DEFAULTS.kind,
+    beta: float = DEFAULTS.beta,
+    temperature: float = DEFAULTS.temperature,
+    target: torch.Tensor | None = None,
+    ignore_index: int = DEFAULTS.ignore_index,
+    reduction: str = DEFAULTS.reduction,
+    weights: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    threshold: float | torch.Tensor | None = None,
+    seq_len: int | torch.Tensor | list[int] | None = None,
+    cu_seqlens: torch.Tensor | list[int] | None = None,
+    logit_scale: float | tuple[float, float] = DEFAULTS.logit_scale,
+    softcap: float | tuple[float | None, float | None] | None = DEFAULTS.softcap,
+    impl: str = DEFAULTS.impl,
+    chunk_size: int | None = DEFAULTS.chunk_size,
+) -> DivergenceOutput:
     """``fused_linear_divergence`` for ``[..., V]`` logits already in memory (the decode path,
     where the student's logits exist anyway for sampling): the same keyword options (but the
     biases) with the same defaults, the same outputs, the same passes; the gradient goes to
     ``student_logits``."""
-    arguments = _LOGIT_SIGNATURE.bind(student_logits, teacher_logits, **options)
-    arguments.apply_defaults()
     check_logit_inputs(student_logits, teacher_logits)
     source = LogitsInMemory.of(student_logits, teacher_logits)
-    return _divergence(source, student_logits.shape[:-1], Options.of(arguments.arguments))
-
-
-def _logit_signature() -> inspect.Signature:
-    """``logit_divergence``'s signature: the logits, then ``fused_linear_divergence``'s keywords but
-    the biases. Its keywords and defaults are written once, there; this makes ``help`` and
-    argument binding show and check them here too."""
-    linear = inspect.signature(fused_linear_divergence)
-    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    logits = [
-        inspect.Parameter(name, positional, annotation="torch.Tensor") for name in ("student_logits", "teacher_logits")
-    ]
-    keywords = [p for p in linear.parameters.values() if p.kind is p.KEYWORD_ONLY and not p.name.endswith("_bias")]
-    return linear.replace(parameters=logits + keywords)
-
-
-_LOGIT_SIGNATURE = _logit_signature()
-logit_divergence.__signature__ = _LOGIT_SIGNATURE
+    options = DivergenceOptions(
+        kind, beta, temperature, ignore_index, reduction, logit_scale, softcap, impl, chunk_size
+    )
+    rows = RowInputs(target, weights, normalizer, threshold, seq_len, cu_seqlens)
+    return _divergence(source, student_logits.shape[:-1], options, rows)
 
 
 def first_stray_index(
@@ -180,42 +186,59 @@ def _first_stray(stray: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return lengths.clone().scatter_reduce_(0, sequence, candidate, reduce="amin")
 
 
-def _divergence(source: LogitSource, lead_shape: torch.Size, options: Options) -> DivergenceOutput:
-    """Both public functions: checks, then the reference, fused-monitor or chunk-pass route.
+# A way to run a checked call: its loss and its per-row results.
+Route = Callable[[LogitSource, Call], tuple[torch.Tensor, RowStats]]
 
-    Forward-only calls (monitoring) take the chunk pass like every other call unless
-    ``impl="fused_monitor"`` asks for the fused kernel: it lost to the buffered pass everywhere it
-    was measured (H200, bf16, 2026-11-26, fkl: 71.2 vs 31.3 ms at N, Ds, Dt, V = 8192, 4096, 4096,
-    128256; 54.1 vs 25.6 ms at 8192, 1536, 3584, 151936; 6.50 vs 3.34 ms at 1024 rows).
-    """
-    call = prepare_call(options, lead_shape, source.vocab, source.device, source.dtype)
-    want_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in source.student_tensors())
-    if call.impl == "reference":
-        loss, out = _reference_route(source, call)
-    elif call.impl == "fused_monitor":
-        _check_fused_monitor_call(source, call, want_grad)
-        out = fused_monitor(source, call.target, call.settings)
-        loss = weighted_loss(call.row_weight, out.divergence, call.reduce)
-    else:
-        pass_options = (call.settings, call.impl, call.chunk_size, call.stats_dtype)
-        loss, *stats = DivergenceFunction.apply(
-            type(source), pass_options, call.target, call.row_weight, call.reduce, want_grad, *source.tensors
-        )
-        out = RowStats(*stats)
+
+def _linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    options: DivergenceOptions,
+    rows: RowInputs,
+    route: Route | None = None,
+) -> DivergenceOutput:
+    """``fused_linear_divergence`` once its keywords are gathered into ``options`` and ``rows`` (as
+    ``FusedLinearDivergence`` holds its options); benchmarks/fused_monitor.py passes its kernel as
+    the ``route``."""
+    check_linear_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+    source = HiddenStates.of(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    return _divergence(source, student_hidden.shape[:-1], options, rows, route)
+
+
+def _divergence(
+    source: LogitSource,
+    lead_shape: torch.Size,
+    options: DivergenceOptions,
+    rows: RowInputs,
+    route: Route | None = None,
+) -> DivergenceOutput:
+    """Both public functions, once their tensors fit together: checks the options and the per-row
+    inputs of ``lead_shape`` rows into a ``Call``, runs it by ``route`` and returns its outputs.
+    Without a ``route``, ``impl`` picks the reference route or the chunk pass; forward-only calls
+    (monitoring) take the chunk pass like every other call."""
+    call = prepare_call(options, rows, lead_shape, source.vocab, source.device, source.dtype)
+    if route is None:
+        route = _reference_route if call.impl == "reference" else _chunk_pass
+    loss, out = route(source, call)
     return _finish(loss, out, call)
 
 
-def _check_fused_monitor_call(source: LogitSource, call: Call, want_grad: bool) -> None:
-    """The fused monitor kernel computes forward-only fkl/rkl from hidden states, nothing else."""
-    if not isinstance(source, HiddenStates):
-        raise ValueError("impl='fused_monitor' computes from hidden states; logit_divergence takes impl='triton'")
-    if want_grad:
-        raise ValueError("impl='fused_monitor' is forward-only; a call that needs gradients takes impl='triton'")
-    if call.settings.kind not in FUSED_MONITOR_KINDS:
-        raise ValueError(
-            f"impl='fused_monitor' computes {' and '.join(FUSED_MONITOR_KINDS)}, not {call.settings.kind}; "
-            "use impl='triton'"
-        )
+def _wants_grad(source: LogitSource) -> bool:
+    """Whether the call must form gradients: autograd is on and a student tensor requires grad."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in source.student_tensors())
+
+
+def _chunk_pass(source: LogitSource, call: Call) -> tuple[torch.Tensor, RowStats]:
+    """The chunk pass over row chunks (``impl`` "triton" or "chunked"), through the autograd Function."""
+    pass_options = (call.settings, call.impl, call.chunk_size, call.stats_dtype)
+    loss, *stats = DivergenceFunction.apply(
+        type(source), pass_options, call.target, call.row_weight, call.reduce, _wants_grad(source), *source.tensors
+    )
+    return loss, RowStats(*stats)
 
 
 def _reference_route(source: LogitSource, call: Call) -> tuple[torch.Tensor, RowStats]:

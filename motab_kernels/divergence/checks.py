@@ -5,8 +5,7 @@ passes need). Errors name the argument and what was expected."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -14,7 +13,7 @@ from motab_kernels import ragged
 from motab_kernels._runtime import triton_usable_on
 
 KINDS = ("fkl", "rkl", "jsd")
-IMPLS = ("auto", "triton", "chunked", "reference", "fused_monitor")
+IMPLS = ("auto", "triton", "chunked", "reference")
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -55,30 +54,39 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Options:
-    """The keyword options of a public call, as the caller gave them (``prepare_call`` checks them)."""
+class DivergenceOptions:
+    """The settings of a divergence call that are not per-row data, and the one place their
+    defaults live: ``fused_linear_divergence``, ``logit_divergence`` and ``FusedLinearDivergence``
+    take each as a keyword whose default is read from ``DEFAULTS`` below, and build one of these
+    from their keywords in field order (``prepare_call`` checks it). ``tests/kernels/test_divergence.py``
+    checks that their signatures name exactly these fields with these defaults, and that the
+    module's takes them in this order."""
 
-    kind: str
-    beta: float
-    temperature: float
-    target: torch.Tensor | None
-    ignore_index: int
-    reduction: str
-    weights: torch.Tensor | None
-    normalizer: float | torch.Tensor | None
-    threshold: float | torch.Tensor | None
-    seq_len: int | torch.Tensor | list[int] | None
-    cu_seqlens: torch.Tensor | list[int] | None
-    logit_scale: float | tuple[float, float]
-    softcap: float | tuple[float | None, float | None] | None
-    impl: str
-    chunk_size: int | None
+    kind: str = "jsd"
+    beta: float = 0.5
+    temperature: float = 1.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+    logit_scale: float | tuple[float, float] = 1.0
+    softcap: float | tuple[float | None, float | None] | None = None
+    impl: str = "auto"
+    chunk_size: int | None = None
 
-    @classmethod
-    def of(cls, arguments: dict[str, Any]) -> Options:
-        """The options among a public function's arguments (its ``locals()`` on entry): both public
-        functions take the same keywords, so they are named once, here."""
-        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
+
+DEFAULTS = DivergenceOptions()
+
+
+@dataclass(frozen=True)
+class RowInputs:
+    """The per-row inputs of a divergence call, as given to the public functions' keywords of the
+    same names (documented there); ``prepare_call`` checks them against the rows."""
+
+    target: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    normalizer: float | torch.Tensor | None = None
+    threshold: float | torch.Tensor | None = None
+    seq_len: int | torch.Tensor | list[int] | None = None
+    cu_seqlens: torch.Tensor | list[int] | None = None
 
 
 @dataclass
@@ -86,7 +94,7 @@ class Call:
     """A validated call: settings, the impl chosen and the per-row tensors the passes need."""
 
     settings: Settings
-    impl: str  # "triton", "chunked", "reference" or "fused_monitor"
+    impl: str  # "triton", "chunked" or "reference"
     chunk_size: int | None
     stats_dtype: torch.dtype  # fp32, or fp64 for fp64 inputs
     target: torch.Tensor | None  # [N] int64 with ignored rows clamped to id 0
@@ -98,23 +106,30 @@ class Call:
 
 
 def prepare_call(
-    options: Options, lead_shape: torch.Size, vocab: int, device: torch.device, dtype: torch.dtype
+    options: DivergenceOptions,
+    rows: RowInputs,
+    lead_shape: torch.Size,
+    vocab: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Call:
-    """Checks ``options`` for inputs of ``lead_shape`` rows over ``vocab`` entries computed in ``dtype``."""
+    """Checks ``options`` and the per-row inputs ``rows`` of a call for inputs of ``lead_shape`` rows
+    over ``vocab`` entries computed in ``dtype``."""
+    target, weights, normalizer = rows.target, rows.weights, rows.normalizer
+    threshold, seq_len, cu_seqlens = rows.threshold, rows.seq_len, rows.cu_seqlens
     n = math.prod(lead_shape)
     settings = checked_settings(options.kind, options.beta, options.temperature, options.logit_scale, options.softcap)
     if options.reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {options.reduction!r}; expected one of {REDUCTIONS}")
-    if options.normalizer is not None and options.reduction != "mean":
+    if normalizer is not None and options.reduction != "mean":
         raise ValueError(
             "normalizer replaces the denominator of reduction='mean'; it means nothing with "
             f"reduction={options.reduction!r}"
         )
     impl = _resolve_impl(options.impl, device)
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if impl in ("triton", "fused_monitor") and stats_dtype == torch.float64:
+    if impl == "triton" and stats_dtype == torch.float64:
         raise TypeError(f"impl={impl!r} computes in float32; use impl='chunked' or 'reference' for float64 inputs")
-    target = options.target
     if target is None:
         valid = torch.ones(n, dtype=torch.bool, device=device)
     else:
@@ -122,22 +137,18 @@ def prepare_call(
         valid = target != options.ignore_index
         target = torch.where(valid, target, 0)
     row_weight = valid.to(stats_dtype)
-    if options.weights is not None:
-        row_weight = row_weight * _checked_row_vector(options.weights, "weights", n, device).to(stats_dtype)
+    if weights is not None:
+        row_weight = row_weight * _checked_row_vector(weights, "weights", n, device).to(stats_dtype)
     if options.reduction == "mean":
-        normalizer = options.normalizer
         denominator = valid.sum().clamp_min(1) if normalizer is None else torch.as_tensor(normalizer, device=device)
         row_weight = row_weight / denominator.to(stats_dtype)
-    threshold = options.threshold
     if threshold is not None and not isinstance(threshold, (int, float)):
         threshold = _checked_row_vector(threshold, "threshold", n, device)
-    cu_seqlens = checked_groups(options.seq_len, options.cu_seqlens, n, device)
-    if cu_seqlens is not None and threshold is None:
+    offsets = checked_groups(seq_len, cu_seqlens, n, device)
+    if offsets is not None and threshold is None:
         raise ValueError("seq_len / cu_seqlens group rows for first_stray, which needs a threshold")
     reduce = options.reduction != "none"
-    return Call(
-        settings, impl, options.chunk_size, stats_dtype, target, valid, row_weight, reduce, threshold, cu_seqlens
-    )
+    return Call(settings, impl, options.chunk_size, stats_dtype, target, valid, row_weight, reduce, threshold, offsets)
 
 
 def checked_settings(kind, beta, temperature, logit_scale, softcap) -> Settings:
@@ -173,11 +184,16 @@ def _pair(value, name):
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl == "fused_monitor":
+        raise ValueError(
+            "impl='fused_monitor' is no longer part of motab_kernels (it lost to the buffered pass wherever it "
+            f"was measured; benchmarks/fused_monitor.py keeps it for the comparison); expected one of {IMPLS}"
+        )
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "chunked"
-    if impl in ("triton", "fused_monitor") and not triton_usable_on(device):
+    if impl == "triton" and not triton_usable_on(device):
         raise ValueError(
             f"impl={impl!r} needs CUDA tensors (got {device.type}); on CPU it runs only under the Triton "
             "interpreter (TRITON_INTERPRET=1), which is meant for tests"

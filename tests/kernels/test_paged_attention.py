@@ -326,15 +326,12 @@ def test_greedy_decode_on_the_split_route_matches_hf_generate(monkeypatch):
     attention call split into chunks of 8 keys (the prefill's tiles too: causal masking inside a
     tile across chunks) greedily writes what ``generate`` writes. (The window's semantics through
     the split route: test_split_route_sliding_window_and_fully_masked_chunks.)"""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     import motab.models
     from motab.models import PagedModel, greedy_decode
+    from motab.tiny import tiny_model
 
-    shape = dict(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2)
-    shape.update(num_attention_heads=6, num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.4)
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**shape), attn_implementation="sdpa").to(DEVICE).eval()
+    shape = dict(vocab=101, hidden=48, intermediate=64, layers=2, heads=6, kv_heads=1, max_positions=64)
+    model = tiny_model(1, **shape, initializer_range=0.4, attn_implementation="sdpa").to(DEVICE).eval()
     model.generation_config.eos_token_id = None  # eight tokens from every row
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62]]
     expected = [
