@@ -51,7 +51,7 @@ from motab.config import (
     resolve_config,
     set_option,
 )
-from motab.policy import POLICIES, STEP_MODES, policy_of
+from motab.policy import POLICIES, STEP_MODES, policy_of, resolve, resolve_training
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 # The reference scripts' stop string, marker, budgets and sampling, as synthesize's flags name them.
@@ -576,7 +576,6 @@ def run_train(args) -> int:
 
     check_run_folder(train.output_dir, args.resume, args.overwrite)  # before any model loads
     # torch and transformers load only now: a mistake in the configuration shows in a fraction of a second
-    from motab.policy import resolve_training
     from motab.trainer import DistillationTrainer, Trackers
 
     rank = _init_distributed(raw)
@@ -616,7 +615,6 @@ def run_rollout(args) -> int:
         check_writable(args.render, "--render", folder=False)
     from motab.engine import rollout_in_batches
     from motab.plots import render_trajectory
-    from motab.policy import resolve
 
     student, teacher, tokenizer, problems = _setup(raw, rollout)
     rollout, _ = resolve(rollout, tokenizer)
@@ -690,7 +688,6 @@ def run_synthesize(args) -> int:
     if args.render:
         check_writable(args.render, "--render", folder=False)
     # torch and transformers load only now: a mistake in the options shows in a fraction of a second
-    from motab.policy import resolve
     from motab.synthesis import check_output, load_questions, synthesize
 
     check_output(out, args.resume, args.overwrite)  # before any model loads
