@@ -161,6 +161,16 @@ class Rounds:
         """Tokens the row drafts this round: a draft, cut short by the row's budget."""
         return min(self.config.draft_len, row.limit - len(row.trajectory.tokens))
 
+    def draft_and_verify(self, rows: list[Row]):
+        """``draft`` counted in each row's trajectory, then ``verify``: the drafts, the student's hidden
+        states, its sampling log-probs, why each step ended, where each row's draft sits in the packed
+        tensors (``cu_seqlens``) and the teacher's hidden states before each drafted token."""
+        drafts, hidden, sampled, step_ends = self.draft(rows)
+        for row, draft in zip(rows, drafts):
+            row.trajectory.counters["drafted"] += len(draft)
+        offsets = ragged.cu_seqlens([len(d) for d in drafts])
+        return drafts, hidden, sampled, step_ends, offsets, self.verify(rows, drafts)
+
     def verify(self, rows: list[Row], drafts: list[list[int]]) -> torch.Tensor:
         """The teacher reads every row's ``[pending, d1 … d(k−1)]`` in one extend: its hidden
         state before each drafted token, packed row by row."""

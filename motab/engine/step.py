@@ -29,7 +29,6 @@ from motab.steps import (
     topk_entropy,
     trim_at_stop,
 )
-from motab_kernels import ragged
 
 
 class StepRounds(Rounds):
@@ -41,11 +40,7 @@ class StepRounds(Rounds):
         return self.policy.step_test == "skd_ratio"
 
     def draft_round(self, rows: list[Row]) -> None:
-        drafts, hidden, sampled_logprobs, step_ends = self.draft(rows)
-        for row, draft in zip(rows, drafts):
-            row.trajectory.counters["drafted"] += len(draft)
-        offsets = ragged.cu_seqlens([len(d) for d in drafts])
-        verify = self.verify(rows, drafts)
+        drafts, hidden, sampled_logprobs, step_ends, offsets, verify = self.draft_and_verify(rows)
         if self.policy.step_test == "boundary":
             self._read_step_entropies(rows, verify, offsets)
         targets = [t for d in drafts for t in d]

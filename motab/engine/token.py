@@ -17,7 +17,6 @@ import math
 
 from motab.engine.rounds import Rounds
 from motab.engine.rows import Row
-from motab_kernels import ragged
 
 
 class TokenRounds(Rounds):
@@ -26,12 +25,7 @@ class TokenRounds(Rounds):
         self.budget = self.policy.intervention_budget(self.config)
 
     def draft_round(self, rows: list[Row]) -> None:
-        drafts, hidden, _, _ = self.draft(rows)
-        for row, draft in zip(rows, drafts):
-            row.trajectory.counters["drafted"] += len(draft)
-        # Where each row's draft sits in every packed tensor below (verify, scores, statistics).
-        offsets = ragged.cu_seqlens([len(d) for d in drafts])
-        verify = self.verify(rows, drafts)
+        drafts, hidden, _, _, offsets, verify = self.draft_and_verify(rows)
         by_op = [self._decided_by_op(r) for r in rows]
         thresholds = [self.monitor.boundary(r.index) if op else math.inf for r, op in zip(rows, by_op)]
         targets = [t for d in drafts for t in d]
