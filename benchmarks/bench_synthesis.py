@@ -10,7 +10,13 @@ writes the rest with ``generate`` from the context before it. Our engine runs al
 batch on the paged caches: one teacher forward verifies each draft, scores it and reads the next
 boundary; a rewind truncates the caches in place.
 
-Greedy decoding on both sides, so both write the same records: the benchmark checks texts,
+With vLLM installed (``--vllm auto``, the default; its CPU build lives in a virtual environment of
+its own), a third way: the same models saved to a folder and run by the vLLM step backend
+(``motab.backends.vllm``: a whole step a request, the teacher's scoring read from its prefix
+cache). Its teacher work is what vLLM reports: prompt tokens it prefilled rather than read from its
+cache, plus the tokens it wrote.
+
+Greedy decoding on every side, so all write the same records: the benchmark checks texts,
 breaches and root causes exactly (V to 1e-3) and reports how many agree. Random models
 (``--shape``: tiny on a CPU, Qwen2.5-0.5B-shaped on a GPU) with a character tokenizer whose
 ".\\n\\n" is one token, its LM-head row raised so that steps end; ε0 is set to the median of the
@@ -25,6 +31,7 @@ move with its other work. Writes ``synthesis.json`` and ``synthesis.md`` under `
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
@@ -43,7 +50,8 @@ from motab.synthesis import Question, SynthesisOptions, stitch, synthesize
 from motab.tiny import stop_tokenizer
 
 SHAPES = {  # motab.tiny.tiny_config's arguments
-    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2),
+    # heads of 32 dimensions: the smallest vLLM's CPU attention runs (the vLLM way on a CPU)
+    "tiny": dict(hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1),
     "small": dict(hidden=256, intermediate=768, layers=4, heads=8, kv_heads=2),
     # Qwen2.5-0.5B's body (its 151936-entry head replaced by the benchmark tokenizer's)
     "qwen0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2),
@@ -124,7 +132,9 @@ def scripts_loop(student, teacher, tokenizer, prompt: list[int], config: Rollout
             logits = teacher(torch.tensor([context + step], device=device)).logits[0].float()
             scored = step[:-1] if step[-1] == eos else step
             logp = logits[len(context) - 1 : len(context) - 1 + len(scored)].log_softmax(-1)
-            value = oracle_value(logp[torch.arange(len(scored)), torch.tensor(scored, device=device)].tolist())
+            value = oracle_value(
+                logp[torch.arange(len(scored)), torch.tensor(scored, dtype=torch.long, device=device)].tolist()
+            )
             # the boundary request: a teacher forward over the context alone, its top-k at the end
             head = teacher(torch.tensor([context], device=device)).logits[0, -1:].float()
             entropy = float(topk_entropy(head, config.monitor.entropy_top_k)[0])
@@ -165,6 +175,9 @@ def main(argv=None):
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 on a GPU, 64 on a CPU")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each way (median, min, max)")
+    parser.add_argument(
+        "--vllm", choices=("auto", "on", "off"), default="auto", help="the vLLM backend too (auto: where installed)"
+    )
     args, device = parse_bench_args(parser, argv)
     on_gpu = device.type == "cuda"
     if on_gpu:  # same records need the same argmax: no TF32
@@ -228,6 +241,9 @@ def main(argv=None):
     ours_seconds = run_seconds(engine_run, device, args.repeats, warmup=0)
     theirs, their_reads = counted(scripts_run, student, teacher)
     scripts_seconds = run_seconds(scripts_run, device, args.repeats, warmup=0)
+    on_vllm = None
+    if args.vllm == "on" or (args.vllm == "auto" and importlib.util.find_spec("vllm") is not None):
+        on_vllm = vllm_way(student, teacher, tokenizer, questions, config, args.repeats, on_gpu)
     load_after = machine_load()
 
     agree = 0
@@ -262,6 +278,21 @@ def main(argv=None):
         return dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds))
 
     engine, scripts = spread(ours_seconds), spread(scripts_seconds)
+    vllm_result = None
+    if on_vllm is not None:
+        vllm_records, vllm_seconds, teacher_work = on_vllm
+        vllm_result = dict(
+            seconds=spread(vllm_seconds),
+            records_agree=sum(
+                (a["output"], a["breach"], a["root_cause"]) == (b["output"], b["breach"], b["root_cause"])
+                for a, b in zip(records, vllm_records)
+            ),
+            teacher_tokens_per_committed=teacher_work["computed"] / committed,
+            teacher_prompt_tokens_per_committed=teacher_work["prompt"] / committed,
+            teacher_prefill_share_cached=teacher_work["cached"] / max(teacher_work["prompt"], 1),
+            rescored_requests=teacher_work["rescored"],
+            scoring_requests=teacher_work["requests"],
+        )
     result = run_facts(
         device,
         shape=shape,
@@ -280,6 +311,7 @@ def main(argv=None):
         speedup_of_medians=scripts["median"] / engine["median"],
         load_before=load_before,
         load_after=load_after,
+        vllm=vllm_result,
     )
     name = args.shape or ("qwen0.5b" if on_gpu else "tiny")
     per_model = (
@@ -303,8 +335,62 @@ def main(argv=None):
         f"| {result['card']} | {seconds(engine)} | {seconds(scripts)} | {result['speedup_of_medians']:.1f}× | "
         f"{args.repeats} | {load_before['load_1min']:.2f} / {load_after['load_1min']:.2f} |"
     )
+    if vllm_result is not None:
+        v = vllm_result
+        table += (
+            f"\n\nvLLM backend ({v['records_agree']} of {len(records)} records agree with the engine's): "
+            f"{seconds(v['seconds'])} s, {engine['median'] / v['seconds']['median']:.2f}× the engine's speed; the "
+            f"teacher computed {v['teacher_tokens_per_committed']:.2f} tokens per committed token (prefilled or "
+            f"written), of {v['teacher_prompt_tokens_per_committed']:.2f} prompt tokens sent per committed token "
+            f"({v['teacher_prefill_share_cached']:.0%} read from its prefix cache; {v['rescored_requests']} of "
+            f"{v['scoring_requests']} scoring requests sent again without it)"
+        )
     print(table)
     write_results(args.out, "synthesis", result, table)
+
+
+def vllm_way(student, teacher, tokenizer, questions, config, repeats: int, on_gpu: bool):
+    """The records of the vLLM backend on the same models (saved to a folder), its seconds per run,
+    and its teacher's work per run: prompt tokens sent, read from the prefix cache, computed
+    (prefilled + written), scoring requests and those sent again without the cache."""
+    from motab.backends.vllm import VLLMSteps, load_engines
+    from motab.config import BackendOptions
+    from motab.engine.step import StepRollout
+    from motab.policy import resolve
+    from motab.synthesis import record_of
+
+    folder = tempfile.mkdtemp()
+    paths = []
+    for role, model in (("student", student), ("teacher", teacher)):
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(Path(folder) / role)
+        tokenizer.save_pretrained(Path(folder) / role)
+        paths.append(str(Path(folder) / role))
+    settled, policy = resolve(config, tokenizer)
+    engines = load_engines(*paths, BackendOptions(name="vllm", enforce_eager=not on_gpu), settled, "float32")
+    prompts = [tokenizer(q.text)["input_ids"] for q in questions]
+    work = {}
+
+    def run():
+        for engine in engines:  # each run from a cold prefix cache, as the engine's from empty caches
+            engine.reset_prefix_cache()
+        backend = VLLMSteps(*engines, settled, policy, tokenizer)
+        trajectories = StepRollout(backend, settled, policy, tokenizer).run(prompts, list(range(len(prompts))))
+        counters = backend.counters
+        written = sum(s == "teacher" for t in trajectories for s in t.sources)
+        work.update(
+            prompt=counters["teacher_prompt_tokens"],
+            cached=counters["teacher_cached_tokens"],
+            computed=counters["teacher_prompt_tokens"] - counters["teacher_cached_tokens"] + written,
+            requests=counters["scoring_requests"],
+            rescored=counters["rescored"],
+        )
+        return [record_of(q, 0, q.text, t, tokenizer, settled, "However,") for q, t in zip(questions, trajectories)]
+
+    records = run()  # the warm-up, and the counted run
+    counted_work = dict(work)
+    seconds = run_seconds(run, torch.device("cpu"), repeats, warmup=0)
+    return records, seconds, counted_work
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@
 #   kv 15          truncation: host and GPU µs per call
 #   decode 30      decode attention at 64 × 8k and 8 × 32k context vs copy bandwidth
 # By name only: chunks (fused loss fwd+bwd at Qwen2.5-1.5B/7B heads with 256 to 2048 rows per chunk:
-# the data to tune the chunk size by), trainers (vs Liger/TRL), synthesis, resources
+# the data to tune the chunk size by), trainers (vs Liger/TRL), synthesis (the paged engine vs the scripts'
+# loop, and the vLLM backend where vLLM is installed: the device image has none, so it is skipped there), resources
 # (registers/spills), alltests.
 #
 # What comes back (the device tool returns at most 8 files): env.txt, tables.md (every finished

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from motab.config import (
+    BACKENDS,
     FIELD_MAP_HELP,
     PROMPT_FORMATS,
     TOP_LEVEL,
@@ -192,6 +193,24 @@ TRAIN_FLAGS = (
 )
 ROLLOUT_FLAGS = (*MODEL_FLAGS, _flag("--mode", "rollout.mode", f"one of {', '.join(POLICIES)}"))
 TEMPERATURES = ("student_sampling.temperature", "teacher_sampling.temperature")
+# The engine a step rollout runs on (the backend section).
+BACKEND_FLAGS = (
+    _flag("--backend", "backend.name", "paged: our engine; vllm: two vLLM engines", choices=BACKENDS),
+    _flag("--teacher-tp", "backend.teacher_tp", "vllm: GPUs the teacher is split over", type=int_at_least(1)),
+    _flag("--student-tp", "backend.student_tp", "vllm: GPUs the student is split over", type=int_at_least(1)),
+    _flag(
+        "--teacher-memory",
+        "backend.teacher_memory",
+        "vllm: the teacher's share of a GPU's memory",
+        type=number_at_least(0, strictly=True),
+    ),  # fmt: skip
+    _flag(
+        "--student-memory",
+        "backend.student_memory",
+        "vllm: the student's share of a GPU's memory",
+        type=number_at_least(0, strictly=True),
+    ),  # fmt: skip
+)
 SYNTHESIZE_FLAGS = (
     *MODEL_FLAGS,
     _flag("--dtype", "dtype", "float32 or bfloat16 (default: bfloat16 on CUDA)"),
@@ -218,6 +237,7 @@ SYNTHESIZE_FLAGS = (
     ),
     _flag("--batch-size", "synthesis.batch_size", "rows per rollout", type=int_at_least(1)),
     _flag("--seed", "synthesis.seed", "the seed rows' seeds are hashed from", type=int_at_least(0)),
+    *BACKEND_FLAGS,
 )
 SFT_FLAGS = (
     _flag("--model", "model", "the student: a local model folder"),
@@ -243,6 +263,14 @@ EVAL_FLAGS = (
     _flag("--batch-size", "evaluation.batch_size", "rows generated together", type=int_at_least(1)),
     _flag("--answer-format", "evaluation.answer_format", "boxed: the last \\boxed{}; toy: #d"),
     _flag("--device", "device", "cpu, cuda or cuda:N (default: cuda when available)"),
+    _flag("--backend", "backend.name", "paged: our engine; vllm: a vLLM engine", choices=BACKENDS),
+    _flag("--tp", "backend.teacher_tp", "vllm: GPUs the model is split over", type=int_at_least(1)),
+    _flag(
+        "--gpu-memory",
+        "backend.teacher_memory",
+        "vllm: the model's share of a GPU's memory",
+        type=number_at_least(0, strictly=True),
+    ),
 )
 
 
@@ -649,8 +677,12 @@ def run_eval(args) -> int:
         answer_format = get_answer_format(settings.answer_format)
     except ValueError as error:
         raise ConfigError(f"evaluation.answer_format: {error}") from error
-    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
-    model, tokenizer = load_model(raw["model"], dtype, device)
+    backend = build_section("backend", raw.get("backend"))
+    if backend.name == "vllm":
+        model, tokenizer = _vllm_engine(raw, "model", backend)
+    else:
+        device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
+        model, tokenizer = load_model(raw["model"], dtype, device)
     problems, _ = _load_problems(raw["data"], tokenizer, field_map=_field_map(raw), limit=args.limit)
     if any(p.answer is None for p in problems):
         raise ConfigError(f"{raw['data']} has no answer field: eval needs reference answers")
@@ -696,19 +728,16 @@ def run_synthesize(args) -> int:
         questions = load_questions(raw["data"], _field_map(raw), args.limit)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
+    backend = build_section("backend", raw.get("backend"))
     rank = _init_distributed(raw)
     world = _world_size()
-    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
-    _check_graphs_device(config.cuda_graphs, device)
-    teacher, tokenizer = load_model(raw["teacher"], dtype, device, "teacher")
-    student = None
-    if policy.needs_student:
-        student, student_tokenizer = load_model(raw["student"], dtype, device, "student")
-        _check_tokenizers(student_tokenizer, tokenizer)
-        tokenizer = student_tokenizer
+    if backend.name == "vllm":
+        student, teacher, tokenizer = _vllm_engines(raw, policy.needs_student, backend, config)
+    else:
+        student, teacher, tokenizer = _paged_models(raw, policy.needs_student, config)
     config, _ = resolve(config, tokenizer)
     if rank == 0:
-        print_resolved(raw, config, synthesis=options)
+        print_resolved(raw, config, synthesis=options, backend=backend)
     barrier = _barrier() if world > 1 else None
     summary = synthesize(
         student, teacher, tokenizer, questions, out, config, options,
@@ -729,6 +758,54 @@ def run_synthesize(args) -> int:
             render_steps(chosen_record, args.render)
             print(f"rendered record {chosen_record['id']}/{chosen_record['response_index']} to {args.render}")
     return 0
+
+
+def _paged_models(raw: dict, needs_student: bool, config):
+    """The student (None when the mode needs none), the teacher and the tokenizer, on the device."""
+    device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
+    _check_graphs_device(config.cuda_graphs, device)
+    teacher, tokenizer = load_model(raw["teacher"], dtype, device, "teacher")
+    student = None
+    if needs_student:
+        student, student_tokenizer = load_model(raw["student"], dtype, device, "student")
+        _check_tokenizers(student_tokenizer, tokenizer)
+        tokenizer = student_tokenizer
+    return student, teacher, tokenizer
+
+
+def _vllm_engine(raw: dict, role: str, backend):
+    """One vLLM engine (eval's model) and its tokenizer."""
+    from motab.backends.vllm import import_vllm, load_engine
+    from motab.models import load_tokenizer
+
+    import_vllm()  # not installed: one line on how to install it, before anything loads
+    if raw.get("device"):
+        raise ConfigError("device: vLLM places its engine itself (backend.teacher_tp)")
+    path = str(local_model_folder(raw[role], role) or raw[role])
+    dtype = check_dtype(raw["dtype"]) if raw.get("dtype") else "auto"
+    return load_engine(path, role, backend, dtype), load_tokenizer(path)
+
+
+def _vllm_engines(raw: dict, needs_student: bool, backend, config):
+    """The student's and teacher's vLLM engines (the student None when the mode needs none) and the
+    tokenizer; vLLM picks its own device."""
+    from motab.backends.vllm import import_vllm, load_engines
+    from motab.models import load_tokenizer
+
+    import_vllm()  # not installed: one line on how to install it, before anything loads
+    if raw.get("device"):
+        raise ConfigError("device: vLLM places its engines itself (backend.teacher_tp, backend.student_tp)")
+    roles = ("student", "teacher") if needs_student else ("teacher",)
+    paths = {role: str(local_model_folder(raw[role], role) or raw[role]) for role in roles}
+    tokenizer = load_tokenizer(paths["teacher"])
+    if needs_student:
+        student_tokenizer = load_tokenizer(paths["student"])
+        _check_tokenizers(student_tokenizer, tokenizer)
+        tokenizer = student_tokenizer
+    config, _ = resolve(config, tokenizer)
+    dtype = check_dtype(raw["dtype"]) if raw.get("dtype") else "auto"
+    student, teacher = load_engines(paths.get("student"), paths["teacher"], backend, config, dtype)
+    return student, teacher, tokenizer
 
 
 def run_sft(args) -> int:

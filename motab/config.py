@@ -260,6 +260,37 @@ class SynthesisOptions:
         _require(self.seed >= 0, "seed", "must be ≥ 0", self.seed)
 
 
+BACKENDS = ("paged", "vllm")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The engine a step rollout runs on (the ``backend`` section): our paged engine, or two vLLM
+    engines (``motab.backends.vllm``), each with its tensor-parallel size and share of memory."""
+
+    name: str = "paged"
+    teacher_tp: int = 1  # vLLM: GPUs the teacher is split over
+    student_tp: int = 1
+    # vLLM: each engine's share of a GPU's memory (weights + KV cache); the student sits on the teacher's first GPU
+    teacher_memory: float = 0.5
+    student_memory: float = 0.3
+    block_size: int = 32  # vLLM's KV page in tokens (its CPU attention needs a multiple of 32)
+    enforce_eager: bool = False  # vLLM: no torch.compile, no CUDA graphs (faster start, slower decode)
+    cpu_kv_gib: float = 4.0  # vLLM on a CPU: KV cache memory, shared by the memory shares
+
+    def __post_init__(self) -> None:
+        _require_choice("name", self.name, BACKENDS, "backend")
+        for name in ("teacher_tp", "student_tp"):
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        for name in ("teacher_memory", "student_memory"):
+            _require(0 < getattr(self, name) <= 1, name, "must lie in (0, 1]", getattr(self, name))
+        total = self.teacher_memory + self.student_memory
+        _require(total <= 1, "student_memory", f"with teacher_memory must fit one GPU (sum {total:g} > 1)", total)
+        _require(self.block_size >= 1 and self.block_size % 16 == 0, "block_size", "must be a multiple of 16",
+                 self.block_size)  # fmt: skip
+        _require(self.cpu_kv_gib > 0, "cpu_kv_gib", "must be > 0", self.cpu_kv_gib)
+
+
 ANSWER_FORMAT_DEFAULT = "boxed"
 
 
@@ -420,6 +451,7 @@ SECTION_CLASSES = {
     "synthesis": SynthesisOptions,
     "evaluation": EvaluationConfig,
     "sft": SFTOptions,
+    "backend": BackendOptions,
 }
 SECTIONS = set(SECTION_CLASSES)
 _ROLLOUT_SECTIONS = ("rollout", "monitor", "student_sampling", "teacher_sampling")
@@ -450,10 +482,13 @@ COMMANDS = {
     # the student is required unless the mode is teacher-written (motab.policy says; checked by the command)
     "synthesize": CommandKeys(
         ("student", "teacher", "data", "field_map", "device", "dtype"),
-        ("synthesis", *_ROLLOUT_SECTIONS),
+        ("synthesis", "backend", *_ROLLOUT_SECTIONS),
         ("teacher", "data"),
     ),
-    "eval": CommandKeys(("model", "data", "field_map", "device", "dtype"), ("evaluation",), ("model", "data")),
+    # eval's one model takes the teacher's slot of the backend section (teacher_tp, teacher_memory)
+    "eval": CommandKeys(
+        ("model", "data", "field_map", "device", "dtype"), ("evaluation", "backend"), ("model", "data")
+    ),
     "sft": CommandKeys(("model", "data"), ("sft",), ("model", "data")),
 }
 # The devices the pipeline runs on (its kernels are Triton's, or the CPU's reference code).
@@ -844,6 +879,16 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "theta": "step modes: the boundary's sharpness θ",
         "entropy_top_k": "step modes: teacher tokens of the entropy H",
         "adaptive_boundary": "step modes: false forces H = 0, the constant ε0 of the reference scripts",
+    },
+    BackendOptions: {
+        "name": "synthesize, eval: the engine: paged (ours) or vllm (two vLLM engines; eval: one)",
+        "teacher_tp": "vllm: GPUs the teacher (eval: the model) is split over (tensor parallelism)",
+        "student_tp": "vllm: GPUs the student is split over",
+        "teacher_memory": "vllm: the teacher's (eval: the model's) share of a GPU's memory, weights and KV cache",
+        "student_memory": "vllm: the student's share of a GPU's memory (it sits on the teacher's first GPU)",
+        "block_size": "vllm: tokens a KV page (a multiple of 32 on a CPU)",
+        "enforce_eager": "vllm: no torch.compile and no CUDA graphs (starts faster, decodes slower)",
+        "cpu_kv_gib": "vllm on a CPU: KV cache GiB, split by the memory shares",
     },
     SynthesisOptions: {
         "responses": "synthesize: samples (records) per question",

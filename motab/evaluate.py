@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from motab.backends import vllm as vllm_backend
+from motab.backends.vllm import is_vllm_engine
 from motab.config import RolloutConfig, SamplingConfig
 from motab.engine import rollout_in_batches
+from motab.policy import resolve
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 GREEDY = SamplingConfig(temperature=0.0)
@@ -155,10 +158,14 @@ def generate(
     progress: bool | None = False,
 ) -> list[list[int]]:
     """The token ids ``model`` writes alone after each prompt (the paged engine's ``off_policy``),
-    ``batch_size`` rows at a time on one cache allocated once; ``seeds[i]`` fixes prompt i's
+    ``batch_size`` rows at a time on one cache allocated once (a ``vllm.LLM``: every prompt in one
+    call, vLLM batching them itself); ``seeds[i]`` fixes prompt i's
     sampling (default: i). ``progress`` shows a bar of rows done and tokens/s on stderr (None:
     only when stderr is a terminal)."""
     config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
+    if is_vllm_engine(model):
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        return vllm_backend.generate(model, [list(p) for p in prompts], resolve(config, tokenizer)[0], seeds)
     trajectories = rollout_in_batches(
         None, model, prompts, config, batch_size=batch_size, seeds=seeds, tokenizer=tokenizer, desc="generate",
         progress=progress,

@@ -36,6 +36,13 @@ def tail_width(stops: Sequence[str]) -> int:
     return max(len(s) for s in stops) + _TAIL_SLACK
 
 
+def stop_tail(tokens: Sequence[int], new_tokens: Sequence[int], start: int, stops: Sequence[str]) -> list[int]:
+    """The last tokens of ``tokens[start:] + new_tokens`` that a stop check reads, without copying
+    the rest (a step or a response can be 32k tokens long, checked after every token)."""
+    width = tail_width(stops)
+    return (list(tokens[max(start, len(tokens) - width) :]) + list(new_tokens))[-width:]
+
+
 def contains_stop_at_end(tokenizer, tokens: Sequence[int], stops: Sequence[str]) -> bool:
     """Whether the text of the last ``tail_width(stops)`` of ``tokens`` contains one of ``stops``.
     Called after every new token, it finds the first occurrence without ever decoding more than a

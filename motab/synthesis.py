@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from motab.backends.vllm import is_vllm_engine
 from motab.config import ConfigError, RolloutConfig, SynthesisOptions, changed_fields
 from motab.data import load_records, resolve_field_map
 from motab.engine import paged_for_rollouts, rollout
@@ -198,7 +199,10 @@ def synthesize(
     if todo:
         longest = max(len(ids[q.id]) for q, _ in todo)
         batch = min(options.batch_size, len(todo))
-        paged = [paged_for_rollouts(m, batch, longest, config) if m is not None else None for m in (student, teacher)]
+        paged = [
+            paged_for_rollouts(m, batch, longest, config) if m is not None and not is_vllm_engine(m) else m
+            for m in (student, teacher)
+        ]
         part = parts / f"part-{rank}.jsonl"
         _drop_cut_line(part)
         with open(part, "a", encoding="utf-8") as sink:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from motab.engine.step import StepRounds
+from motab.engine.step import StepRollout
 from motab.engine.token import TokenRounds
 
 
@@ -15,10 +15,13 @@ def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
     checked = []
 
     def check(self, rows):
+        engine = getattr(self, "backend", self)  # the step algorithm's paged backend, or the token driver
+        engine.apply_cuts()  # the round's cuts reach the caches as the round ends
         for row in rows:
             if row.finished:
                 continue
-            models = [teacher_pm] if row.teacher_writes or self.student is self.teacher else [student_pm, teacher_pm]
+            shared = engine.student is engine.teacher
+            models = [teacher_pm] if row.teacher_writes or shared else [student_pm, teacher_pm]
             for pm in models:
                 sequence = row.sequence
                 assert pm.lengths([row.index]) == [len(sequence) - 1]
@@ -28,7 +31,7 @@ def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
                 pm.truncate([row.index], [len(sequence) - 1])
             checked.append(row.index)
 
-    for driver in (TokenRounds, StepRounds):
+    for driver in (TokenRounds, StepRollout):
         for name in ("draft_round", "teacher_round"):
             original = getattr(driver, name)
 

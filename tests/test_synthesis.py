@@ -103,10 +103,16 @@ def test_stitching_is_the_scripts_format():
 
 
 def test_records_hold_the_stitched_text_and_every_field(reference):
-    assert [(r["id"], r["response_index"]) for r in reference] == [(q.id, i) for q in QUESTIONS for i in range(3)]
-    breaches = [r for r in reference if r["breach"]]
-    assert breaches and len(breaches) < len(reference)
-    for record in reference:
+    assert_well_formed(reference)
+
+
+def assert_well_formed(records):
+    """The records of ``QUESTIONS`` (3 responses each, ``CONFIG``'s trimmed steps): each field, the
+    stitched text, a breach's t* and values; some rows breach and some do not."""
+    assert [(r["id"], r["response_index"]) for r in records] == [(q.id, i) for q in QUESTIONS for i in range(3)]
+    breaches = [r for r in records if r["breach"]]
+    assert breaches and len(breaches) < len(records)
+    for record in records:
         assert record["input"] == record["prompt"] == QUESTIONS[int(record["id"][1:])].text  # raw prompts
         assert record["completion"] == record["output"]
         texts = [s["text"] for s in record["steps"]]

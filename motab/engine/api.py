@@ -11,8 +11,11 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from motab.backends import paged as paged_backend
+from motab.backends import vllm as vllm_backend
+from motab.backends.vllm import is_vllm_engine
 from motab.config import RolloutConfig
-from motab.engine.step import StepRounds
+from motab.engine.step import StepRollout
 from motab.engine.token import TokenRounds
 from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel
@@ -60,6 +63,10 @@ def rollout(
         raise ValueError(f"mode {config.mode!r} needs a student model (only teacher-written modes run without one)")
     if policy.in_steps and tokenizer is None:
         raise ValueError(f"mode {config.mode!r} writes steps up to a stop string: pass the tokenizer")
+    if is_vllm_engine(teacher):
+        return _rollout_on_vllm(
+            student, teacher, prompts, config, policy, seeds, tokenizer, timings, keep_teacher_hidden, round_hook
+        )
     longest = max(len(p) for p in prompts)
     models = []
     for model in (teacher, student):
@@ -71,9 +78,40 @@ def rollout(
             _check_capacity(model, prompts, _tokens_per_row(0, config))
         models.append(model)
     teacher_model, student_model = models
-    driver = StepRounds if policy.in_steps else TokenRounds
-    engine = driver(student_model, teacher_model, config, policy, tokenizer, timings, keep_teacher_hidden, round_hook)
-    return engine.run(prompts, seeds or list(range(len(prompts))))
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    models = (student_model, teacher_model, config, policy, tokenizer, timings, keep_teacher_hidden, round_hook)
+    if not policy.in_steps:
+        return TokenRounds(*models).run(prompts, seeds)
+    backend = paged_backend.PagedSteps(*models)
+    return StepRollout(backend, config, policy, tokenizer, keep_teacher_hidden).run(prompts, seeds)
+
+
+def _rollout_on_vllm(
+    student, teacher, prompts, config, policy, seeds, tokenizer, timings, keep_teacher_hidden, round_hook
+) -> list[Trajectory]:
+    """A step mode on two vLLM engines (``motab.backends.vllm``)."""
+    if not policy.in_steps:
+        raise ValueError(
+            f"mode {config.mode!r} is token-level: it needs the fused op on every drafted token, which only the paged "
+            "engine runs; vLLM engines run the step modes"
+        )
+    if keep_teacher_hidden:
+        raise ValueError("keep_teacher_hidden needs the paged engine: vLLM returns no hidden states")
+    if student is not None and not is_vllm_engine(student):
+        raise ValueError("the teacher is a vLLM engine: pass the student as one too")
+    # a row's most tokens: its prompt, the budget, a correction past it and a trimmed step's separator
+    need = max(map(len, prompts)) + config.max_new_tokens + config.min_correction_tokens + _SEPARATOR_ROOM
+    for role, engine in (("student", student), ("teacher", teacher)):
+        room = engine.llm_engine.model_config.max_model_len if engine is not None else need
+        if room < need:
+            raise ValueError(
+                f"the {role}'s vLLM engine holds {room} tokens a sequence (max_model_len); this rollout's rows may "
+                f"need {need} (the longest prompt, max_new_tokens, a correction past the budget): build it with "
+                "a larger max_model_len or lower rollout.max_new_tokens"
+            )
+    backend = vllm_backend.VLLMSteps(student, teacher, config, policy, tokenizer, timings, round_hook)
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    return StepRollout(backend, config, policy, tokenizer).run(prompts, seeds)
 
 
 def _tokens_per_row(prompt_len: int, config: RolloutConfig) -> int:

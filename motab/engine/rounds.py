@@ -3,7 +3,8 @@
 A rollout is a loop of rounds: rows the student writes draft (one batched decode step per token),
 the teacher verifies every draft in one forward and the fused op scores it; rows the teacher
 writes decode in batched teacher steps. What a draft's scores decide is the driver's: token by
-token (``motab.engine.token``) or step by step (``motab.engine.step``). Every cache change of a
+token (``motab.engine.token``) or step by step (``motab.backends.paged``, under
+``motab.engine.step``). Every cache change of a
 round waits in the ``CutQueue`` and reaches the caches in one call per model before the next
 extend. Data flows one way each round: schedule (which rows draft, which the teacher writes),
 run (decode, verify, score), postprocess (commit, cut, correct).
@@ -26,7 +27,7 @@ from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel, lm_head, shared_vocab
 from motab.monitor import Monitor
 from motab.policy import Policy
-from motab.steps import contains_stop_at_end, tail_width
+from motab.steps import contains_stop_at_end, stop_tail
 from motab_kernels import fused_linear_divergence, ragged
 
 
@@ -154,7 +155,7 @@ class Rounds:
     keeps_sampling_logprobs = False
 
     def step_end(self, row: Row, new_tokens: list[int]) -> str | None:
-        """Why the row's current step ends with ``new_tokens`` appended (step drivers)."""
+        """Why the row's draft ends with ``new_tokens`` before its length (drivers that read each token)."""
         return None
 
     def draft_length(self, row: Row) -> int:
@@ -224,27 +225,11 @@ class Rounds:
             with self.phase("teacher_decode"):
                 hidden = self.extend(self.teacher, live, [[r.pending] for r in live])
             logits = self.teacher.logits(hidden, self.vocab)
-            ended = []
             for j, (row, token) in enumerate(zip(live, self.sample(logits, live, teacher=True).tolist())):
                 row.commit([token], "teacher", [math.nan], [math.nan], hidden[j : j + 1])
-                end = self.step_end(row, []) if row.step is not None else None
-                if end is not None:
-                    ended.append((row, end))
-                elif self.finish_if_done(row):
-                    self.teacher_finished(row)
+                if self.finish_if_done(row):
                     row.release()
-            if ended:
-                self.end_steps(ended)
-        # rows handed back to the student (a step_skd teacher step) read what the teacher wrote
-        self.catch_up(self.student, [r for r in rows if not r.finished and not r.teacher_writes])
         self.apply_cuts()
-
-    def teacher_finished(self, row: Row) -> None:
-        """A row the teacher wrote to its end (step drivers close a correction)."""
-
-    def end_steps(self, ended: list[tuple[Row, str]]) -> None:
-        """Closes the rows' finished steps (step drivers)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------------- the caches
     def extend(self, model: PagedModel, rows: list[Row], feeds) -> torch.Tensor:
@@ -300,7 +285,7 @@ class Rounds:
         stops = self.config.stop_strings
         if not (stops and self.tokenizer is not None):
             return False
-        return contains_stop_at_end(self.tokenizer, tail(row.trajectory.tokens, new_tokens, 0, stops), stops)
+        return contains_stop_at_end(self.tokenizer, stop_tail(row.trajectory.tokens, new_tokens, 0, stops), stops)
 
     def finish_if_done(self, row: Row) -> bool:
         traj = row.trajectory
@@ -342,13 +327,6 @@ class Rounds:
             self.timings[name] = self.timings.get(name, 0.0) + elapsed
             if self._phases:  # a phase nested in another counts once: its parent's time excludes it
                 self.timings[self._phases[-1]] = self.timings.get(self._phases[-1], 0.0) - elapsed
-
-
-def tail(tokens: list[int], new_tokens: list[int], start: int, stops) -> list[int]:
-    """The last tokens of ``tokens[start:] + new_tokens`` that a stop check reads, without copying
-    the rest (a step or a response can be 32k tokens long, checked after every token)."""
-    width = tail_width(stops)
-    return (tokens[max(start, len(tokens) - width) :] + new_tokens)[-width:]
 
 
 def _positions_in(previous: list[int], current: list[int]) -> torch.Tensor:

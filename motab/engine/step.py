@@ -1,123 +1,180 @@
-"""The step-level driver (the paper's pipeline: ``step_motab``, and the reference scripts'
-baselines ``step_skd`` and ``teacher_steps``; the formulas are ``motab.steps``).
+"""The step-level method (the paper's pipeline: ``step_motab``, and the reference scripts'
+baselines ``step_skd`` and ``teacher_steps``; the formulas are ``motab.steps``), written once over
+a ``motab.backends.StepBackend``.
 
-A draft ends at the end of its step (EOS, the stop string found in the decoded tail, the step or
-row budget). The teacher's verify forward gives, through the fused op, the teacher log-prob of
-every drafted token (the step's oracle value accumulates them) and, at a row's first position when
-a step begins there, the top-k entropy of the boundary (the LM head applied to those positions
-only). A finished step is trimmed if ``trim_stop`` (cut back, both caches read the separator in
-one extend per model), recorded and tested: a ``root_cause`` breach finds t*, cuts the row back to
-that step's start and hands the row to the teacher with a budget; a ``teacher_step`` rejection
-cuts the step and the teacher writes one step, after which the student's cache catches up.
+Each round, the rows the student writes draft (a step ends at EOS, the stop string, the step
+budget or the row's); the teacher scores the drafted tokens (their log-probs accumulate into the
+step's oracle value) and, where a step begins, gives the top-k entropy of the boundary. A finished
+step is trimmed if ``trim_stop`` (cut back, the separator appended), recorded and tested: a
+``root_cause`` breach finds t*, rewinds the row to that step's start and hands it to the teacher
+with a budget; a ``teacher_step`` rejection cuts the step and the teacher writes one step, after
+which the student takes the row back. Rows the teacher writes go to the backend together.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from motab.engine.rounds import Rounds, tail
+from motab.backends import Ask, StepBackend
+from motab.config import RolloutConfig
 from motab.engine.rows import Row, Step
-from motab.engine.sampling import logprobs_of
+from motab.engine.trajectory import Trajectory
+from motab.monitor import Monitor
+from motab.policy import Policy
 from motab.steps import (
     SCRIPT_SEPARATOR,
     contains_stop_at_end,
     entropy_boundary,
     oracle_value,
     root_cause,
-    topk_entropy,
+    stop_tail,
     trim_at_stop,
 )
 
 
-class StepRounds(Rounds):
-    reads_each_token = True  # a step ends at its stop string, which only the host finds
+class StepRollout:
+    """One step-mode rollout: the method's decisions; the backend does the writing and reading."""
 
-    @property
-    def keeps_sampling_logprobs(self) -> bool:
-        """step_skd compares the teacher's value with the student's own, from its sampling log-probs."""
-        return self.policy.step_test == "skd_ratio"
+    def __init__(
+        self,
+        backend: StepBackend,
+        config: RolloutConfig,
+        policy: Policy,
+        tokenizer,
+        keep_teacher_hidden: bool = False,
+    ) -> None:
+        self.backend, self.config, self.policy, self.tokenizer = backend, config, policy, tokenizer
+        self.monitor_config = config.monitor
+        self.eos = set(config.eos_token_ids)
+        self.keep_teacher_hidden = keep_teacher_hidden
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Trajectory]:
+        self.monitor = Monitor(self.monitor_config, len(prompts))
+        rows = [
+            Row(
+                i,
+                list(prompt),
+                seed,
+                teacher_writes=self.policy.writer == "teacher",
+                in_steps=True,
+                limit=self.config.max_new_tokens,
+                monitor=self.monitor,
+                cuts=self.backend.cuts,
+                keep_teacher_hidden=self.keep_teacher_hidden,
+            )
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds))
+        ]
+        self.backend.start(rows)
+        while True:
+            active = [r for r in rows if not r.finished]
+            if not active:
+                break
+            drafting = [r for r in active if not r.teacher_writes]
+            if drafting:
+                with self.backend.round("draft"):
+                    self.draft_round(drafting)
+            writing = [r for r in active if r.teacher_writes and not r.finished]
+            if writing:
+                with self.backend.round("teacher"):
+                    self.teacher_round(writing)
+        self.backend.finish(rows)
+        if self.keep_teacher_hidden:
+            for row in rows:
+                row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
+        return [r.trajectory for r in rows]
 
     def draft_round(self, rows: list[Row]) -> None:
-        drafts, hidden, sampled_logprobs, step_ends, offsets, verify = self.draft_and_verify(rows)
-        if self.policy.step_test == "boundary":
-            self._read_step_entropies(rows, verify, offsets)
-        targets = [t for d in drafts for t in d]
-        stats, _ = self.score(hidden, verify, targets, [math.inf] * len(targets), offsets)
-        with self.phase("monitor"):
-            for i, (row, draft) in enumerate(zip(rows, drafts)):
-                span = slice(int(offsets[i]), int(offsets[i + 1]))
-                logprobs = stats["teacher_logprob"][span]
-                self._commit_step_draft(row, draft, logprobs, verify[span], sampled_logprobs[span])
-        self.end_steps([(r, end) for r, end in zip(rows, step_ends) if end is not None])
-        self.apply_cuts()
+        """The student drafts (at most to its step's end), the teacher scores, the steps that
+        ended are closed."""
+        drafts = self.backend.draft(rows, [self._ask(r) for r in rows], self.policy.step_test == "skd_ratio")
+        for row, draft in zip(rows, drafts):
+            row.trajectory.counters["drafted"] += len(draft.tokens)
+        entropy = [self.policy.step_test == "boundary" and r.step.entropy is None for r in rows]
+        scored = self.backend.score_draft(rows, [d.tokens for d in drafts], entropy)
+        ended = []
+        with self.backend.phase("monitor"):
+            for row, draft, score in zip(rows, drafts, scored):
+                if score.entropy is not None:
+                    row.step.entropy = score.entropy
+                row.commit(
+                    draft.tokens,
+                    "student",
+                    [-x for x in score.logprobs],
+                    [math.nan] * len(draft.tokens),
+                    _per_token(score.hidden, len(draft.tokens)),
+                )
+                row.step.teacher_logprobs += score.logprobs
+                row.step.student_logprobs += draft.logprobs
+                if draft.end is not None:
+                    ended.append((row, self._step_end(row, draft.end)))
+        self.end_steps(ended)
 
-    def draft_length(self, row: Row) -> int:
-        """A draft, cut short by the row's budget and the step's."""
-        length = super().draft_length(row)
-        if row.step is not None:
-            length = min(length, self.config.max_step_tokens - (len(row.trajectory.tokens) - row.step.start))
-        return length
+    def teacher_round(self, rows: list[Row]) -> None:
+        """Rows the teacher writes: a step (step_skd's rewrite, teacher_steps) or the correction."""
+        written = self.backend.teacher_write(rows, [self._ask(r) for r in rows])
+        ended = []
+        for row, new in zip(rows, written):
+            nan = [math.nan] * len(new.tokens)
+            row.commit(new.tokens, "teacher", nan, nan, _per_token(new.hidden, len(new.tokens)))
+            if row.step is not None:
+                if new.end is not None:
+                    ended.append((row, self._step_end(row, new.end)))
+            elif self.finish_if_done(row):
+                self.teacher_finished(row)
+                row.release()
+        self.end_steps(ended)
+        # rows handed back to the student (after a step_skd teacher step) read what the teacher wrote
+        self.backend.student_reads([r for r in rows if not r.finished and not r.teacher_writes])
 
-    def step_end(self, row: Row, new_tokens: list[int]) -> str | None:
-        """Why the row's current step ends with ``new_tokens`` appended, if it does: its writer
-        wrote EOS, the stop string, the step's budget or the row's."""
-        tokens, stops = row.trajectory.tokens, [self.config.step_stop]
-        written = len(tokens) - row.step.start + len(new_tokens)  # the step's tokens so far
-        if not written:
-            return None
-        if (new_tokens or tokens)[-1] in self.eos:
-            return "eos"
-        if contains_stop_at_end(self.tokenizer, tail(tokens, new_tokens, row.step.start, stops), stops):
-            return "stop"
-        if len(tokens) + len(new_tokens) >= row.limit:
-            return "length"
-        if written >= self.config.max_step_tokens:
-            return "step_length"
-        return None
+    def _ask(self, row: Row) -> Ask:
+        """A step: up to its stop string, within the step's budget and the row's; a correction (no
+        step): to EOS, a response stop string or the row's budget."""
+        tokens = row.trajectory.tokens
+        left = row.limit - len(tokens)
+        if row.step is None:
+            return Ask(left, tuple(self.config.stop_strings), tokens)
+        step_left = self.config.max_step_tokens - (len(tokens) - row.step.start)
+        return Ask(min(left, step_left), (self.config.step_stop,), tokens[row.step.start :])
 
-    def _read_step_entropies(self, rows: list[Row], verify: torch.Tensor, offsets) -> None:
-        """The teacher's top-k entropy before each step that starts with this draft: read from the
-        verify forward's first position of the row (the teacher's distribution after the pending
-        token), the LM head applied to those positions only."""
-        starting = [i for i, r in enumerate(rows) if r.step.entropy is None and offsets[i + 1] > offsets[i]]
-        if not starting:
-            return
-        positions = torch.tensor([int(offsets[i]) for i in starting], device=verify.device)
-        logits = self.teacher.logits(verify[positions], self.vocab)
-        entropies = topk_entropy(logits, self.monitor_config.entropy_top_k).tolist()
-        for i, h in zip(starting, entropies):
-            rows[i].step.entropy = h
+    def _step_end(self, row: Row, end: str) -> str:
+        """The step's end reason: a budget reached is the row's ("length") or the step's."""
+        if end != "length":
+            return end
+        return "length" if len(row.trajectory.tokens) >= row.limit else "step_length"
 
-    def _commit_step_draft(self, row: Row, draft, logprobs, teacher_hidden, sampled_logprobs) -> None:
-        """The whole draft is committed (it ends at the step's end at the latest): the teacher's
-        log-prob of each token accumulates into the step's oracle value."""
-        row.commit(draft, "student", [-x for x in logprobs], [math.nan] * len(draft), teacher_hidden)
-        row.step.teacher_logprobs += logprobs
-        row.step.student_logprobs += sampled_logprobs
+    def finish_if_done(self, row: Row) -> bool:
+        """Whether the row's response is over: EOS, a response stop string (in its tail), or its budget."""
+        traj, stops = row.trajectory, self.config.stop_strings
+        if traj.tokens and traj.tokens[-1] in self.eos:
+            traj.finish_reason = "eos"
+        elif stops and contains_stop_at_end(self.tokenizer, stop_tail(traj.tokens, [], 0, stops), stops):
+            traj.finish_reason = "stop"
+        elif len(traj.tokens) >= row.limit:
+            traj.finish_reason = "length"
+        row.finished = traj.finish_reason is not None
+        return row.finished
 
+    # ------------------------------------------------------------------------ closing steps
     def end_steps(self, ended: list[tuple[Row, str]]) -> None:
-        """Closes the rows' finished steps: cuts the stop string off (``trim_stop``; the caches
-        read the separator, all rows in one extend per model), records each step, applies the
+        """Closes the rows' finished steps: cuts the stop string off (``trim_stop``; the rest of
+        its token and the separator appended, all rows together), records each step, applies the
         policy."""
         trims = [(row, self._trim(row)) for row, reason in ended if reason == "stop" and self.config.trim_stop]
         if trims:
             rows = [row for row, _ in trims]
-            feeds = [[row.pending] + new[:-1] for row, (new, _) in trims]
-            read = self.extend_split(self.teacher, rows, feeds)
-            # the writer's caches were aligned before the cut; a student behind a teacher step catches up later
-            students = [i for i, row in enumerate(rows) if row.step.writer == "student"]
-            if students:
-                self.extend_split(self.student, [rows[i] for i in students], [feeds[i] for i in students])
-            for (row, (new, rest)), hidden in zip(trims, read):
+            scored = self.backend.append(rows, [new for _, (new, _) in trims], [rest for _, (_, rest) in trims])
+            for (row, (new, rest)), score in zip(trims, scored):
                 scores = [math.nan] * len(new)
-                if rest:
-                    logprobs = self._teacher_logprobs(hidden[:rest], new[:rest])
-                    row.step.teacher_logprobs += logprobs
-                    scores[:rest] = [-x for x in logprobs]
-                row.commit(new, row.step.writer, scores, [math.nan] * len(new), hidden)
+                row.step.teacher_logprobs += score.logprobs
+                scores[:rest] = [-x for x in score.logprobs]
+                row.commit(new, row.step.writer, scores, [math.nan] * len(new), _per_token(score.hidden, len(new)))
                 row.step.separator = len(new) - rest
+            # the writer's caches were aligned before the cut; a student behind a teacher step catches up later
+            self.backend.student_reads([row for row in rows if row.step.writer == "student"])
         for row, reason in ended:
             self._close_step(row, reason)
 
@@ -131,10 +188,6 @@ class StepRounds(Rounds):
         row.cut(step.start + keep)
         del step.teacher_logprobs[keep:]  # the student's own log-probs keep the stop token, as the scripts'
         return rest_ids + self.tokenizer.encode(SCRIPT_SEPARATOR, add_special_tokens=False), len(rest_ids)
-
-    def _teacher_logprobs(self, hidden: torch.Tensor, targets: list[int]) -> list[float]:
-        """log p_teacher(target) at temperature 1 for a few positions (the LM head on those only)."""
-        return logprobs_of(self.teacher.logits(hidden, self.vocab), torch.tensor(targets)).tolist()
 
     def _close_step(self, row: Row, reason: str) -> None:
         """Records the row's finished step and acts on it: the next step begins, the row ends,
@@ -213,3 +266,9 @@ class StepRounds(Rounds):
         if row.correction_start is not None:
             row.trajectory.interventions.append((row.correction_start, len(row.trajectory.tokens)))
             row.correction_start = None
+
+
+def _per_token(hidden, count: int) -> list:
+    """A backend's hidden states of ``count`` tokens as ``Row.commit`` takes them (none where the
+    backend has none)."""
+    return [None] * count if hidden is None else list(hidden)
