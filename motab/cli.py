@@ -775,37 +775,40 @@ def _paged_models(raw: dict, needs_student: bool, config):
 
 def _vllm_engine(raw: dict, role: str, backend):
     """One vLLM engine (eval's model) and its tokenizer."""
-    from motab.backends.vllm import import_vllm, load_engine
+    from motab.backends.vllm import load_engine
     from motab.models import load_tokenizer
 
-    import_vllm()  # not installed: one line on how to install it, before anything loads
-    if raw.get("device"):
-        raise ConfigError("device: vLLM places its engine itself (backend.teacher_tp)")
-    path = str(local_model_folder(raw[role], role) or raw[role])
-    dtype = check_dtype(raw["dtype"]) if raw.get("dtype") else "auto"
-    return load_engine(path, role, backend, dtype), load_tokenizer(path)
+    paths, dtype = _vllm_sources(raw, (role,))
+    return load_engine(paths[role], role, backend, dtype), load_tokenizer(paths[role])
 
 
 def _vllm_engines(raw: dict, needs_student: bool, backend, config):
     """The student's and teacher's vLLM engines (the student None when the mode needs none) and the
     tokenizer; vLLM picks its own device."""
-    from motab.backends.vllm import import_vllm, load_engines
+    from motab.backends.vllm import load_engines
     from motab.models import load_tokenizer
 
-    import_vllm()  # not installed: one line on how to install it, before anything loads
-    if raw.get("device"):
-        raise ConfigError("device: vLLM places its engines itself (backend.teacher_tp, backend.student_tp)")
-    roles = ("student", "teacher") if needs_student else ("teacher",)
-    paths = {role: str(local_model_folder(raw[role], role) or raw[role]) for role in roles}
+    paths, dtype = _vllm_sources(raw, ("student", "teacher") if needs_student else ("teacher",))
     tokenizer = load_tokenizer(paths["teacher"])
     if needs_student:
         student_tokenizer = load_tokenizer(paths["student"])
         _check_tokenizers(student_tokenizer, tokenizer)
         tokenizer = student_tokenizer
     config, _ = resolve(config, tokenizer)
-    dtype = check_dtype(raw["dtype"]) if raw.get("dtype") else "auto"
     student, teacher = load_engines(paths.get("student"), paths["teacher"], backend, config, dtype)
     return student, teacher, tokenizer
+
+
+def _vllm_sources(raw: dict, roles: tuple[str, ...]) -> tuple[dict[str, str], str]:
+    """The models' folders (or cached hub ids) by role and the dtype vLLM loads them in; refuses a
+    missing vLLM (how to install it) and a device (vLLM places its engines) before anything loads."""
+    from motab.backends.vllm import import_vllm
+
+    import_vllm()
+    if raw.get("device"):
+        raise ConfigError("device: vLLM places its engines itself (backend.teacher_tp, backend.student_tp)")
+    paths = {role: str(local_model_folder(raw[role], role) or raw[role]) for role in roles}
+    return paths, check_dtype(raw["dtype"]) if raw.get("dtype") else "auto"
 
 
 def run_sft(args) -> int:

@@ -3,6 +3,7 @@ changed output, and the same records from one rank or two (gloo)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -197,13 +198,10 @@ def test_a_baseline_record_holds_the_final_response_and_no_rejected_step(pair, t
         assert rejected == kept == 0
 
 
-@pytest.mark.parametrize("ids", ["str", "int"])
-def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_path, monkeypatch):
-    questions, reference = (QUESTIONS if ids == "str" else INDEXED), references(ids)
-    assert [r["id"] for r in reference[::3]] == [q.id for q in questions]  # the ids as the input gave them
-    out = tmp_path / "records.jsonl"
-    calls = []
-    original = synthesis.rollout
+@contextlib.contextmanager
+def killed_at_the_third_batch(monkeypatch):
+    """Within the block, ``synthesize``'s third rollout raises KeyboardInterrupt (a Ctrl-C)."""
+    original, calls = synthesis.rollout, []
 
     def dies_on_the_third_batch(*args, **kwargs):
         calls.append(1)
@@ -212,9 +210,19 @@ def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_pat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(synthesis, "rollout", dies_on_the_third_batch)
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(synthesis, "rollout", original)
+
+
+@pytest.mark.parametrize("ids", ["str", "int"])
+def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_path, monkeypatch):
+    questions, reference = (QUESTIONS if ids == "str" else INDEXED), references(ids)
+    assert [r["id"] for r in reference[::3]] == [q.id for q in questions]  # the ids as the input gave them
+    out = tmp_path / "records.jsonl"
+    with killed_at_the_third_batch(monkeypatch), pytest.raises(KeyboardInterrupt):
         synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
-    monkeypatch.setattr(synthesis, "rollout", original)
     assert not out.exists()
     part = tmp_path / "records.jsonl.parts" / "part-0.jsonl"
     assert len(part.read_text().splitlines()) == 8  # two batches of four

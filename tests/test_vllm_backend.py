@@ -16,13 +16,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from motab import synthesis
 from motab.backends.vllm import VLLMSteps, load_engines
 from motab.config import BackendOptions, RolloutConfig, SamplingConfig
 from motab.engine.step import StepRollout
 from motab.policy import resolve
 from motab.synthesis import synthesize
-from tests.test_synthesis import CONFIG, OPTIONS, QUESTIONS, TOKENIZER, assert_well_formed, read
+from tests.test_synthesis import (
+    CONFIG,
+    OPTIONS,
+    QUESTIONS,
+    TOKENIZER,
+    assert_well_formed,
+    killed_at_the_third_batch,
+    read,
+)
 from tests.tiny import tiny_qwen2
 
 if os.environ.get("MOTAB_REQUIRE_VLLM") != "1":
@@ -144,18 +151,8 @@ def test_the_teacher_prefills_each_step_not_its_context(engines):
 def test_a_killed_run_resumes_to_the_same_records(engines, tmp_path, monkeypatch):
     reference = records(*engines, SAMPLED, tmp_path / "reference.jsonl")
     out = tmp_path / "records.jsonl"
-    original, calls = synthesis.rollout, []
-
-    def dies_on_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(synthesis, "rollout", dies_on_the_third_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_the_third_batch(monkeypatch), pytest.raises(KeyboardInterrupt):
         records(*engines, SAMPLED, out)
-    monkeypatch.setattr(synthesis, "rollout", original)
     assert len((tmp_path / "records.jsonl.parts" / "part-0.jsonl").read_text().splitlines()) == 8
     assert records(*engines, SAMPLED, out, resume=True) == reference
 
@@ -200,12 +197,14 @@ def test_eval_writes_the_paged_engines_greedy_completions(models, engines):
 
 
 def test_the_command_writes_the_paged_engines_greedy_records(folders, tmp_path, capsys):
-    """``motab synthesize --backend vllm`` (its own engines, from the flags) against the paged command."""
+    """``motab synthesize --preset toy --backend vllm`` (its own engines, from the flags) against the
+    paged command."""
     from motab.cli import main
 
     data = tmp_path / "questions.jsonl"
     data.write_text("".join(json.dumps({"question": q.text, "answer": "1"}) + "\n" for q in QUESTIONS))
-    common = ["synthesize", "--student", folders[0], "--teacher", folders[1], "--data", str(data), "--responses", "1"]
+    common = ["synthesize", "--preset", "toy", "--student", folders[0], "--teacher", folders[1], "--data", str(data)]
+    common += ["--responses", "1"]
     common += ["--temperature", "0", "--max-new-tokens", "40", "--epsilon0", "1e-7", "--dtype", "float32"]
     assert main([*common, "--out", str(tmp_path / "paged.jsonl")]) == 0
     vllm = ["--backend", "vllm", "--set", "backend.enforce_eager=true", "--set", "backend.cpu_kv_gib=0.25"]

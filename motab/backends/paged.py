@@ -43,11 +43,7 @@ class PagedSteps(Rounds):
             self.apply_cuts()
 
     def start(self, rows: list[Row]) -> None:
-        models = [self.student, self.teacher] if self.policy.needs_student else [self.teacher]
-        with self.phase("prefill"):
-            for model in models:
-                model.reset([r.index for r in rows])
-                self.extend(model, rows, [r.sequence[:-1] for r in rows])  # all but the pending token
+        self.prefill(rows)
 
     def finish(self, rows: list[Row]) -> None:
         self.apply_cuts()

@@ -92,10 +92,8 @@ class VLLMSteps:
         if student is not None:
             check_engine(student, "student", processed_logprobs=policy.step_test == "skd_ratio")
         # the tokenizer's vocabulary when the model's is padded past it (the paged engine's rule)
-        vocab = config.vocab_size
-        model_vocab = engine_vocab_size(teacher)
-        self.allowed = list(range(vocab)) if vocab is not None and vocab < model_vocab else None
-        self.vocab = vocab or model_vocab
+        self.allowed = allowed_ids(config.vocab_size, teacher)
+        self.vocab = config.vocab_size or engine_vocab_size(teacher)
         # what the teacher prefilled: prompt tokens sent, read from the prefix cache, rescored rows
         self.counters = dict(teacher_prompt_tokens=0, teacher_cached_tokens=0, scoring_requests=0, rescored=0)
         # per scoring request: the row's committed tokens, the prompt's tokens, how many vLLM read from its
@@ -160,20 +158,8 @@ class VLLMSteps:
         else:
             row.teacher_draws += 1
             draws = row.teacher_draws
-        return self._params(
-            temperature=sampling.temperature,
-            top_k=sampling.top_k or -1,
-            top_p=sampling.top_p,
-            seed=request_seed(row.seed, role, draws),
-            max_tokens=ask.max_tokens,
-            stop=list(ask.stops) or None,
-            include_stop_str_in_output=True,
-            # our EOS ids, not the model's own: the paged engine ends a row at exactly these
-            ignore_eos=True,
-            stop_token_ids=self.eos,
-            logprobs=0 if logprobs else None,
-            allowed_token_ids=self.allowed,
-            skip_special_tokens=False,
+        return sampling_params(
+            sampling, request_seed(row.seed, role, draws), ask.max_tokens, ask.stops, self.eos, self.allowed, logprobs
         )
 
     # ------------------------------------------------------------------------- scoring
@@ -244,6 +230,42 @@ def request_seed(seed: int, role: str, draws: int) -> int:
     the row alone (one seed for every request of a row would repeat its draws at every step)."""
     digest = hashlib.sha256(json.dumps([seed, role, draws]).encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def sampling_params(
+    sampling: SamplingConfig,
+    seed: int,
+    max_tokens: int,
+    stops,
+    eos: list[int],
+    allowed: list[int] | None,
+    logprobs: bool = False,
+):
+    """One writing request: ``sampling`` with its own seed, up to ``max_tokens``, ending at one of
+    ``stops`` (kept in the output, as the paged engine keeps it) or at one of our ``eos`` ids (not
+    the model's own: the paged engine ends a row at exactly these), sampling only ``allowed`` ids;
+    with ``logprobs``, the sampled token's log-prob under the sampling distribution."""
+    _, params, _ = import_vllm()
+    return params(
+        temperature=sampling.temperature,
+        top_k=sampling.top_k or -1,
+        top_p=sampling.top_p,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=list(stops) or None,
+        include_stop_str_in_output=True,
+        ignore_eos=True,
+        stop_token_ids=eos,
+        logprobs=0 if logprobs else None,
+        allowed_token_ids=allowed,
+        skip_special_tokens=False,
+    )
+
+
+def allowed_ids(vocab: int | None, engine) -> list[int] | None:
+    """The tokenizer's ids where the model's head is padded past them (the paged engine samples
+    from those only); None where they are the whole head."""
+    return list(range(vocab)) if vocab is not None and vocab < engine_vocab_size(engine) else None
 
 
 def engine_vocab_size(engine) -> int:
@@ -355,23 +377,17 @@ def generate(engine, prompts: list[list[int]], config: RolloutConfig, seeds: lis
     """What ``engine`` writes alone after each prompt (the paged engine's ``off_policy`` under
     ``config``: its teacher sampling, EOS ids, budget and vocabulary), all prompts in one call so
     vLLM batches them; prompt i samples with ``seeds[i]``."""
-    _, params, prompt = import_vllm()
-    vocab, model_vocab = config.vocab_size, engine_vocab_size(engine)
-    allowed = list(range(vocab)) if vocab is not None and vocab < model_vocab else None
-    sampling = config.teacher_sampling
+    _, _, prompt = import_vllm()
+    allowed = allowed_ids(config.vocab_size, engine)
+    eos = sorted(config.eos_token_ids)
     requests = [
-        params(
-            temperature=sampling.temperature,
-            top_k=sampling.top_k or -1,
-            top_p=sampling.top_p,
-            seed=request_seed(seed, "model", 1),
-            max_tokens=config.max_new_tokens,
-            stop=list(config.stop_strings) or None,
-            include_stop_str_in_output=True,
-            ignore_eos=True,
-            stop_token_ids=sorted(config.eos_token_ids),
-            allowed_token_ids=allowed,
-            skip_special_tokens=False,
+        sampling_params(
+            config.teacher_sampling,
+            request_seed(seed, "model", 1),
+            config.max_new_tokens,
+            config.stop_strings,
+            eos,
+            allowed,
         )
         for seed in seeds
     ]

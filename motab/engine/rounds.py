@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from motab.config import RolloutConfig
-from motab.engine.rows import CutQueue, Row
+from motab.engine.rows import CutQueue, Row, run_rounds
 from motab.engine.sampling import logprobs_of, sample_tokens
 from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel, lm_head, shared_vocab
@@ -63,28 +63,21 @@ class Rounds:
     def run(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Trajectory]:
         self.monitor = Monitor(self.monitor_config, len(prompts))
         rows = [self._new_row(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
-        models = [self.student, self.teacher] if self.policy.needs_student else [self.teacher]
-        with self.phase("prefill"):
-            for model in models:
-                model.reset(range(len(rows)))
-                self.extend(model, rows, [r.sequence[:-1] for r in rows])  # all but the pending token
-        while True:
-            active = [r for r in rows if not r.finished]
-            if not active:
-                break
-            drafting = [r for r in active if not r.teacher_writes]
-            if drafting:
-                with self.round("draft"):
-                    self.draft_round(drafting)
-            writing = [r for r in active if r.teacher_writes and not r.finished]
-            if writing:
-                with self.round("teacher"):
-                    self.teacher_round(writing)
+        self.prefill(rows)
+        run_rounds(rows, self.draft_round, self.teacher_round, self.round)
         self.apply_cuts()
         if self.keep_teacher_hidden:
             for row in rows:
                 row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
         return [r.trajectory for r in rows]
+
+    def prefill(self, rows: list[Row]) -> None:
+        """Each row's prompt but its pending token into the caches of the models the mode runs."""
+        models = [self.student, self.teacher] if self.policy.needs_student else [self.teacher]
+        with self.phase("prefill"):
+            for model in models:
+                model.reset([r.index for r in rows])
+                self.extend(model, rows, [r.sequence[:-1] for r in rows])
 
     def _new_row(self, index: int, prompt: Sequence[int], seed: int) -> Row:
         return Row(

@@ -138,3 +138,21 @@ class Row:
     def release(self) -> None:
         """The finished row gives its cache blocks back (with the round's other cuts)."""
         self._cuts.release(self.index)
+
+
+def run_rounds(rows: list[Row], draft_round, teacher_round, round_context) -> None:
+    """Rounds until every row has finished: in each, the rows the student writes draft
+    (``draft_round``), then the rows the teacher writes get theirs (``teacher_round``), each
+    round inside ``round_context(kind)`` ("draft" or "teacher")."""
+    while True:
+        active = [r for r in rows if not r.finished]
+        if not active:
+            return
+        drafting = [r for r in active if not r.teacher_writes]
+        if drafting:
+            with round_context("draft"):
+                draft_round(drafting)
+        writing = [r for r in active if r.teacher_writes and not r.finished]
+        if writing:
+            with round_context("teacher"):
+                teacher_round(writing)

@@ -20,7 +20,7 @@ import torch
 
 from motab.backends import Ask, StepBackend
 from motab.config import RolloutConfig
-from motab.engine.rows import Row, Step
+from motab.engine.rows import Row, Step, run_rounds
 from motab.engine.trajectory import Trajectory
 from motab.monitor import Monitor
 from motab.policy import Policy
@@ -69,18 +69,7 @@ class StepRollout:
             for i, (prompt, seed) in enumerate(zip(prompts, seeds))
         ]
         self.backend.start(rows)
-        while True:
-            active = [r for r in rows if not r.finished]
-            if not active:
-                break
-            drafting = [r for r in active if not r.teacher_writes]
-            if drafting:
-                with self.backend.round("draft"):
-                    self.draft_round(drafting)
-            writing = [r for r in active if r.teacher_writes and not r.finished]
-            if writing:
-                with self.backend.round("teacher"):
-                    self.teacher_round(writing)
+        run_rounds(rows, self.draft_round, self.teacher_round, self.backend.round)
         self.backend.finish(rows)
         if self.keep_teacher_hidden:
             for row in rows:
