@@ -32,6 +32,8 @@ from tests.test_synthesis import (
 )
 from tests.tiny import tiny_qwen2
 
+# vLLM's INFO lines (a few hundred per engine) would bury the test output; its shutdown logs after pytest closed stderr
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 if os.environ.get("MOTAB_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="vLLM is not installed here (CI runs these tests in its vLLM environment)")
 
