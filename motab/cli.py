@@ -203,13 +203,13 @@ BACKEND_FLAGS = (
         "backend.teacher_memory",
         "vllm: the teacher's share of a GPU's memory",
         type=number_at_least(0, strictly=True),
-    ),  # fmt: skip
+    ),
     _flag(
         "--student-memory",
         "backend.student_memory",
         "vllm: the student's share of a GPU's memory",
         type=number_at_least(0, strictly=True),
-    ),  # fmt: skip
+    ),
 )
 SYNTHESIZE_FLAGS = (
     *MODEL_FLAGS,

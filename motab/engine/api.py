@@ -63,6 +63,7 @@ def rollout(
         raise ValueError(f"mode {config.mode!r} needs a student model (only teacher-written modes run without one)")
     if policy.in_steps and tokenizer is None:
         raise ValueError(f"mode {config.mode!r} writes steps up to a stop string: pass the tokenizer")
+    seeds = list(range(len(prompts))) if seeds is None else seeds
     if is_vllm_engine(teacher):
         return _rollout_on_vllm(
             student, teacher, prompts, config, policy, seeds, tokenizer, timings, keep_teacher_hidden, round_hook
@@ -78,7 +79,6 @@ def rollout(
             _check_capacity(model, prompts, _tokens_per_row(0, config))
         models.append(model)
     teacher_model, student_model = models
-    seeds = list(range(len(prompts))) if seeds is None else seeds
     models = (student_model, teacher_model, config, policy, tokenizer, timings, keep_teacher_hidden, round_hook)
     if not policy.in_steps:
         return TokenRounds(*models).run(prompts, seeds)
@@ -110,7 +110,6 @@ def _rollout_on_vllm(
                 "a larger max_model_len or lower rollout.max_new_tokens"
             )
     backend = vllm_backend.VLLMSteps(student, teacher, config, policy, tokenizer, timings, round_hook)
-    seeds = list(range(len(prompts))) if seeds is None else seeds
     return StepRollout(backend, config, policy, tokenizer).run(prompts, seeds)
 
 
