@@ -18,7 +18,8 @@
 #   decode 30      decode attention at 64 × 8k and 8 × 32k context vs copy bandwidth
 # By name only: chunks (fused loss fwd+bwd at Qwen2.5-1.5B/7B heads with 256 to 2048 rows per chunk:
 # the data to tune the chunk size by), trainers (vs Liger/TRL), synthesis (the paged engine vs the scripts'
-# loop, and the vLLM backend where vLLM is installed: the device image has none, so it is skipped there), resources
+# loop, and the vLLM backend where vLLM is installed: the device image has none, so it is skipped there), schedule
+# (continuous batching with pages on demand vs static batches on the toy: rows/s, peak pool), resources
 # (registers/spills), alltests.
 #
 # What comes back (the device tool returns at most 8 files): env.txt, tables.md (every finished
@@ -80,6 +81,7 @@ for phase in $phases; do
       --shapes "8192,1536,3584,151936;1024,1536,3584,151936" --chunk-sizes 256,1024,2048 ;;
     trainers) run_phase trainers 150 trainers python3 benchmarks/bench_trainers.py --out "$work" ;;
     synthesis) run_phase synthesis 200 synthesis python3 benchmarks/bench_synthesis.py --out "$work" ;;
+    schedule) run_phase schedule 60 schedule python3 benchmarks/bench_schedule.py --out "$work" ;;
     resources) run_phase resources 60 "" bash -c "python3 benchmarks/kernel_resources.py | tee $out/resources.md" ;;
     *) echo "unknown phase $phase" ;;
   esac

@@ -191,7 +191,14 @@ TRAIN_FLAGS = (
     _flag("--mode", "rollout.mode", f"one of {', '.join(POLICIES)}"),
     _flag("--report-to", "train.report_to", "experiment tracker(s): none, all, tensorboard, trackio, wandb, ..."),
 )
-ROLLOUT_FLAGS = (*MODEL_FLAGS, _flag("--mode", "rollout.mode", f"one of {', '.join(POLICIES)}"))
+KV_TOKENS_HELP = (
+    "paged engine: tokens of each model's KV pool; rows take pages as they grow (0: a share of a GPU's memory)"
+)
+ROLLOUT_FLAGS = (
+    *MODEL_FLAGS,
+    _flag("--mode", "rollout.mode", f"one of {', '.join(POLICIES)}"),
+    _flag("--kv-tokens", "rollout.kv_tokens", KV_TOKENS_HELP, type=int_at_least(0)),
+)
 TEMPERATURES = ("student_sampling.temperature", "teacher_sampling.temperature")
 # The engine a step rollout runs on (the backend section).
 BACKEND_FLAGS = (
@@ -235,7 +242,10 @@ SYNTHESIZE_FLAGS = (
         "tokens the correction may write at least",
         type=int_at_least(0),
     ),
-    _flag("--batch-size", "synthesis.batch_size", "rows per rollout", type=int_at_least(1)),
+    _flag(
+        "--batch-size", "synthesis.batch_size", "rows in flight at most (default: as many as fit)", type=int_at_least(1)
+    ),
+    _flag("--kv-tokens", "rollout.kv_tokens", KV_TOKENS_HELP, type=int_at_least(0)),
     _flag("--seed", "synthesis.seed", "the seed rows' seeds are hashed from", type=int_at_least(0)),
     *BACKEND_FLAGS,
 )
@@ -260,7 +270,13 @@ EVAL_FLAGS = (
     _flag("--samples", "evaluation.samples", "samples per problem (pass@1 is their mean)", type=int_at_least(1)),
     _flag("--temperature", "evaluation.temperature", "0 is greedy", type=number_at_least(0)),
     _flag("--max-new-tokens", "evaluation.max_new_tokens", "tokens a completion", type=int_at_least(1)),
-    _flag("--batch-size", "evaluation.batch_size", "rows generated together", type=int_at_least(1)),
+    _flag(
+        "--batch-size",
+        "evaluation.batch_size",
+        "rows in flight at most (default: as many as fit)",
+        type=int_at_least(1),
+    ),
+    _flag("--kv-tokens", "evaluation.kv_tokens", KV_TOKENS_HELP, type=int_at_least(0)),
     _flag("--answer-format", "evaluation.answer_format", "boxed: the last \\boxed{}; toy: #d"),
     _flag("--device", "device", "cpu, cuda or cuda:N (default: cuda when available)"),
     _flag("--backend", "backend.name", "paged: our engine; vllm: a vLLM engine", choices=BACKENDS),
@@ -332,8 +348,13 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, ROLLOUT_FLAGS)
     parser.add_argument("--limit", type=int_at_least(1), default=16, help="prompts to roll out (default 16)")
     parser.add_argument("--out", required=True, help="trajectories JSONL")
-    parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows rolled out together (default 16)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows in flight at most (default 16)")
     parser.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
+    parser.add_argument(
+        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
+        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
+        "this run's device, or for a GPU of GIB GiB",
+    )  # fmt: skip
     parser.set_defaults(run=run_rollout, flags=ROLLOUT_FLAGS)
 
 
@@ -357,6 +378,11 @@ def _synthesize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     parser.add_argument("--overwrite", action="store_true", help="start again: remove an existing --out and its parts")
     parser.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
+    parser.add_argument(
+        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
+        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
+        "this run's device, or for a GPU of GIB GiB",
+    )  # fmt: skip
     parser.set_defaults(run=run_synthesize, flags=SYNTHESIZE_FLAGS)
 
 
@@ -373,6 +399,11 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, EVAL_FLAGS)
     parser.add_argument("--limit", type=int_at_least(1), help="first N problems only")
     parser.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
+    parser.add_argument(
+        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
+        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
+        "this run's device, or for a GPU of GIB GiB",
+    )  # fmt: skip
     parser.set_defaults(run=run_eval, flags=EVAL_FLAGS)
 
 
@@ -641,6 +672,14 @@ def run_rollout(args) -> int:
     check_writable(out, "--out", folder=False)  # before the generation, which the write would otherwise lose
     if args.render:
         check_writable(args.render, "--render", folder=False)
+    if args.plan:
+        from motab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(raw["student"])
+        problems, _ = _load_problems(raw["data"], tokenizer, field_map=_field_map(raw), limit=args.limit)
+        longest = max(len(p.prompt_ids) for p in problems)
+        sources = {"student": raw["student"], "teacher": raw["teacher"]}
+        return _print_plan(args.plan, raw, sources, rollout, args.batch_size, longest)
     from motab.engine import rollout_in_batches
     from motab.plots import render_trajectory
 
@@ -678,6 +717,15 @@ def run_eval(args) -> int:
     except ValueError as error:
         raise ConfigError(f"evaluation.answer_format: {error}") from error
     backend = build_section("backend", raw.get("backend"))
+    if args.plan:
+        from motab.config import RolloutConfig
+        from motab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(raw["model"])
+        problems, _ = _load_problems(raw["data"], tokenizer, field_map=_field_map(raw), limit=args.limit)
+        config = RolloutConfig(mode="off_policy", max_new_tokens=settings.max_new_tokens, kv_tokens=settings.kv_tokens)
+        longest = max(len(p.prompt_ids) for p in problems)
+        return _print_plan(args.plan, raw, {"model": raw["model"]}, config, settings.batch_size, longest)
     if backend.name == "vllm":
         model, tokenizer = _vllm_engine(raw, "model", backend)
     else:
@@ -695,6 +743,7 @@ def run_eval(args) -> int:
         max_new_tokens=settings.max_new_tokens,
         sampling=SamplingConfig(temperature=settings.temperature),
         batch_size=settings.batch_size,
+        kv_tokens=settings.kv_tokens,
         seed=settings.seed,
         out_dir=args.out,
         answer_format=answer_format,
@@ -729,6 +778,16 @@ def run_synthesize(args) -> int:
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
     backend = build_section("backend", raw.get("backend"))
+    if args.plan:
+        from motab.models import load_tokenizer
+        from motab.synthesis import prompt_text
+
+        tokenizer = load_tokenizer(raw["teacher"])
+        longest = max(
+            len(tokenizer(prompt_text(tokenizer, q.text, options.prompt_format))["input_ids"]) for q in questions
+        )
+        sources = {role: raw[role] for role in roles}
+        return _print_plan(args.plan, raw, sources, config, options.batch_size, longest)
     rank = _init_distributed(raw)
     world = _world_size()
     if backend.name == "vllm":
@@ -844,6 +903,53 @@ def _barrier():
     import torch.distributed as dist
 
     return dist.barrier
+
+
+def _plan_memory(value: str) -> str:
+    """``--plan``'s value: GiB of a GPU to plan for (a positive number)."""
+    if value != "here" and not (_is_positive_number(value)):
+        raise argparse.ArgumentTypeError(f"--plan takes a GPU's memory in GiB (a positive number), got {value!r}")
+    return value
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _print_plan(memory: str, raw: dict, sources: dict[str, str], config, rows: int | None, longest_prompt: int) -> int:
+    """``--plan``: the paged engine's KV pool and rows in flight, from the models' config.json."""
+    import torch
+    from transformers import AutoConfig
+
+    from motab.engine.plan import GIB, model_plan, plan
+
+    if memory == "here":
+        device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            where, memory_bytes = f"{torch.cuda.get_device_name(device)} ({free / GIB:.1f} GiB free)", free
+        else:
+            where, memory_bytes = "the CPU", None
+    else:
+        dtype = getattr(torch, check_dtype(raw["dtype"])) if raw.get("dtype") else torch.bfloat16
+        where, memory_bytes = f"a GPU of {float(memory):g} GiB", int(float(memory) * GIB)
+    try:
+        configs = {
+            role: AutoConfig.from_pretrained(str(source), local_files_only=True) for role, source in sources.items()
+        }
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--plan reads each model's config.json: {error}") from error
+    models = [model_plan(role, str(sources[role]), c, dtype) for role, c in configs.items()]
+    try:
+        result = plan(models, config, prompt_tokens=longest_prompt, rows=rows, device=f"{where}, {str(dtype)[6:]}",
+                      memory_bytes=memory_bytes)  # fmt: skip
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    print(result.table(longest_prompt, config.max_new_tokens))
+    return 0
 
 
 def _device_and_dtype(device: str | None, dtype: str | None):

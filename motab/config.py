@@ -146,6 +146,14 @@ class RolloutConfig:
     stop_strings: tuple[str, ...] = ()
     vocab_size: int | None = None  # score and sample over ids below this (the tokenizer's)
     block_size: int = 16
+    # The paged engine's KV pool per model, in tokens over all rows (0: as ``kv_memory`` allows on
+    # a GPU; elsewhere the whole budget of the rows in flight, or of ``CPU_POOL_ROWS`` rows when
+    # they are not capped). Rows take pages as they grow; a pool that runs dry
+    # preempts the last row admitted, which re-enters later from its committed tokens.
+    kv_tokens: int = 0
+    # On a GPU without ``kv_tokens``: the share of the memory free after the weights the two pools
+    # take (the rest is for activations: the verify forward, the fused op's chunks).
+    kv_memory: float = 0.8
     # Replay one-token decode steps from CUDA graphs (motab.graphs); off until a GPU run has shown
     # them token for token equal to eager decoding on the user's models.
     cuda_graphs: bool = False
@@ -164,6 +172,8 @@ class RolloutConfig:
         _require_choice("intervention", self.intervention, ("tokens", "step"), "intervention kind")
         for name in ("max_new_tokens", "draft_len", "intervention_len", "max_step_tokens", "block_size"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.kv_tokens >= 0, "kv_tokens", "must be ≥ 0 (0: sized by kv_memory on a GPU)", self.kv_tokens)
+        _require(0 < self.kv_memory < 1, "kv_memory", "must lie in (0, 1)", self.kv_memory)
         _require(self.vocab_size is None or self.vocab_size >= 1, "vocab_size", "must be ≥ 1", self.vocab_size)
         _require(self.max_interventions >= 0, "max_interventions", "must be ≥ 0", self.max_interventions)
         _require(bool(self.step_stop), "step_stop", "must be a non-empty string", self.step_stop)
@@ -251,12 +261,13 @@ class SynthesisOptions:
     prompt_format: str = "raw"  # "raw": the bare question, as the scripts; "chat": the tokenizer's template
     marker: str = "However,"  # the transition between the student's steps and the teacher's correction
     seed: int = 0
-    batch_size: int = 32  # rows (question × response) per rollout
+    batch_size: int | None = None  # rows (question × response) in flight at most (None: as many as fit)
 
     def __post_init__(self) -> None:
         _require_choice("prompt_format", self.prompt_format, PROMPT_FORMATS, "prompt format")
-        for name in ("responses", "batch_size"):
-            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.responses >= 1, "responses", "must be ≥ 1", self.responses)
+        _require(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be ≥ 1 (null: as many as fit)",
+                 self.batch_size)  # fmt: skip
         _require(self.seed >= 0, "seed", "must be ≥ 0", self.seed)
 
 
@@ -301,13 +312,17 @@ class EvaluationConfig:
     samples: int = 1  # completions per problem; pass@1 is their mean
     temperature: float = 0.0  # 0 is greedy
     max_new_tokens: int = 512
-    batch_size: int = 32  # rows generated together
+    batch_size: int | None = None  # rows in flight at most (None: as many as fit)
+    kv_tokens: int = 0  # the paged engine's KV pool (as rollout.kv_tokens)
     seed: int = 0
     answer_format: str = ANSWER_FORMAT_DEFAULT  # a format registered with motab.evaluate
 
     def __post_init__(self) -> None:
-        for name in ("samples", "max_new_tokens", "batch_size"):
+        for name in ("samples", "max_new_tokens"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be ≥ 1 (null: as many as fit)",
+                 self.batch_size)  # fmt: skip
+        _require(self.kv_tokens >= 0, "kv_tokens", "must be ≥ 0 (0: sized as rollout.kv_tokens 0)", self.kv_tokens)
         _require(self.temperature >= 0, "temperature", "must be ≥ 0 (0 is greedy)", self.temperature)
         _require(self.seed >= 0, "seed", "must be ≥ 0", self.seed)
         _require(bool(self.answer_format), "answer_format", "must name a format", self.answer_format)
@@ -851,6 +866,11 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "stop_strings": "texts that end a trajectory (checked with the tokenizer)",
         "vocab_size": "score and sample over ids below this (null: the tokenizer's size; padded LM heads are cut)",
         "block_size": "tokens per block of the paged KV cache",
+        "kv_tokens": "paged engine: tokens each model's KV pool holds over all rows (0: kv_memory of a GPU's free "
+        "memory; on a CPU the whole budget of the rows in flight, or of 32 rows); rows take pages as they grow and "
+        "the last admitted is preempted (recomputed later) when the pool runs dry",
+        "kv_memory": "paged engine on a GPU, kv_tokens 0: the share of the memory free after the weights the "
+        "pools take",
         "cuda_graphs": "replay the one-token decode steps of student and teacher from CUDA graphs captured per "
         "bucket of row counts (CUDA only; fewer launches per token)",
         "step_stop": "step modes: the text that ends a step",
@@ -896,13 +916,16 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "tokenizer's chat template)",
         "marker": "synthesize: the text between the student's kept steps and the teacher's correction",
         "seed": "synthesize: the seed each row's is hashed from (with the question's id and the response index)",
-        "batch_size": "synthesize: rows (question × response) rolled out together",
+        "batch_size": "synthesize: rows (question × response) in flight at most, a row entering as one finishes "
+        "(null: as many as the KV pool holds)",
     },
     EvaluationConfig: {
         "samples": "eval: completions per problem (pass@1 is their mean)",
         "temperature": "eval: sampling temperature (0: greedy)",
         "max_new_tokens": "eval: tokens a completion may write",
-        "batch_size": "eval: rows generated together",
+        "batch_size": "eval: rows in flight at most, a row entering as one finishes (null: as many as the KV pool "
+        "holds)",
+        "kv_tokens": "eval, paged engine: tokens of the KV pool (0: as rollout.kv_tokens 0)",
         "seed": "eval: the seed of the rows' sampling (row i of sample j: seed + i × samples + j)",
         "answer_format": "eval: how the final answer is read and graded: boxed (the last \\boxed{}), or a format "
         "a front end registered (toy)",

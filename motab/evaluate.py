@@ -154,15 +154,19 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
     seeds: Sequence[int] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    kv_tokens: int = 0,
     progress: bool | None = False,
 ) -> list[list[int]]:
     """The token ids ``model`` writes alone after each prompt (the paged engine's ``off_policy``),
-    ``batch_size`` rows at a time on one cache allocated once (a ``vllm.LLM``: every prompt in one
-    call, vLLM batching them itself); ``seeds[i]`` fixes prompt i's
-    sampling (default: i). ``progress`` shows a bar of rows done and tokens/s on stderr (None:
+    at most ``batch_size`` rows in flight (None: as many as the pool holds), continuously batched,
+    on one KV pool of ``kv_tokens`` (0: ``RolloutConfig.kv_tokens``'s default) allocated once (a
+    ``vllm.LLM``: every prompt in one call, vLLM batching them itself); ``seeds[i]`` fixes prompt
+    i's sampling (default: i). ``progress`` shows a bar of rows done and tokens/s on stderr (None:
     only when stderr is a terminal)."""
-    config = RolloutConfig(mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling)
+    config = RolloutConfig(
+        mode="off_policy", max_new_tokens=max_new_tokens, teacher_sampling=sampling, kv_tokens=kv_tokens
+    )
     if is_vllm_engine(model):
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         return vllm_backend.generate(model, [list(p) for p in prompts], resolve(config, tokenizer)[0], seeds)
@@ -188,7 +192,8 @@ def evaluate(
     samples: int = 1,
     max_new_tokens: int = 512,
     sampling: SamplingConfig = GREEDY,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    kv_tokens: int = 0,
     seed: int = 0,
     out_dir: str | Path | None = None,
     answer_format: str | AnswerFormat = "boxed",
@@ -215,6 +220,7 @@ def evaluate(
         sampling=sampling,
         seeds=seeds,
         batch_size=batch_size,
+        kv_tokens=kv_tokens,
         progress=progress,
     )
     completions: dict[int, list[str]] = {i: [] for i in range(len(prompts))}

@@ -140,9 +140,7 @@ class PagedModel:
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         parameter = next(model.parameters())
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads, head_dim = attention_shape(config)
         self.vocab_size = config.vocab_size
         max_seq_len = max_seq_len or getattr(config, "max_position_embeddings", max_tokens)
         self.cache = PagedKVCache(
@@ -174,6 +172,16 @@ class PagedModel:
     def max_rows(self) -> int:
         """Rows (sequences) the cache holds at once."""
         return self.cache.max_rows
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks of the pool no row holds."""
+        return self.cache.num_free_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool holds (all rows together)."""
+        return self.cache.num_blocks * self.cache.block_size
 
     def lengths(self, rows: Sequence[int] | None = None) -> list[int]:
         """Tokens each row holds in the cache (host values, no sync)."""
@@ -262,6 +270,19 @@ class PagedModel:
 
 # The positions whose logits a forward computes: none.
 _NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+
+
+def attention_shape(config) -> tuple[int, int]:
+    """A transformers config's KV heads and head size."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def kv_bytes_per_token(config, element_bytes: int) -> int:
+    """Bytes of K and V one token takes in a paged cache over every layer of the model."""
+    kv_heads, head_dim = attention_shape(config)
+    return config.num_hidden_layers * kv_heads * head_dim * 2 * element_bytes
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,10 +18,11 @@ baselines) and the trajectory becomes one JSON record:
   ``finish_reason`` and ``tokens`` (response tokens).
 
 Each (id, response_index) samples with its own seed, so a record does not depend on which other
-rows share its batch or on the number of ranks. Records go to per-rank part files beside the output
-as each batch finishes; a rerun with ``resume`` skips every (id, response_index) already written
-(refusing different settings), and the output is the parts merged in question order, written
-atomically at the end.
+rows are in flight or on the number of ranks. Rows run continuously batched (at most
+``batch_size`` in flight, the next entering as one finishes) and each record goes to a per-rank
+part file beside the output as its row finishes; a rerun with ``resume`` skips every
+(id, response_index) already written (refusing different settings), and the output is the parts
+merged in question order, written atomically at the end.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from motab.backends.vllm import is_vllm_engine
 from motab.config import ConfigError, RolloutConfig, SynthesisOptions, changed_fields
 from motab.data import load_records, resolve_field_map
-from motab.engine import paged_for_rollouts, rollout
+from motab.engine import rollout
 from motab.policy import STEP_MODES, resolve
 from motab.runs import RowProgress
 from motab.steps import SCRIPT_SEPARATOR
@@ -197,37 +197,35 @@ def synthesize(
     started = time.perf_counter()
     bar = RowProgress(len(todo), "synthesize", progress and rank == 0)
     if todo:
-        longest = max(len(ids[q.id]) for q, _ in todo)
-        batch = min(options.batch_size, len(todo))
-        paged = [
-            paged_for_rollouts(m, batch, longest, config) if m is not None and not is_vllm_engine(m) else m
-            for m in (student, teacher)
-        ]
         part = parts / f"part-{rank}.jsonl"
         _drop_cut_line(part)
         with open(part, "a", encoding="utf-8") as sink:
-            for first in range(0, len(todo), batch):
-                chunk = todo[first : first + batch]
-                trajectories = rollout(
-                    paged[0],
-                    paged[1],
-                    [ids[q.id] for q, _ in chunk],
-                    config,
-                    seeds=[response_seed(options.seed, q.id, i) for q, i in chunk],
-                    tokenizer=tokenizer,
+
+            def write(index: int, trajectory) -> None:
+                """A row's record, on disk as soon as the row finishes (a kill loses only rows in flight)."""
+                nonlocal written, breaches, tokens
+                question, response = todo[index]
+                record = record_of(
+                    question, response, prompts[question.id], trajectory, tokenizer, config, options.marker
                 )
-                tokens_before = tokens
-                for (question, index), trajectory in zip(chunk, trajectories):
-                    record = record_of(
-                        question, index, prompts[question.id], trajectory, tokenizer, config, options.marker
-                    )
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    breaches += record["breach"]
-                    tokens += record["tokens"]
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 os.fsync(sink.fileno())
-                written += len(chunk)
-                bar.update(len(chunk), tokens - tokens_before, f"{breaches / written:.0%} breached")
+                written += 1
+                breaches += record["breach"]
+                tokens += record["tokens"]
+                bar.update(1, record["tokens"], f"{breaches / written:.0%} breached")
+
+            rollout(
+                student,
+                teacher,
+                [ids[q.id] for q, _ in todo],
+                config,
+                seeds=[response_seed(options.seed, q.id, i) for q, i in todo],
+                tokenizer=tokenizer,
+                max_rows=options.batch_size,
+                on_finished=write,
+            )
     bar.close()
     if barrier is not None:
         barrier()
@@ -241,9 +239,11 @@ def _parts_dir(out: Path) -> Path:
 
 
 def _settings(config: RolloutConfig, options: SynthesisOptions, questions: int) -> dict:
-    """What a resumed run must share with the interrupted one (the batch size changes no record)."""
+    """What a resumed run must share with the interrupted one (the batch size and the KV pool
+    change no record)."""
     kept = {k: v for k, v in asdict(options).items() if k != "batch_size"}
-    return {"rollout": asdict(config), "options": kept, "questions": questions}
+    rollout = {k: v for k, v in asdict(config).items() if k not in ("kv_tokens", "kv_memory")}  # memory, not records
+    return {"rollout": rollout, "options": kept, "questions": questions}
 
 
 def check_output(out: str | Path, resume: bool, overwrite: bool) -> None:

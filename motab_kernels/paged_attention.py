@@ -62,6 +62,9 @@ _DEFAULT_SMS = 132
 _MERGE_BLOCK_S = 16
 
 
+_INT32S_PER_16_BYTES = 4
+
+
 def _tiles_of(counts: np.ndarray, block_q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sequence, first token's offset within the sequence, token count) of every tile when each
     sequence's new tokens are cut into tiles of ``block_q``."""
@@ -106,8 +109,13 @@ class QueryLayout:
         block_q = min(next_power_of_2(max(most, 1)), _MAX_BLOCK_Q)
         tile_owner, local, tile_count = _tiles_of(counts, block_q)
         tiles = np.stack([rows[tile_owner], offsets[tile_owner] + local, tile_count], 1).reshape(-1)
-        on_device = torch.from_numpy(np.concatenate([positions, tiles]).astype(np.int32)).to(device, non_blocking=True)
-        return cls(rows, starts, offsets, on_device[: len(positions)], on_device[len(positions) :].view(-1, 3), block_q)
+        # the tiles start on a 16-byte boundary whatever the token count: Triton specialises a
+        # pointer on its alignment, so an unaligned start would compile the kernel a second time
+        gap = -len(positions) % _INT32S_PER_16_BYTES
+        packed = np.concatenate([positions, np.zeros(gap, dtype=np.int64), tiles]).astype(np.int32)
+        on_device = torch.from_numpy(packed).to(device, non_blocking=True)
+        tiles_at = len(positions) + gap
+        return cls(rows, starts, offsets, on_device[: len(positions)], on_device[tiles_at:].view(-1, 3), block_q)
 
     @property
     def counts(self) -> np.ndarray:

@@ -24,11 +24,11 @@ def check_invariant_every_round(monkeypatch, student_pm, teacher_pm):
             models = [teacher_pm] if row.teacher_writes or shared else [student_pm, teacher_pm]
             for pm in models:
                 sequence = row.sequence
-                assert pm.lengths([row.index]) == [len(sequence) - 1]
-                hidden = pm.extend([row.index], [[sequence[-1]]])[0]
+                assert pm.lengths([row.slot]) == [len(sequence) - 1]
+                hidden = pm.extend([row.slot], [[sequence[-1]]])[0]
                 fresh = pm.model.model(torch.tensor([sequence], device=pm.device)).last_hidden_state[0, -1]
                 torch.testing.assert_close(hidden, fresh, rtol=1e-4, atol=1e-4)
-                pm.truncate([row.index], [len(sequence) - 1])
+                pm.truncate([row.slot], [len(sequence) - 1])
             checked.append(row.index)
 
     for driver in (TokenRounds, StepRollout):

@@ -422,3 +422,12 @@ def test_memory_shares_that_do_not_hold_the_weights_are_refused(workspace, monke
     with pytest.raises(ConfigError, match="backend.teacher_memory: the teacher's weights take .* raise the share"):
         check_memory(workspace["teacher"], 1, 0.5, "teacher")
     check_memory(workspace["teacher"], 2, 0.5, "teacher")  # split over two GPUs, half a share holds them
+
+
+def test_a_kv_pool_too_small_for_one_row_is_one_line(workspace, capsys):
+    """--kv-tokens rounds up to a block a row (16 tokens here, 3 rows): rows of 200 tokens outgrow
+    it; the last row left alone cannot go on, and the command says so in one line."""
+    argv = ["rollout", *models(workspace), "--out", str(workspace["root"] / "small-pool.jsonl"), "--kv-tokens", "4"]
+    line = refused([*argv, "--set", "rollout.max_new_tokens=200", "--set", "rollout.mode=on_policy"], capsys)
+    assert line.startswith("motab rollout: error: KV pool too small: it holds 64 tokens and row ")
+    assert "raise --kv-tokens" in line and not (workspace["root"] / "small-pool.jsonl").exists()

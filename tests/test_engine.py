@@ -356,11 +356,18 @@ def test_kept_teacher_hidden_states_are_the_teachers_own(student, mode):
     assert "teacher_hidden" not in traj.to_dict()
 
 
-def test_a_cache_too_small_is_refused_before_anything_starts(student):
-    small = PagedModel(model(8), max_rows=3, max_tokens=40, block_size=4)
-    with pytest.raises(OutOfBlocksError, match="nothing was started"):
-        rollout(student, small, PROMPTS, RolloutConfig(max_new_tokens=64))
+def test_a_prompt_longer_than_the_pool_is_refused_before_anything_starts(student):
+    small = PagedModel(model(8), max_rows=3, max_tokens=24, block_size=4)
+    with pytest.raises(OutOfBlocksError, match="prompt of 30 tokens.*pool holds 36.*nothing was started"):
+        rollout(student, small, [list(range(1, 31))], RolloutConfig(max_new_tokens=8))
     assert small.lengths([0, 1, 2]) == [0, 0, 0]
+
+
+def test_a_row_that_outgrows_the_whole_pool_stops_the_rollout_in_one_line_with_the_caches_empty(student):
+    small = PagedModel(model(8), max_rows=3, max_tokens=40, block_size=4)
+    with pytest.raises(OutOfBlocksError, match=r"KV pool too small: it holds 52 tokens and row \d needs 5\d"):
+        rollout(student, small, PROMPTS, RolloutConfig(max_new_tokens=64))
+    assert small.lengths([0, 1, 2]) == [0, 0, 0] and small.num_free_blocks == small.cache.num_blocks
 
 
 def test_stop_strings_end_a_row(student):

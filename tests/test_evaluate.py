@@ -75,17 +75,17 @@ def test_normalize_is_canonical():
 def plant(monkeypatch, planted: dict[int, list[str]]) -> None:
     """Generation writes ``planted[problem][sample]`` (seeds are problem × 2 + sample)."""
 
-    def fake_rollout(student, teacher, prompts, config, seeds, tokenizer):
+    def fake_rollout(student, teacher, prompts, config, seeds, tokenizer, max_rows, on_finished):
         assert student is None and config.mode == "off_policy"
         out = []
-        for prompt, seed in zip(prompts, seeds):
+        for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
             problem, sample = divmod(seed, 2)
             out.append(Trajectory(list(prompt), tokens=tokenizer.encode(planted[problem][sample])))
+            on_finished(index, out[-1])
         return out
 
     # generate rolls out through motab.engine.rollout_in_batches
     monkeypatch.setattr(engine_module.api, "rollout", fake_rollout)
-    monkeypatch.setattr(engine_module.api, "paged_for_rollouts", lambda model, *args: model)
 
 
 def test_grading_aggregation_and_files(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from motab.engine import rollout
 from motab.models import PagedModel
 from motab.steps import contains_stop_at_end, entropy_boundary, oracle_value, root_cause, topk_entropy, trim_at_stop
 from tests.engine_checks import check_invariant_every_round
-from tests.tiny import hf_greedy, stop_tokenizer, tiny_qwen2
+from tests.tiny import hf_greedy, step_model, stop_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOKENIZER = stop_tokenizer()
@@ -28,11 +28,7 @@ NEVER = MonitorConfig(epsilon0=1e-30)  # no step breaches
 
 
 def model(seed):
-    """A tiny random model whose steps end now and then: its LM-head row of ".\\n\\n" is raised."""
-    m = tiny_qwen2(seed, vocab=len(TOKENIZER), initializer_range=0.4, tie_word_embeddings=False).to(DEVICE).eval()
-    with torch.no_grad():
-        m.lm_head.weight[STOP_ID] *= 3.0
-    return m
+    return step_model(seed, TOKENIZER, DEVICE)
 
 
 @pytest.fixture(scope="module")

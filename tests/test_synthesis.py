@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from motab import synthesis
 from motab.config import ConfigError, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.synthesis import Question, SynthesisOptions, load_questions, stitch, synthesize
-from tests.tiny import hf_greedy, stop_tokenizer, tiny_qwen2
+from tests.tiny import hf_greedy, step_model, stop_tokenizer
 
 TOKENIZER = stop_tokenizer()
 TEXTS = ["ab = 3", "x + 1", "q + 7 = 9, so", "zz", "k = 2"]
@@ -41,14 +41,7 @@ OPTIONS = SynthesisOptions(responses=3, batch_size=4)
 
 
 def models():
-    stop = TOKENIZER.convert_tokens_to_ids(".\n\n")
-    out = []
-    for seed in (0, 1):
-        m = tiny_qwen2(seed, vocab=len(TOKENIZER), initializer_range=0.4, tie_word_embeddings=False).eval()
-        with torch.no_grad():
-            m.lm_head.weight[stop] *= 3.0
-        out.append(m)
-    return out
+    return [step_model(seed, TOKENIZER) for seed in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -199,17 +192,23 @@ def test_a_baseline_record_holds_the_final_response_and_no_rejected_step(pair, t
 
 
 @contextlib.contextmanager
-def killed_at_the_third_batch(monkeypatch):
-    """Within the block, ``synthesize``'s third rollout raises KeyboardInterrupt (a Ctrl-C)."""
-    original, calls = synthesis.rollout, []
+def killed_after_eight_records(monkeypatch):
+    """Within the block, ``synthesize`` gets a KeyboardInterrupt (a Ctrl-C) as the row after its
+    eighth record finishes: eight records are on disk, the rows in flight are lost."""
+    original = synthesis.rollout
 
-    def dies_on_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
+    def interrupted(*args, on_finished, **kwargs):
+        written = []
 
-    monkeypatch.setattr(synthesis, "rollout", dies_on_the_third_batch)
+        def finished(index, trajectory):
+            if len(written) == 8:
+                raise KeyboardInterrupt
+            written.append(index)
+            on_finished(index, trajectory)
+
+        return original(*args, on_finished=finished, **kwargs)
+
+    monkeypatch.setattr(synthesis, "rollout", interrupted)
     try:
         yield
     finally:
@@ -221,11 +220,11 @@ def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_pat
     questions, reference = (QUESTIONS if ids == "str" else INDEXED), references(ids)
     assert [r["id"] for r in reference[::3]] == [q.id for q in questions]  # the ids as the input gave them
     out = tmp_path / "records.jsonl"
-    with killed_at_the_third_batch(monkeypatch), pytest.raises(KeyboardInterrupt):
+    with killed_after_eight_records(monkeypatch), pytest.raises(KeyboardInterrupt):
         synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
     assert not out.exists()
     part = tmp_path / "records.jsonl.parts" / "part-0.jsonl"
-    assert len(part.read_text().splitlines()) == 8  # two batches of four
+    assert len(part.read_text().splitlines()) == 8
     with open(part, "a") as f:
         f.write('{"id": ' + json.dumps(questions[4].id) + ', "respo')  # a line cut short by the kill
     with pytest.raises(ConfigError, match="--resume"):
@@ -238,6 +237,30 @@ def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_pat
     again = synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, resume=True, progress=False)
     assert again.records == 0
     assert_same_records(read(out), reference)
+
+
+def test_a_small_pool_and_one_row_in_flight_write_the_same_records_and_resume_each_other(
+    pair, reference, tmp_path, monkeypatch
+):
+    """Records depend on neither the KV pool nor the rows in flight: a pool that preempts rows,
+    and a run resumed with another pool and one row at a time (both change no setting a resume
+    checks)."""
+    preempted = []
+    original = synthesis.record_of
+
+    def counted(question, index, prompt, trajectory, *args):
+        preempted.append(trajectory.counters["preempted"])
+        return original(question, index, prompt, trajectory, *args)
+
+    monkeypatch.setattr(synthesis, "record_of", counted)
+    small = replace(CONFIG, kv_tokens=120)  # two rows at their longest do not fit
+    out = tmp_path / "small.jsonl"
+    with killed_after_eight_records(monkeypatch), pytest.raises(KeyboardInterrupt):
+        synthesize(*pair, TOKENIZER, QUESTIONS, out, small, OPTIONS, progress=False)
+    one_row = SynthesisOptions(responses=3, batch_size=1)
+    synthesize(*pair, TOKENIZER, QUESTIONS, out, CONFIG, one_row, resume=True, progress=False)
+    assert_same_records(read(out), reference)
+    assert sum(preempted[:8]) > 0 and sum(preempted[8:]) == 0
 
 
 def test_progress_shows_responses_tokens_per_second_and_breaches(pair, tmp_path, capsys):

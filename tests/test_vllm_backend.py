@@ -27,7 +27,7 @@ from tests.test_synthesis import (
     QUESTIONS,
     TOKENIZER,
     assert_well_formed,
-    killed_at_the_third_batch,
+    killed_after_eight_records,
     read,
 )
 from tests.tiny import tiny_qwen2
@@ -153,7 +153,7 @@ def test_the_teacher_prefills_each_step_not_its_context(engines):
 def test_a_killed_run_resumes_to_the_same_records(engines, tmp_path, monkeypatch):
     reference = records(*engines, SAMPLED, tmp_path / "reference.jsonl")
     out = tmp_path / "records.jsonl"
-    with killed_at_the_third_batch(monkeypatch), pytest.raises(KeyboardInterrupt):
+    with killed_after_eight_records(monkeypatch), pytest.raises(KeyboardInterrupt):
         records(*engines, SAMPLED, out)
     assert len((tmp_path / "records.jsonl.parts" / "part-0.jsonl").read_text().splitlines()) == 8
     assert records(*engines, SAMPLED, out, resume=True) == reference

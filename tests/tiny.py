@@ -8,7 +8,7 @@ import torch
 
 from motab.tiny import stop_tokenizer, tiny_model, word_tokenizer
 
-__all__ = ["hf_greedy", "stop_tokenizer", "tiny_qwen2", "word_tokenizer"]
+__all__ = ["hf_greedy", "step_model", "stop_tokenizer", "tiny_qwen2", "word_tokenizer"]
 
 
 def tiny_qwen2(
@@ -32,6 +32,16 @@ def tiny_qwen2(
         tie=tie_word_embeddings,
         **config,
     )
+
+
+def step_model(seed: int, tokenizer, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A tiny random model over ``tokenizer`` (``stop_tokenizer``'s) whose steps end now and then:
+    its LM-head row of ".\\n\\n" is raised."""
+    stop = tokenizer.convert_tokens_to_ids(".\n\n")
+    m = tiny_qwen2(seed, vocab=len(tokenizer), initializer_range=0.4, tie_word_embeddings=False).to(device).eval()
+    with torch.no_grad():
+        m.lm_head.weight[stop] *= 3.0
+    return m
 
 
 def hf_greedy(model: torch.nn.Module, prefix: list[int], n: int) -> list[int]:

@@ -66,13 +66,22 @@ class Scored:
 
 class StepBackend(Protocol):
     """An engine the step algorithm runs on. Every call takes the rows of a round together (each a
-    ``motab.engine.rows.Row``: its ``index`` is its cache slot, ``sequence`` its committed tokens)."""
+    ``motab.engine.rows.Row``: its ``slot`` is its cache row while in flight, ``sequence`` its
+    committed tokens). Which rows run each round is ``motab.engine.schedule.Scheduler``'s choice,
+    within the backend's ``slots`` and ``room``."""
 
     # Whether ``Written.hidden``/``Scored.hidden`` are filled (``keep_teacher_hidden`` needs them).
     has_hidden: bool
+    # Rows in flight at most, and the pools' room (``motab.engine.schedule.Room``).
+    slots: int
+    room: object
 
-    def start(self, rows: list) -> None:
-        """A rollout of ``rows`` begins (their prompts are committed)."""
+    def enter(self, rows: list) -> None:
+        """Rows take their slots: whatever cache the backend keeps reads their committed tokens (a
+        prompt, or a preempted row's work)."""
+
+    def leave(self, rows: list) -> None:
+        """Finished or preempted rows give their cache space back, at once."""
 
     def draft(self, rows: list, asks: list[Ask], logprobs: bool) -> list[Written]:
         """The student writes for each row, as asked; ``logprobs``: report its sampling log-probs."""
@@ -91,13 +100,10 @@ class StepBackend(Protocol):
     def student_reads(self, rows: list) -> None:
         """The student takes these rows back: whatever cache it keeps reads what the teacher wrote."""
 
-    def finish(self, rows: list) -> None:
-        """The rollout is over (caches give the rows' space back)."""
-
     @property
     def cuts(self):
         """What ``Row.cut`` and ``Row.release`` tell about a row's new length: an object with
-        ``cut_back(index, length)`` and ``release(index)``."""
+        ``cut_back(slot, length)`` and ``release(slot)``."""
 
     def phase(self, name: str) -> AbstractContextManager:
         """A timed (and profiled) block of the rollout."""
@@ -118,3 +124,14 @@ class NoCaches:
 
     def __bool__(self) -> bool:
         return False
+
+
+class Unbounded:
+    """The room of a backend whose engine manages its own memory (vLLM pages, batches and preempts
+    the requests it is given): every round fits."""
+
+    def fits(self, rows) -> bool:
+        return True
+
+    def too_small(self, row) -> str:  # never asked: fits() never says no
+        raise AssertionError("an unbounded room is never too small")

@@ -42,12 +42,6 @@ class PagedSteps(Rounds):
             yield
             self.apply_cuts()
 
-    def start(self, rows: list[Row]) -> None:
-        self.prefill(rows)
-
-    def finish(self, rows: list[Row]) -> None:
-        self.apply_cuts()
-
     # ------------------------------------------------------------------------ the student
     @property
     def keeps_sampling_logprobs(self) -> bool:

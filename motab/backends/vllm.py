@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from motab.backends import Ask, NoCaches, Scored, Written
+from motab.backends import Ask, NoCaches, Scored, Unbounded, Written
 from motab.config import BackendOptions, ConfigError, RolloutConfig, SamplingConfig
 from motab.policy import Policy
 from motab.steps import topk_entropy
@@ -80,12 +81,15 @@ class VLLMSteps:
         tokenizer,
         timings: dict[str, float] | None = None,
         round_hook: Callable[[str], AbstractContextManager] | None = None,
+        max_rows: int | None = None,
     ) -> None:
         _, self._params, self._prompt = import_vllm()
         self.student, self.teacher, self.config, self.policy = student, teacher, config, policy
         self.tokenizer = tokenizer
         self.timings = timings
         self.round = round_hook or (lambda kind: contextlib.nullcontext())
+        # rows whose requests go to vLLM together (None: all); vLLM pages, batches and preempts them
+        self.slots, self.room = max_rows or sys.maxsize, Unbounded()
         self.eos = sorted(config.eos_token_ids)
         self.top_k = config.monitor.entropy_top_k
         check_engine(teacher, "teacher", max_logprobs=self.top_k)
@@ -101,10 +105,10 @@ class VLLMSteps:
         self.scoring_log: list[tuple[int, int, int, bool]] = []
 
     # --------------------------------------------------------------------- the interface
-    def start(self, rows: list) -> None:
-        pass
+    def enter(self, rows: list) -> None:
+        pass  # vLLM's own scheduler gives each request its pages
 
-    def finish(self, rows: list) -> None:
+    def leave(self, rows: list) -> None:
         pass
 
     def student_reads(self, rows: list) -> None:

@@ -14,8 +14,10 @@ By role, data flowing one way (nano-vllm's engine/ and vLLM v1's core in spirit)
   the settings, size or check the caches, pick the driver;
 - ``rows``: a ``Row`` (the only owner of its committed state: ``commit`` and ``cut``) and the
   ``CutQueue`` that takes every cache truncation of a round to the caches in one call per model;
-- ``rounds``: the round loop and the primitives both drivers share (draft, verify, score, the
-  teacher's decode, extend and catch-up, stops, timing phases);
+- ``schedule``: the round loop and its ``Scheduler`` (continuous batching over cache slots, pages
+  on demand, preemption by recompute); ``plan``: the KV plan from config.json alone;
+- ``rounds``: the paged primitives both drivers share (a row's entry and exit, draft, verify,
+  score, the teacher's decode, extend and catch-up, stops, timing phases);
 - ``token`` and ``step``: the two drivers — each drafted token against its row's boundary (the
   online modes), or each finished step's oracle value against its entropy boundary with a rewind
   to the TD-error root cause (the paper's modes);

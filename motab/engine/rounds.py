@@ -21,8 +21,9 @@ from contextlib import AbstractContextManager
 import torch
 
 from motab.config import RolloutConfig
-from motab.engine.rows import CutQueue, Row, run_rounds
+from motab.engine.rows import CutQueue, Row, new_rows
 from motab.engine.sampling import logprobs_of, sample_tokens
+from motab.engine.schedule import PagePools, Scheduler, finisher, round_headroom, run_rounds, tokens_per_row
 from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel, lm_head, shared_vocab
 from motab.monitor import Monitor
@@ -45,6 +46,7 @@ class Rounds:
         timings: dict[str, float] | None = None,
         keep_teacher_hidden: bool = False,
         round_hook: Callable[[str], AbstractContextManager] | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self.student, self.teacher, self.config, self.policy = student, teacher, config, policy
         self.round = round_hook or (lambda kind: contextlib.nullcontext())
@@ -58,39 +60,50 @@ class Rounds:
         self.eos = set(config.eos_token_ids)
         self.tokenizer = tokenizer  # decodes tails for stop strings
         self.cuts = CutQueue(self.models)
+        # per model: slot → committed tokens a row that has just entered reads with its first extend
+        self._unread: dict[PagedModel, dict[int, list[int]]] = {}
+        # the caches rows are prefilled into (a teacher-written mode without a student has only the teacher's)
+        self.cached_models = list(dict.fromkeys((student, teacher) if policy.needs_student else (teacher,)))
+        self.slots = min([m.max_rows for m in self.models] + ([max_rows] if max_rows else []))
+        self.room = PagePools(
+            self.cached_models, round_headroom(config), lambda row: tokens_per_row(len(row.trajectory.prompt), config)
+        )
 
     # ------------------------------------------------------------------------------ the loop
-    def run(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Trajectory]:
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        on_finished: Callable[[int, Trajectory], None] | None = None,
+    ) -> list[Trajectory]:
         self.monitor = Monitor(self.monitor_config, len(prompts))
-        rows = [self._new_row(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
-        self.prefill(rows)
-        run_rounds(rows, self.draft_round, self.teacher_round, self.round)
+        rows = new_rows(prompts, seeds, self.policy, self.config, self.monitor, self.cuts, self.keep_teacher_hidden)
+        run_rounds(self.scheduler(rows, on_finished), self.draft_round, self.teacher_round, self.round)
         self.apply_cuts()
-        if self.keep_teacher_hidden:
-            for row in rows:
-                row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
         return [r.trajectory for r in rows]
 
-    def prefill(self, rows: list[Row]) -> None:
-        """Each row's prompt but its pending token into the caches of the models the mode runs."""
-        models = [self.student, self.teacher] if self.policy.needs_student else [self.teacher]
-        with self.phase("prefill"):
-            for model in models:
-                model.reset([r.index for r in rows])
-                self.extend(model, rows, [r.sequence[:-1] for r in rows])
+    def scheduler(self, rows: list[Row], on_finished=None) -> Scheduler:
+        """Continuous batching of ``rows`` over the caches' slots and pages."""
+        return Scheduler(rows, self.slots, self.room, self.enter, self.leave, finisher(on_finished))
 
-    def _new_row(self, index: int, prompt: Sequence[int], seed: int) -> Row:
-        return Row(
-            index,
-            list(prompt),
-            seed,
-            teacher_writes=self.policy.writer == "teacher",
-            in_steps=self.policy.in_steps,
-            limit=self.config.max_new_tokens,
-            monitor=self.monitor,
-            cuts=self.cuts,
-            keep_teacher_hidden=self.keep_teacher_hidden,
-        )
+    def enter(self, rows: list[Row]) -> None:
+        """Rows taking cache slots will read their committed tokens but the pending one (a prompt,
+        or what a preempted row had written) into the caches of the models the mode runs: with
+        their first extend of each model, packed with the other rows' tokens (a prefill rides
+        with the round's decode step: no forward of its own)."""
+        for model in self.cached_models:
+            model.reset([r.slot for r in rows])
+            unread = self._unread.setdefault(model, {})
+            for row in rows:
+                unread[row.slot] = row.sequence[:-1]
+
+    def leave(self, rows: list[Row]) -> None:
+        """Finished or preempted rows give their pages back, at once."""
+        for row in rows:
+            self.cuts.release(row.slot)
+            for unread in self._unread.values():
+                unread.pop(row.slot, None)
+        self.apply_cuts()
 
     def draft_round(self, rows: list[Row]) -> None:
         """The rows the student writes draft, the teacher verifies, the driver decides."""
@@ -226,9 +239,21 @@ class Rounds:
 
     # ------------------------------------------------------------------------- the caches
     def extend(self, model: PagedModel, rows: list[Row], feeds) -> torch.Tensor:
-        """``model.extend`` of ``feeds`` into the rows, after the cuts waiting for the caches."""
+        """``model.extend`` of ``feeds`` into the rows, after the cuts waiting for the caches; a
+        row that has just entered reads its committed tokens first, in the same forward (their
+        hidden states are dropped: the caller gets those of its feeds)."""
         self.apply_cuts()
-        return model.extend([r.index for r in rows], feeds)
+        slots = [r.slot for r in rows]
+        unread = self._unread.get(model)
+        if not unread or not any(slot in unread for slot in slots):
+            return model.extend(slots, feeds)
+        leads = [unread.pop(slot, []) for slot in slots]
+        if isinstance(feeds, torch.Tensor):  # ids on the device (never a round's first extend of a row)
+            feeds = feeds.tolist()
+        hidden = model.extend(slots, [lead + list(feed) for lead, feed in zip(leads, feeds)])
+        fed = ragged.cu_seqlens([len(lead) + len(feed) for lead, feed in zip(leads, feeds)])
+        kept = [k for i, lead in enumerate(leads) for k in range(int(fed[i]) + len(lead), int(fed[i + 1]))]
+        return hidden[torch.tensor(kept, dtype=torch.long, device=hidden.device)]
 
     def extend_split(self, model: PagedModel, rows: list[Row], feeds: list[list[int]]) -> list[torch.Tensor]:
         """One extend of ``feeds[i]`` into each row; each row's new hidden states."""
@@ -246,7 +271,9 @@ class Rounds:
         """Feeds each row's committed tokens the model's cache has not read (all but the pending
         one), all rows in one extend."""
         self.apply_cuts()
-        feeds = [r.sequence[model.lengths([r.index])[0] : -1] for r in rows]
+        for row in rows:  # what a row that has just entered would read first is read here
+            self._unread.get(model, {}).pop(row.slot, None)
+        feeds = [r.sequence[model.lengths([r.slot])[0] : -1] for r in rows]
         behind = [(r, f) for r, f in zip(rows, feeds) if f]
         if behind:
             self.extend(model, [r for r, _ in behind], [f for _, f in behind])

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from motab.config import RolloutConfig
 from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel
 from motab.monitor import Monitor
+from motab.policy import Policy
 
 
 class CutQueue:
@@ -81,7 +83,8 @@ class Row:
         cuts: CutQueue,
         keep_teacher_hidden: bool,
     ) -> None:
-        self.index, self.seed = index, seed
+        self.index, self.seed = index, seed  # index: the prompt's position (and the monitor's row)
+        self.slot: int | None = None  # the cache row it holds while in flight (the scheduler's)
         self.trajectory = Trajectory(list(prompt))
         self._monitor, self._cuts, self._keep_hidden = monitor, cuts, keep_teacher_hidden
         self.student_draws = 0  # tokens this row's student stream has sampled (the RNG counter)
@@ -133,26 +136,42 @@ class Row:
                 del getattr(traj, name)[keep:]
             del self.hidden[keep:]
             self._monitor.rewind(self.index, scored_before)
-        self._cuts.cut_back(self.index, self.length - 1)
+        self._cuts.cut_back(self.slot, self.length - 1)
+
+    @property
+    def preemptions(self) -> int:
+        """Times the row gave its pages back mid-rollout and re-entered from its committed tokens."""
+        return self.trajectory.counters["preempted"]
+
+    @preemptions.setter
+    def preemptions(self, value: int) -> None:
+        self.trajectory.counters["preempted"] = value
 
     def release(self) -> None:
         """The finished row gives its cache blocks back (with the round's other cuts)."""
-        self._cuts.release(self.index)
+        self._cuts.release(self.slot)
+
+    def close(self) -> Trajectory:
+        """The finished row's trajectory, with the teacher hidden states it kept stacked."""
+        if self._keep_hidden:
+            self.trajectory.teacher_hidden = torch.stack(self.hidden) if self.hidden else None
+            self.hidden = []
+        return self.trajectory
 
 
-def run_rounds(rows: list[Row], draft_round, teacher_round, round_context) -> None:
-    """Rounds until every row has finished: in each, the rows the student writes draft
-    (``draft_round``), then the rows the teacher writes get theirs (``teacher_round``), each
-    round inside ``round_context(kind)`` ("draft" or "teacher")."""
-    while True:
-        active = [r for r in rows if not r.finished]
-        if not active:
-            return
-        drafting = [r for r in active if not r.teacher_writes]
-        if drafting:
-            with round_context("draft"):
-                draft_round(drafting)
-        writing = [r for r in active if r.teacher_writes and not r.finished]
-        if writing:
-            with round_context("teacher"):
-                teacher_round(writing)
+def new_rows(prompts, seeds, policy: Policy, config: RolloutConfig, monitor: Monitor, cuts, keep_teacher_hidden: bool):
+    """One row per prompt (token ids) with its seed, as the mode's policy starts them."""
+    return [
+        Row(
+            index,
+            list(prompt),
+            seed,
+            teacher_writes=policy.writer == "teacher",
+            in_steps=policy.in_steps,
+            limit=config.max_new_tokens,
+            monitor=monitor,
+            cuts=cuts,
+            keep_teacher_hidden=keep_teacher_hidden,
+        )
+        for index, (prompt, seed) in enumerate(zip(prompts, seeds))
+    ]

@@ -14,13 +14,12 @@ which the student takes the row back. Rows the teacher writes go to the backend 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Callable, Sequence
 
 from motab.backends import Ask, StepBackend
 from motab.config import RolloutConfig
-from motab.engine.rows import Row, Step, run_rounds
+from motab.engine.rows import Row, Step, new_rows
+from motab.engine.schedule import Scheduler, finisher, run_rounds
 from motab.engine.trajectory import Trajectory
 from motab.monitor import Monitor
 from motab.policy import Policy
@@ -52,28 +51,17 @@ class StepRollout:
         self.keep_teacher_hidden = keep_teacher_hidden
 
     # ------------------------------------------------------------------------------ the loop
-    def run(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> list[Trajectory]:
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        on_finished: Callable[[int, Trajectory], None] | None = None,
+    ) -> list[Trajectory]:
         self.monitor = Monitor(self.monitor_config, len(prompts))
-        rows = [
-            Row(
-                i,
-                list(prompt),
-                seed,
-                teacher_writes=self.policy.writer == "teacher",
-                in_steps=True,
-                limit=self.config.max_new_tokens,
-                monitor=self.monitor,
-                cuts=self.backend.cuts,
-                keep_teacher_hidden=self.keep_teacher_hidden,
-            )
-            for i, (prompt, seed) in enumerate(zip(prompts, seeds))
-        ]
-        self.backend.start(rows)
-        run_rounds(rows, self.draft_round, self.teacher_round, self.backend.round)
-        self.backend.finish(rows)
-        if self.keep_teacher_hidden:
-            for row in rows:
-                row.trajectory.teacher_hidden = torch.stack(row.hidden) if row.hidden else None
+        policy, backend = self.policy, self.backend
+        rows = new_rows(prompts, seeds, policy, self.config, self.monitor, backend.cuts, self.keep_teacher_hidden)
+        scheduler = Scheduler(rows, backend.slots, backend.room, backend.enter, backend.leave, finisher(on_finished))
+        run_rounds(scheduler, self.draft_round, self.teacher_round, backend.round)
         return [r.trajectory for r in rows]
 
     def draft_round(self, rows: list[Row]) -> None:

@@ -28,7 +28,9 @@ class Trajectory:
     boundaries: list[float] = field(default_factory=list)
     discarded: list[dict] = field(default_factory=list)  # {"position", "tokens", "scores"} per backtrack
     interventions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in tokens
-    counters: dict = field(default_factory=lambda: dict(drafted=0, backtracks=0, discarded_tokens=0))
+    # drafted tokens, backtracks, tokens they discarded, and times the row was preempted (its pages
+    # given back, recomputed from its committed tokens: the trajectory is the same)
+    counters: dict = field(default_factory=lambda: dict(drafted=0, backtracks=0, discarded_tokens=0, preempted=0))
     finish_reason: str | None = None
     steps: list[dict] = field(default_factory=list)
     root_cause: int | None = None

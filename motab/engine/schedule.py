@@ -1,0 +1,210 @@
+"""Which rows a round runs: continuous batching over cache slots, pages on demand, preemption by
+recompute (vLLM v1's scheduler in spirit, at the granularity of our rounds).
+
+Rows wait in prompt order. Before each round the scheduler retires the rows that finished (their
+pages go back to the pools at once and ``on_finished`` hears of them), then, while the round the
+running rows are about to run might not fit the pools, gives the most recently admitted row's
+pages back (it waits at the head of the queue and re-enters later from its committed tokens: a
+prefill; its sampling counters stay with it, so what it writes does not change), then admits
+waiting rows into free slots while their first round fits beside the running rows' rounds.
+Data flows one way: schedule, run the round, postprocess.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from motab.config import ConfigError, RolloutConfig
+from motab.engine.rows import Row
+from motab.engine.trajectory import Trajectory
+from motab.models import PagedModel
+from motab.policy import policy_of
+from motab_kernels import OutOfBlocksError
+
+
+class KVPoolTooSmall(OutOfBlocksError, ConfigError):
+    """The KV pool cannot hold one row's next round even alone: the user's pool size (or budget)
+    must change. An ``OutOfBlocksError`` for the API, a one-line error for the commands."""
+
+
+# Cache room for the separator a trimmed step appends past the budget ("\n\n" is one or two tokens,
+# after the re-tokenised rest of the stop string's token).
+SEPARATOR_ROOM = 8
+
+
+def tokens_per_row(prompt_len: int, config: RolloutConfig) -> int:
+    """The most tokens a row's cache can hold during a rollout: prompt, response, a draft past
+    the committed tokens and an intervention (step modes: a root-cause correction may run
+    ``min_correction_tokens`` past the budget, and a trimmed step reads a few separator tokens)."""
+    extra = config.min_correction_tokens + SEPARATOR_ROOM if policy_of(config.mode).in_steps else 0
+    return prompt_len + config.max_new_tokens + config.draft_len + config.intervention_len + 1 + extra
+
+
+def round_headroom(config: RolloutConfig) -> int:
+    """The most tokens one round adds to a row's caches past its committed tokens: a draft, an
+    intervention or a trimmed step's separator, and, the same round, the teacher's turn (a row the
+    draft round handed to the teacher writes in the teacher round)."""
+    return 2 * config.draft_len + config.intervention_len + SEPARATOR_ROOM + 1
+
+
+def finisher(on_finished: Callable[[int, Trajectory], None] | None) -> Callable[[Row], None]:
+    """What the scheduler calls as each row finishes: the trajectory is closed (the teacher hidden
+    states kept per token stacked) and handed to ``on_finished(index, trajectory)``."""
+
+    def finish(row: Row) -> None:
+        trajectory = row.close()
+        if on_finished is not None:
+            on_finished(row.index, trajectory)
+
+    return finish
+
+
+class Room(Protocol):
+    """What the scheduler asks of the caches."""
+
+    def fits(self, rows: Sequence[Row]) -> bool:
+        """Whether the next round of ``rows`` (running ones holding their pages, others none)
+        fits the pools."""
+
+    def too_small(self, row: Row) -> str:
+        """Why the pools cannot hold ``row``'s next round even with every other row out."""
+
+
+class PagePools:
+    """The paged models' pools: a row takes pages as it grows; a round of a row may add up to
+    ``headroom`` committed tokens (and the caches read them), never more than the row's
+    ``ceiling``."""
+
+    def __init__(self, models: Sequence[PagedModel], headroom: int, ceiling: Callable[[Row], int]) -> None:
+        self.models, self.headroom, self.ceiling = list(models), headroom, ceiling
+
+    def _round_tokens(self, row: Row) -> int:
+        """The most tokens a cache holds for ``row`` by the end of its next round."""
+        return min(row.length + self.headroom, self.ceiling(row))
+
+    def fits(self, rows: Sequence[Row]) -> bool:
+        for model in self.models:
+            held = [model.lengths([r.slot])[0] if r.slot is not None else 0 for r in rows]
+            grow = model.blocks_needed([self._round_tokens(r) for r in rows]) - model.blocks_needed(held)
+            if grow > model.num_free_blocks:
+                return False
+        return True
+
+    def too_small(self, row: Row) -> str:
+        tokens = self._round_tokens(row)
+        model = min(self.models, key=lambda m: m.capacity_tokens)
+        return (
+            f"KV pool too small: it holds {model.capacity_tokens} tokens and row {row.index} needs {tokens} for its "
+            f"next round alone ({row.length} committed, prompt {len(row.trajectory.prompt)}): raise --kv-tokens "
+            "(rollout.kv_tokens) or lower max_new_tokens; the rollout stopped (rows finished before were handed "
+            "over; the caches hold nothing)"
+        )
+
+
+class Scheduler:
+    """Rows in flight: at most ``slots`` at once, as the room allows (see the module's doc).
+
+    ``enter(rows)`` gives admitted rows their caches (they read their committed tokens);
+    ``leave(rows)`` takes finished or preempted rows' pages back; ``on_finished(row)`` hears of
+    each finished row once, in the order they finish."""
+
+    def __init__(
+        self,
+        rows: Sequence[Row],
+        slots: int,
+        room: Room,
+        enter: Callable[[list[Row]], None],
+        leave: Callable[[list[Row]], None],
+        on_finished: Callable[[Row], None] | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"a rollout needs at least one row in flight, got {slots}")
+        self.waiting = collections.deque(rows)
+        self.running: list[Row] = []  # in admission order: the last is preempted first
+        self._slots, self._free_slots = slots, []  # slots given back; new ones are numbered on
+        self.room, self._enter, self._leave = room, enter, leave
+        self._on_finished = on_finished or (lambda row: None)
+        self._numbered = 0
+        self.preemptions = 0
+        self.most_running = 0
+
+    def schedule(self) -> list[Row]:
+        """The rows of the next round (empty when every row has finished)."""
+        self._retire()
+        while self.running and not self.room.fits(self.running):
+            if len(self.running) == 1:
+                raise KVPoolTooSmall(self.room.too_small(self.running[0]))
+            self._preempt(self.running[-1])
+        entering = []
+        while self.waiting and (self._free_slots or self._numbered < self._slots):
+            row = self.waiting[0]
+            if not self.room.fits(self.running + entering + [row]):
+                if not self.running and not entering:
+                    raise KVPoolTooSmall(self.room.too_small(row))
+                break
+            self.waiting.popleft()
+            row.slot = self._take_slot()
+            entering.append(row)
+        if entering:
+            self._enter(entering)
+            self.running += entering
+        self.most_running = max(self.most_running, len(self.running))
+        return list(self.running)
+
+    def abandon(self) -> None:
+        """A failed or interrupted rollout: the running rows give their pages back, so the caches
+        are empty and reusable."""
+        rows, self.running = self.running, []
+        if rows:
+            self._leave(rows)
+
+    def _take_slot(self) -> int:
+        """The lowest slot given back, else the next never used."""
+        if self._free_slots:
+            self._free_slots.sort(reverse=True)
+            return self._free_slots.pop()
+        self._numbered += 1
+        return self._numbered - 1
+
+    def _retire(self) -> None:
+        done = [r for r in self.running if r.finished]
+        if not done:
+            return
+        self._leave(done)
+        for row in done:
+            self.running.remove(row)
+            self._free_slots.append(row.slot)
+            row.slot = None
+            self._on_finished(row)
+
+    def _preempt(self, row: Row) -> None:
+        """``row`` gives its pages back and waits first in line; it re-enters from its committed
+        tokens."""
+        self._leave([row])
+        self.running.remove(row)
+        self._free_slots.append(row.slot)
+        row.slot = None
+        row.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(row)
+
+
+def run_rounds(scheduler: Scheduler, draft_round, teacher_round, round_context) -> None:
+    """Rounds until every row has finished: in each, the scheduler picks the rows, the rows the
+    student writes draft (``draft_round``), then the rows the teacher writes get theirs
+    (``teacher_round``), each inside ``round_context(kind)`` ("draft" or "teacher")."""
+    try:
+        while active := scheduler.schedule():
+            drafting = [r for r in active if not r.teacher_writes]
+            if drafting:
+                with round_context("draft"):
+                    draft_round(drafting)
+            writing = [r for r in active if r.teacher_writes and not r.finished]
+            if writing:
+                with round_context("teacher"):
+                    teacher_round(writing)
+    except BaseException:
+        scheduler.abandon()
+        raise
