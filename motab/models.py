@@ -106,7 +106,8 @@ class PagedModel:
             working everywhere else: training, ``generate``).
         max_rows: sequences held at once (rows of the block table).
         max_tokens: tokens the pool holds over all rows; blocks for one partial block per row
-            are added on top.
+            are added on top (unless ``pool_blocks`` is given).
+        pool_blocks: the pool's size in blocks, exactly (``max_tokens`` is then ignored).
         block_size: tokens per cache block.
         max_seq_len: longest row (default: the config's ``max_position_embeddings``).
         attention_impl: ``"triton"``, ``"torch"`` or ``"auto"`` (triton on CUDA).
@@ -121,9 +122,10 @@ class PagedModel:
         model: torch.nn.Module,
         *,
         max_rows: int,
-        max_tokens: int,
+        max_tokens: int = 0,
         block_size: int = 16,
         max_seq_len: int | None = None,
+        pool_blocks: int | None = None,
         attention_impl: str = "auto",
         cache_impl: str = "auto",
         decode_graphs: str = "off",
@@ -147,7 +149,7 @@ class PagedModel:
             config.num_hidden_layers,
             kv_heads,
             head_dim,
-            num_blocks=-(-max_tokens // block_size) + max_rows,
+            num_blocks=pool_blocks if pool_blocks is not None else -(-max_tokens // block_size) + max_rows,
             block_size=block_size,
             max_rows=max_rows,
             max_blocks_per_row=-(-max_seq_len // block_size),

@@ -89,7 +89,7 @@ from motab.checkpoint import (
 )
 from motab.config import ConfigError, TrainConfig
 from motab.data import Problem
-from motab.engine import paged_for_rollouts, rollout
+from motab.engine import paged_for_rollouts, pool_tokens, rollout
 from motab.losses import NO_LOSS, TrajectoryDistillationLoss, trajectory_targets
 from motab.models import final_hidden_states, lm_head, shared_vocab
 from motab.policy import policy_of
@@ -228,7 +228,8 @@ class DistillationTrainer:
             student.gradient_checkpointing_enable()
         self.bf16 = config.bf16 if config.bf16 is not None else self.device.type == "cuda"
         longest = max(len(p.prompt_ids) for p in problems)
-        self.paged = [paged_for_rollouts(m, self.per_rank, longest, config.rollout) for m in (student, teacher)]
+        pool = pool_tokens([student, teacher], self.per_rank, longest, config.rollout)  # both pools sized together
+        self.paged = [paged_for_rollouts(m, self.per_rank, longest, config.rollout, pool) for m in (student, teacher)]
         self.sharded = config.parallel == "fsdp" and self.world > 1
         self.student_loss = StudentLoss(student, self.loss_fn, self.vocab)
         self.train_model = self._distribute(self.student_loss)

@@ -425,9 +425,14 @@ def test_memory_shares_that_do_not_hold_the_weights_are_refused(workspace, monke
 
 
 def test_a_kv_pool_too_small_for_one_row_is_one_line(workspace, capsys):
-    """--kv-tokens rounds up to a block a row (16 tokens here, 3 rows): rows of 200 tokens outgrow
-    it; the last row left alone cannot go on, and the command says so in one line."""
-    argv = ["rollout", *models(workspace), "--out", str(workspace["root"] / "small-pool.jsonl"), "--kv-tokens", "4"]
-    line = refused([*argv, "--set", "rollout.max_new_tokens=200", "--set", "rollout.mode=on_policy"], capsys)
+    """A pool (rounded up to 16-token blocks) that cannot hold a prompt's first round is refused
+    before anything starts; one that holds it but not a row of 200 tokens stops the rollout when
+    the last row left cannot go on. Both in one line, nothing written."""
+    out = workspace["root"] / "small-pool.jsonl"
+    argv = ["rollout", *models(workspace), "--out", str(out), "--set", "rollout.mode=on_policy"]
+    line = refused([*argv, "--kv-tokens", "4"], capsys)
+    assert "needs 43 tokens of KV pool for its first round, but the pool holds 16" in line
+    assert line.endswith("nothing was started")
+    line = refused([*argv, "--kv-tokens", "64", "--set", "rollout.max_new_tokens=200"], capsys)
     assert line.startswith("motab rollout: error: KV pool too small: it holds 64 tokens and row ")
-    assert "raise --kv-tokens" in line and not (workspace["root"] / "small-pool.jsonl").exists()
+    assert "raise --kv-tokens" in line and not out.exists()

@@ -7,14 +7,16 @@ refused in one line."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
+from motab.backends import Unbounded
 from motab.config import MODES, MonitorConfig, RolloutConfig, SamplingConfig
 from motab.engine import paged_for_rollouts, rollout
-from motab.engine.schedule import tokens_per_row
+from motab.engine.schedule import Scheduler, tokens_per_row
 from motab.policy import policy_of
 from motab_kernels import OutOfBlocksError
 from tests.engine_checks import check_invariant_every_round
@@ -166,3 +168,31 @@ def test_a_pool_smaller_than_a_prompt_is_refused_in_one_line(models):
 def test_max_rows_must_be_positive(models):
     with pytest.raises(ValueError, match="max_rows must be ≥ 1"):
         rollout(*models, PROMPTS, config("on_policy"), tokenizer=TOKENIZER, max_rows=0)
+
+
+class StubRow:
+    """What the scheduler reads of a row."""
+
+    def __init__(self, index: int, length: int) -> None:
+        self.index, self.length, self.slot, self.finished, self.preemptions = index, length, None, False, 0
+
+
+def test_the_rows_admitted_in_one_round_read_at_most_the_prefill_bound():
+    """Rows' prompts ride in the round's first forward: a round admits rows until their tokens
+    would pass ``prefill_tokens`` (a longer prompt alone), so a forward stays a batch's size."""
+    rows = [StubRow(i, 100) for i in range(7)] + [StubRow(7, 900)]
+    entered = []
+    scheduler = Scheduler(rows, sys.maxsize, Unbounded(), entered.append, lambda rows: None, prefill_tokens=250)
+    while active := scheduler.schedule():
+        for row in active:
+            row.finished = True
+    assert [len(batch) for batch in entered] == [2, 2, 2, 1, 1]  # 900 tokens enter alone
+    assert scheduler.most_running == 2
+
+
+def test_an_unbounded_room_admits_every_row_at_once():
+    rows = [StubRow(i, 50) for i in range(1000)]
+    entered = []
+    scheduler = Scheduler(rows, sys.maxsize, Unbounded(), entered.append, lambda rows: None)
+    assert len(scheduler.schedule()) == 1000 and len(entered) == 1
+    assert sorted(r.slot for r in rows) == list(range(1000))

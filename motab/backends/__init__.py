@@ -72,9 +72,11 @@ class StepBackend(Protocol):
 
     # Whether ``Written.hidden``/``Scored.hidden`` are filled (``keep_teacher_hidden`` needs them).
     has_hidden: bool
-    # Rows in flight at most, and the pools' room (``motab.engine.schedule.Room``).
+    # Rows in flight at most, the pools' room (``motab.engine.schedule.Room``) and the tokens the
+    # rows admitted in one round may read (None: no bound).
     slots: int
     room: object
+    prefill_tokens: int | None
 
     def enter(self, rows: list) -> None:
         """Rows take their slots: whatever cache the backend keeps reads their committed tokens (a
@@ -130,8 +132,11 @@ class Unbounded:
     """The room of a backend whose engine manages its own memory (vLLM pages, batches and preempts
     the requests it is given): every round fits."""
 
-    def fits(self, rows) -> bool:
-        return True
+    def spare(self, rows) -> list[int]:
+        return [0]
+
+    def need(self, row) -> list[int]:
+        return [0]
 
     def too_small(self, row) -> str:  # never asked: fits() never says no
         raise AssertionError("an unbounded room is never too small")

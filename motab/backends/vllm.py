@@ -89,7 +89,7 @@ class VLLMSteps:
         self.timings = timings
         self.round = round_hook or (lambda kind: contextlib.nullcontext())
         # rows whose requests go to vLLM together (None: all); vLLM pages, batches and preempts them
-        self.slots, self.room = max_rows or sys.maxsize, Unbounded()
+        self.slots, self.room, self.prefill_tokens = max_rows or sys.maxsize, Unbounded(), None
         self.eos = sorted(config.eos_token_ids)
         self.top_k = config.monitor.entropy_top_k
         check_engine(teacher, "teacher", max_logprobs=self.top_k)

@@ -24,7 +24,14 @@ By role, data flowing one way (nano-vllm's engine/ and vLLM v1's core in spirit)
 - ``sampling``: counter-based per-row sampling; ``trajectory``: what a rollout returns.
 """
 
-from motab.engine.api import DEFAULT_ROLLOUT, check_same_tokenizer, paged_for_rollouts, rollout, rollout_in_batches
+from motab.engine.api import (
+    DEFAULT_ROLLOUT,
+    check_same_tokenizer,
+    paged_for_rollouts,
+    pool_tokens,
+    rollout,
+    rollout_in_batches,
+)
 from motab.engine.sampling import sample_tokens
 from motab.engine.trajectory import Trajectory
 
@@ -33,6 +40,7 @@ __all__ = [
     "Trajectory",
     "check_same_tokenizer",
     "paged_for_rollouts",
+    "pool_tokens",
     "rollout",
     "rollout_in_batches",
     "sample_tokens",

@@ -6,6 +6,7 @@ they are given, and hand the rows to the driver the mode's policy names."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
@@ -99,6 +100,8 @@ def paged_models(teacher, student, slots: int, cpu_rows: int, longest_prompt: in
     teacher's cache stands in, unused."""
     wrap = [m for m in (teacher, student) if m is not None and not isinstance(m, PagedModel)]
     tokens = pool_tokens(wrap, slots, longest_prompt, config, cpu_rows) if wrap else 0
+    if tokens:  # a row in flight holds a block at least: more slots than blocks would never fill
+        slots = min(slots, max(1, tokens // config.block_size))
     teacher, student = (
         m if m is None or isinstance(m, PagedModel) else paged_for_rollouts(m, slots, longest_prompt, config, tokens)
         for m in (teacher, student)
@@ -126,6 +129,8 @@ def pool_tokens(
     device = next(models[0].parameters()).device
     if device.type != "cuda":
         return whole(rows if cpu_rows is None else cpu_rows)
+    gc.collect()  # pools of an earlier rollout no longer referenced (graphs hold them in cycles)
+    torch.cuda.empty_cache()  # what the caching allocator holds unused is free for the pools
     free, _ = torch.cuda.mem_get_info(device)
     per_token = sum(kv_bytes_per_token(m.config, next(m.parameters()).element_size()) for m in models)
     return min(whole(rows), int(free * config.kv_memory) // per_token)
@@ -180,9 +185,7 @@ def paged_for_rollouts(
     return PagedModel(
         model,
         max_rows=rows,
-        # PagedModel adds a block a row (room for each row's partial block) on top of max_tokens:
-        # the pool is ``tokens``, rounded up to whole blocks
-        max_tokens=max(tokens - rows * config.block_size, 1),
+        pool_blocks=-(-tokens // config.block_size),  # ``tokens``, rounded up to whole blocks
         block_size=config.block_size,
         max_seq_len=per_row + config.block_size,
         decode_graphs="cuda" if config.cuda_graphs else "off",
@@ -223,7 +226,7 @@ def _check_row_room(model: PagedModel, prompts, config: RolloutConfig) -> None:
     """Every prompt's first round must fit the pool alone and a row of the cache: refuse before
     anything starts (a row that outgrows the pool later is refused when it does)."""
     longest = max(map(len, prompts))
-    first_round = longest + round_headroom(config)
+    first_round = min(longest + round_headroom(config), tokens_per_row(longest, config))
     if model.blocks_needed([first_round]) > model.cache.num_blocks:
         raise KVPoolTooSmall(
             f"a prompt of {longest} tokens needs {first_round} tokens of KV pool for its first round, but the pool "

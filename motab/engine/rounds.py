@@ -23,7 +23,15 @@ import torch
 from motab.config import RolloutConfig
 from motab.engine.rows import CutQueue, Row, new_rows
 from motab.engine.sampling import logprobs_of, sample_tokens
-from motab.engine.schedule import PagePools, Scheduler, finisher, round_headroom, run_rounds, tokens_per_row
+from motab.engine.schedule import (
+    PREFILL_TOKENS_PER_ROUND,
+    PagePools,
+    Scheduler,
+    finisher,
+    round_headroom,
+    run_rounds,
+    tokens_per_row,
+)
 from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel, lm_head, shared_vocab
 from motab.monitor import Monitor
@@ -65,6 +73,9 @@ class Rounds:
         # the caches rows are prefilled into (a teacher-written mode without a student has only the teacher's)
         self.cached_models = list(dict.fromkeys((student, teacher) if policy.needs_student else (teacher,)))
         self.slots = min([m.max_rows for m in self.models] + ([max_rows] if max_rows else []))
+        self.prefill_tokens = PREFILL_TOKENS_PER_ROUND
+        for model in self.cached_models:  # a caller's PagedModels may hold an earlier use's rows
+            model.reset()
         self.room = PagePools(
             self.cached_models, round_headroom(config), lambda row: tokens_per_row(len(row.trajectory.prompt), config)
         )
@@ -84,7 +95,9 @@ class Rounds:
 
     def scheduler(self, rows: list[Row], on_finished=None) -> Scheduler:
         """Continuous batching of ``rows`` over the caches' slots and pages."""
-        return Scheduler(rows, self.slots, self.room, self.enter, self.leave, finisher(on_finished))
+        return Scheduler(
+            rows, self.slots, self.room, self.enter, self.leave, finisher(on_finished), self.prefill_tokens
+        )
 
     def enter(self, rows: list[Row]) -> None:
         """Rows taking cache slots will read their committed tokens but the pending one (a prompt,

@@ -29,6 +29,10 @@ class KVPoolTooSmall(OutOfBlocksError, ConfigError):
     must change. An ``OutOfBlocksError`` for the API, a one-line error for the commands."""
 
 
+# Tokens the rows admitted in one round read at most (a prompt longer than this is admitted alone):
+# they ride in the round's first forward of each model, whose activations grow with them.
+PREFILL_TOKENS_PER_ROUND = 16384
+
 # Cache room for the separator a trimmed step appends past the budget ("\n\n" is one or two tokens,
 # after the re-tokenised rest of the stop string's token).
 SEPARATOR_ROOM = 8
@@ -62,11 +66,14 @@ def finisher(on_finished: Callable[[int, Trajectory], None] | None) -> Callable[
 
 
 class Room(Protocol):
-    """What the scheduler asks of the caches."""
+    """What the scheduler asks of the caches, per pool (the paged engine has one per model)."""
 
-    def fits(self, rows: Sequence[Row]) -> bool:
-        """Whether the next round of ``rows`` (running ones holding their pages, others none)
-        fits the pools."""
+    def spare(self, rows: Sequence[Row]) -> list[int]:
+        """Blocks each pool has left once ``rows`` (holding their pages) have taken their next
+        round: negative where it does not fit."""
+
+    def need(self, row: Row) -> list[int]:
+        """Blocks ``row``, holding none, takes in each pool for its next round."""
 
     def too_small(self, row: Row) -> str:
         """Why the pools cannot hold ``row``'s next round even with every other row out."""
@@ -84,13 +91,17 @@ class PagePools:
         """The most tokens a cache holds for ``row`` by the end of its next round."""
         return min(row.length + self.headroom, self.ceiling(row))
 
-    def fits(self, rows: Sequence[Row]) -> bool:
+    def spare(self, rows: Sequence[Row]) -> list[int]:
+        target = [self._round_tokens(r) for r in rows]
+        slots = [r.slot for r in rows]
+        out = []
         for model in self.models:
-            held = [model.lengths([r.slot])[0] if r.slot is not None else 0 for r in rows]
-            grow = model.blocks_needed([self._round_tokens(r) for r in rows]) - model.blocks_needed(held)
-            if grow > model.num_free_blocks:
-                return False
-        return True
+            held = model.lengths(slots) if slots else []  # one host read for all rows
+            out.append(model.num_free_blocks - model.blocks_needed(target) + model.blocks_needed(held))
+        return out
+
+    def need(self, row: Row) -> list[int]:
+        return [model.blocks_needed([self._round_tokens(row)]) for model in self.models]
 
     def too_small(self, row: Row) -> str:
         tokens = self._round_tokens(row)
@@ -106,7 +117,9 @@ class PagePools:
 class Scheduler:
     """Rows in flight: at most ``slots`` at once, as the room allows (see the module's doc).
 
-    ``enter(rows)`` gives admitted rows their caches (they read their committed tokens);
+    ``enter(rows)`` gives admitted rows their caches (they read their committed tokens, in the
+    round's first forwards: ``prefill_tokens`` bounds what the rows admitted in one round read, so
+    a round's forward stays the size of a batch, not of every prompt; None: no bound);
     ``leave(rows)`` takes finished or preempted rows' pages back; ``on_finished(row)`` hears of
     each finished row once, in the order they finish."""
 
@@ -118,6 +131,7 @@ class Scheduler:
         enter: Callable[[list[Row]], None],
         leave: Callable[[list[Row]], None],
         on_finished: Callable[[Row], None] | None = None,
+        prefill_tokens: int | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"a rollout needs at least one row in flight, got {slots}")
@@ -127,26 +141,33 @@ class Scheduler:
         self.room, self._enter, self._leave = room, enter, leave
         self._on_finished = on_finished or (lambda row: None)
         self._numbered = 0
+        self.prefill_tokens = prefill_tokens
         self.preemptions = 0
         self.most_running = 0
 
     def schedule(self) -> list[Row]:
         """The rows of the next round (empty when every row has finished)."""
         self._retire()
-        while self.running and not self.room.fits(self.running):
+        spare = self.room.spare(self.running)
+        while self.running and min(spare) < 0:
             if len(self.running) == 1:
                 raise KVPoolTooSmall(self.room.too_small(self.running[0]))
             self._preempt(self.running[-1])
-        entering = []
+            spare = self.room.spare(self.running)
+        entering, reading = [], 0
         while self.waiting and (self._free_slots or self._numbered < self._slots):
             row = self.waiting[0]
-            if not self.room.fits(self.running + entering + [row]):
+            left = [s - n for s, n in zip(spare, self.room.need(row))]
+            if min(left) < 0:
                 if not self.running and not entering:
                     raise KVPoolTooSmall(self.room.too_small(row))
+                break
+            if entering and self.prefill_tokens is not None and reading + row.length > self.prefill_tokens:
                 break
             self.waiting.popleft()
             row.slot = self._take_slot()
             entering.append(row)
+            spare, reading = left, reading + row.length
         if entering:
             self._enter(entering)
             self.running += entering
@@ -173,8 +194,8 @@ class Scheduler:
         if not done:
             return
         self._leave(done)
+        self.running = [r for r in self.running if not r.finished]
         for row in done:
-            self.running.remove(row)
             self._free_slots.append(row.slot)
             row.slot = None
             self._on_finished(row)

@@ -60,7 +60,8 @@ class StepRollout:
         self.monitor = Monitor(self.monitor_config, len(prompts))
         policy, backend = self.policy, self.backend
         rows = new_rows(prompts, seeds, policy, self.config, self.monitor, backend.cuts, self.keep_teacher_hidden)
-        scheduler = Scheduler(rows, backend.slots, backend.room, backend.enter, backend.leave, finisher(on_finished))
+        scheduler = Scheduler(rows, backend.slots, backend.room, backend.enter, backend.leave, finisher(on_finished),
+                              backend.prefill_tokens)  # fmt: skip
         run_rounds(scheduler, self.draft_round, self.teacher_round, backend.round)
         return [r.trajectory for r in rows]
 
