@@ -110,3 +110,21 @@ def test_the_prose_beside_the_demo_tables_cites_only_what_the_record_gives():
     numbers = re.findall(r"(?<![\w.])[+−-]?\d+(?:\.\d+)?(?![\w])", prose.replace(",", ""))
     missing = [n for n in numbers if n.lstrip("+−-") not in block.replace(",", "")]
     assert not missing, f"numbers in the README's demo prose that the generated block does not print: {missing}"
+
+
+def test_the_rerun_at_this_engine_cites_its_record_and_the_published_one():
+    """Each "method rerun / record" pair of the README's seed-0 rerun is that method's test
+    accuracy at equal steps in the rerun's record and in the published record (seed 0)."""
+    block = README[README.index("<!-- rerun-seed0 -->") : README.index("<!-- /rerun-seed0 -->")]
+    pairs = re.findall(r"(\w+)\s+(\d+\.\d) / (\d+\.\d)", block)
+    rerun = json.loads((ROOT / "reports" / "demo" / "reruns" / "2026-12-05-seed0-at-0601a34.json").read_text())
+    published = json.loads((ROOT / "reports" / "demo" / "records" / "2026-12-05-seeds3.json").read_text())
+
+    def accuracy(record, method):
+        (run,) = [r for r in record["runs"] if (r["method"], r["seed"], r["budget"]) == (method, 0, "steps")]
+        return f"{100 * run['test_accuracy']:.1f}"
+
+    assert len(pairs) == len(rerun["methods"]) == 8
+    assert rerun["provenance"]["commit"].startswith("0601a34")
+    for method, new, old in pairs:
+        assert (new, old) == (accuracy(rerun, method), accuracy(published, method)), method
