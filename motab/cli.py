@@ -350,11 +350,7 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="trajectories JSONL")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows in flight at most (default 16)")
     parser.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
-    parser.add_argument(
-        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
-        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
-        "this run's device, or for a GPU of GIB GiB",
-    )  # fmt: skip
+    _plan_argument(parser)
     parser.set_defaults(run=run_rollout, flags=ROLLOUT_FLAGS)
 
 
@@ -378,11 +374,7 @@ def _synthesize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     parser.add_argument("--overwrite", action="store_true", help="start again: remove an existing --out and its parts")
     parser.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
-    parser.add_argument(
-        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
-        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
-        "this run's device, or for a GPU of GIB GiB",
-    )  # fmt: skip
+    _plan_argument(parser)
     parser.set_defaults(run=run_synthesize, flags=SYNTHESIZE_FLAGS)
 
 
@@ -399,11 +391,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, EVAL_FLAGS)
     parser.add_argument("--limit", type=int_at_least(1), help="first N problems only")
     parser.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
-    parser.add_argument(
-        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
-        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
-        "this run's device, or for a GPU of GIB GiB",
-    )  # fmt: skip
+    _plan_argument(parser)
     parser.set_defaults(run=run_eval, flags=EVAL_FLAGS)
 
 
@@ -905,21 +893,24 @@ def _barrier():
     return dist.barrier
 
 
-def _plan_memory(value: str) -> str:
-    """``--plan``'s value: GiB of a GPU to plan for (a positive number)."""
-    if value != "here" and not (_is_positive_number(value)):
-        raise argparse.ArgumentTypeError(f"--plan takes a GPU's memory in GiB (a positive number), got {value!r}")
-    return value
+def _plan_argument(parser: argparse.ArgumentParser) -> None:
+    """``--plan [GIB]``: the chosen device's plan (the value "here"), or a GPU of GIB GiB's."""
+    parser.add_argument(
+        "--plan", nargs="?", const="here", metavar="GIB", type=_plan_memory,
+        help="print the paged engine's KV plan from the models' config.json (no weights loaded) and exit: for "
+        "this run's device, or for a GPU of GIB GiB",
+    )  # fmt: skip
 
 
-def _is_positive_number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
+def _plan_memory(text: str) -> str | float:
+    """``--plan``'s value: "here" (argparse passes the bare flag's const through the type too), or
+    a GPU's GiB, a positive number."""
+    return text if text == "here" else number_at_least(0, strictly=True)(text)
 
 
-def _print_plan(memory: str, raw: dict, sources: dict[str, str], config, rows: int | None, longest_prompt: int) -> int:
+def _print_plan(
+    memory: str | float, raw: dict, sources: dict[str, str], config, rows: int | None, longest_prompt: int
+) -> int:
     """``--plan``: the paged engine's KV pool and rows in flight, from the models' config.json."""
     import torch
     from transformers import AutoConfig
@@ -935,7 +926,7 @@ def _print_plan(memory: str, raw: dict, sources: dict[str, str], config, rows: i
             where, memory_bytes = "the CPU", None
     else:
         dtype = getattr(torch, check_dtype(raw["dtype"])) if raw.get("dtype") else torch.bfloat16
-        where, memory_bytes = f"a GPU of {float(memory):g} GiB", int(float(memory) * GIB)
+        where, memory_bytes = f"a GPU of {memory:g} GiB", int(memory * GIB)
     try:
         configs = {
             role: AutoConfig.from_pretrained(str(source), local_files_only=True) for role, source in sources.items()

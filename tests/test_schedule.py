@@ -176,6 +176,9 @@ class StubRow:
     def __init__(self, index: int, length: int) -> None:
         self.index, self.length, self.slot, self.finished, self.preemptions = index, length, None, False, 0
 
+    def close(self) -> None:
+        """A finished row's trajectory (none here)."""
+
 
 def test_the_rows_admitted_in_one_round_read_at_most_the_prefill_bound():
     """Rows' prompts ride in the round's first forward: a round admits rows until their tokens

@@ -16,7 +16,14 @@ from motab.backends import paged as paged_backend
 from motab.backends import vllm as vllm_backend
 from motab.backends.vllm import is_vllm_engine
 from motab.config import RolloutConfig
-from motab.engine.schedule import SEPARATOR_ROOM, KVPoolTooSmall, round_headroom, tokens_per_row
+from motab.engine.schedule import (
+    SEPARATOR_ROOM,
+    KVPoolTooSmall,
+    memory_pool_tokens,
+    round_tokens,
+    tokens_per_row,
+    whole_budget_tokens,
+)
 from motab.engine.step import StepRollout
 from motab.engine.token import TokenRounds
 from motab.engine.trajectory import Trajectory
@@ -121,19 +128,16 @@ def pool_tokens(
     more than the whole budget of ``rows`` rows; elsewhere the whole budget (and a partial block)
     of ``cpu_rows`` rows (default ``rows``)."""
 
-    def whole(count: int) -> int:
-        return (tokens_per_row(longest_prompt, config) + config.block_size) * count  # a partial block each
-
     if config.kv_tokens:
         return config.kv_tokens
     device = next(models[0].parameters()).device
     if device.type != "cuda":
-        return whole(rows if cpu_rows is None else cpu_rows)
+        return whole_budget_tokens(rows if cpu_rows is None else cpu_rows, longest_prompt, config)
     gc.collect()  # pools of an earlier rollout no longer referenced (graphs hold them in cycles)
     torch.cuda.empty_cache()  # what the caching allocator holds unused is free for the pools
     free, _ = torch.cuda.mem_get_info(device)
     per_token = sum(kv_bytes_per_token(m.config, next(m.parameters()).element_size()) for m in models)
-    return min(whole(rows), int(free * config.kv_memory) // per_token)
+    return min(whole_budget_tokens(rows, longest_prompt, config), memory_pool_tokens(free, per_token, config))
 
 
 def _rollout_on_vllm(
@@ -226,7 +230,7 @@ def _check_row_room(model: PagedModel, prompts, config: RolloutConfig) -> None:
     """Every prompt's first round must fit the pool alone and a row of the cache: refuse before
     anything starts (a row that outgrows the pool later is refused when it does)."""
     longest = max(map(len, prompts))
-    first_round = min(longest + round_headroom(config), tokens_per_row(longest, config))
+    first_round = round_tokens(longest, longest, config)
     if model.blocks_needed([first_round]) > model.cache.num_blocks:
         raise KVPoolTooSmall(
             f"a prompt of {longest} tokens needs {first_round} tokens of KV pool for its first round, but the pool "

@@ -16,7 +16,7 @@ import torch
 
 from motab.config import RolloutConfig
 from motab.engine.api import CPU_POOL_ROWS
-from motab.engine.schedule import tokens_per_row
+from motab.engine.schedule import memory_pool_tokens, tokens_per_row, whole_budget_tokens
 from motab.models import kv_bytes_per_token
 
 GIB = 1024**3
@@ -99,7 +99,7 @@ def plan(
         pool, source = config.kv_tokens, "--kv-tokens"
     elif memory_bytes is None:
         counted = rows or CPU_POOL_ROWS
-        pool, source = (row_tokens + config.block_size) * counted, f"the whole budget of {counted} rows: a CPU"
+        pool, source = whole_budget_tokens(counted, prompt_tokens, config), f"the whole budget of {counted} rows: a CPU"
     else:
         left = memory_bytes - sum(m.weight_bytes for m in models)
         if left <= 0:
@@ -108,8 +108,8 @@ def plan(
                 f"{memory_bytes / GIB:.1f} GiB"
             )
         per_token = sum(m.kv_bytes_per_token for m in models)
-        pool = int(left * config.kv_memory) // per_token
+        pool = memory_pool_tokens(left, per_token, config)
         if rows is not None:  # never more than the rows in flight can use
-            pool = min(pool, (row_tokens + config.block_size) * rows)
+            pool = min(pool, whole_budget_tokens(rows, prompt_tokens, config))
         source = f"{config.kv_memory:g} of the {left / GIB:.1f} GiB left after the weights"
     return Plan(tuple(models), device, memory_bytes, pool, source, row_tokens, rows)

@@ -23,15 +23,7 @@ import torch
 from motab.config import RolloutConfig
 from motab.engine.rows import CutQueue, Row, new_rows
 from motab.engine.sampling import logprobs_of, sample_tokens
-from motab.engine.schedule import (
-    PREFILL_TOKENS_PER_ROUND,
-    PagePools,
-    Scheduler,
-    finisher,
-    round_headroom,
-    run_rounds,
-    tokens_per_row,
-)
+from motab.engine.schedule import PREFILL_TOKENS_PER_ROUND, PagePools, run_rows
 from motab.engine.trajectory import Trajectory
 from motab.models import PagedModel, lm_head, shared_vocab
 from motab.monitor import Monitor
@@ -76,9 +68,7 @@ class Rounds:
         self.prefill_tokens = PREFILL_TOKENS_PER_ROUND
         for model in self.cached_models:  # a caller's PagedModels may hold an earlier use's rows
             model.reset()
-        self.room = PagePools(
-            self.cached_models, round_headroom(config), lambda row: tokens_per_row(len(row.trajectory.prompt), config)
-        )
+        self.room = PagePools(self.cached_models, config)
 
     # ------------------------------------------------------------------------------ the loop
     def run(
@@ -89,23 +79,16 @@ class Rounds:
     ) -> list[Trajectory]:
         self.monitor = Monitor(self.monitor_config, len(prompts))
         rows = new_rows(prompts, seeds, self.policy, self.config, self.monitor, self.cuts, self.keep_teacher_hidden)
-        run_rounds(self.scheduler(rows, on_finished), self.draft_round, self.teacher_round, self.round)
+        run_rows(self, rows, self.draft_round, self.teacher_round, on_finished)
         self.apply_cuts()
         return [r.trajectory for r in rows]
-
-    def scheduler(self, rows: list[Row], on_finished=None) -> Scheduler:
-        """Continuous batching of ``rows`` over the caches' slots and pages."""
-        return Scheduler(
-            rows, self.slots, self.room, self.enter, self.leave, finisher(on_finished), self.prefill_tokens
-        )
 
     def enter(self, rows: list[Row]) -> None:
         """Rows taking cache slots will read their committed tokens but the pending one (a prompt,
         or what a preempted row had written) into the caches of the models the mode runs: with
         their first extend of each model, packed with the other rows' tokens (a prefill rides
         with the round's decode step: no forward of its own)."""
-        for model in self.cached_models:
-            model.reset([r.slot for r in rows])
+        for model in self.cached_models:  # their slots are empty: the rollout's start or leave() emptied them
             unread = self._unread.setdefault(model, {})
             for row in rows:
                 unread[row.slot] = row.sequence[:-1]

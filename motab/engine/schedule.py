@@ -53,16 +53,21 @@ def round_headroom(config: RolloutConfig) -> int:
     return 2 * config.draft_len + config.intervention_len + SEPARATOR_ROOM + 1
 
 
-def finisher(on_finished: Callable[[int, Trajectory], None] | None) -> Callable[[Row], None]:
-    """What the scheduler calls as each row finishes: the trajectory is closed (the teacher hidden
-    states kept per token stacked) and handed to ``on_finished(index, trajectory)``."""
+def round_tokens(length: int, prompt_len: int, config: RolloutConfig) -> int:
+    """The most tokens a row's caches hold by the end of its next round: its ``length`` committed
+    tokens and a round's headroom, never more than its whole budget."""
+    return min(length + round_headroom(config), tokens_per_row(prompt_len, config))
 
-    def finish(row: Row) -> None:
-        trajectory = row.close()
-        if on_finished is not None:
-            on_finished(row.index, trajectory)
 
-    return finish
+def whole_budget_tokens(rows: int, longest_prompt: int, config: RolloutConfig) -> int:
+    """A pool holding ``rows`` rows at their whole budget, each with room for a partial block."""
+    return (tokens_per_row(longest_prompt, config) + config.block_size) * rows
+
+
+def memory_pool_tokens(free_bytes: int, bytes_per_token: int, config: RolloutConfig) -> int:
+    """Tokens each pool holds when the pools share ``kv_memory`` of ``free_bytes`` of device memory
+    (``bytes_per_token``: all pools' K and V of one token)."""
+    return int(free_bytes * config.kv_memory) // bytes_per_token
 
 
 class Room(Protocol):
@@ -80,16 +85,14 @@ class Room(Protocol):
 
 
 class PagePools:
-    """The paged models' pools: a row takes pages as it grows; a round of a row may add up to
-    ``headroom`` committed tokens (and the caches read them), never more than the row's
-    ``ceiling``."""
+    """The paged models' pools: a row takes pages as it grows, a round of it at most
+    ``round_tokens``."""
 
-    def __init__(self, models: Sequence[PagedModel], headroom: int, ceiling: Callable[[Row], int]) -> None:
-        self.models, self.headroom, self.ceiling = list(models), headroom, ceiling
+    def __init__(self, models: Sequence[PagedModel], config: RolloutConfig) -> None:
+        self.models, self.config = list(models), config
 
     def _round_tokens(self, row: Row) -> int:
-        """The most tokens a cache holds for ``row`` by the end of its next round."""
-        return min(row.length + self.headroom, self.ceiling(row))
+        return round_tokens(row.length, len(row.trajectory.prompt), self.config)
 
     def spare(self, rows: Sequence[Row]) -> list[int]:
         target = [self._round_tokens(r) for r in rows]
@@ -120,8 +123,9 @@ class Scheduler:
     ``enter(rows)`` gives admitted rows their caches (they read their committed tokens, in the
     round's first forwards: ``prefill_tokens`` bounds what the rows admitted in one round read, so
     a round's forward stays the size of a batch, not of every prompt; None: no bound);
-    ``leave(rows)`` takes finished or preempted rows' pages back; ``on_finished(row)`` hears of
-    each finished row once, in the order they finish."""
+    ``leave(rows)`` takes finished or preempted rows' pages back; ``on_finished(index,
+    trajectory)`` hears of each finished row once, in the order they finish (its trajectory closed:
+    ``Row.close``)."""
 
     def __init__(
         self,
@@ -130,7 +134,7 @@ class Scheduler:
         room: Room,
         enter: Callable[[list[Row]], None],
         leave: Callable[[list[Row]], None],
-        on_finished: Callable[[Row], None] | None = None,
+        on_finished: Callable[[int, Trajectory], None] | None = None,
         prefill_tokens: int | None = None,
     ) -> None:
         if slots < 1:
@@ -139,10 +143,9 @@ class Scheduler:
         self.running: list[Row] = []  # in admission order: the last is preempted first
         self._slots, self._free_slots = slots, []  # slots given back; new ones are numbered on
         self.room, self._enter, self._leave = room, enter, leave
-        self._on_finished = on_finished or (lambda row: None)
+        self._on_finished = on_finished
         self._numbered = 0
         self.prefill_tokens = prefill_tokens
-        self.preemptions = 0
         self.most_running = 0
 
     def schedule(self) -> list[Row]:
@@ -198,7 +201,9 @@ class Scheduler:
         for row in done:
             self._free_slots.append(row.slot)
             row.slot = None
-            self._on_finished(row)
+            trajectory = row.close()
+            if self._on_finished is not None:
+                self._on_finished(row.index, trajectory)
 
     def _preempt(self, row: Row) -> None:
         """``row`` gives its pages back and waits first in line; it re-enters from its committed
@@ -208,8 +213,15 @@ class Scheduler:
         self._free_slots.append(row.slot)
         row.slot = None
         row.preemptions += 1
-        self.preemptions += 1
         self.waiting.appendleft(row)
+
+
+def run_rows(engine, rows: Sequence[Row], draft_round, teacher_round, on_finished=None) -> None:
+    """``rows`` through rounds on ``engine`` (a ``StepBackend``, or the token driver): its slots,
+    room, entry and exit, prefill bound and round context."""
+    scheduler = Scheduler(rows, engine.slots, engine.room, engine.enter, engine.leave, on_finished,
+                          engine.prefill_tokens)  # fmt: skip
+    run_rounds(scheduler, draft_round, teacher_round, engine.round)
 
 
 def run_rounds(scheduler: Scheduler, draft_round, teacher_round, round_context) -> None:

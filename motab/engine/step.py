@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from motab.backends import Ask, StepBackend
 from motab.config import RolloutConfig
 from motab.engine.rows import Row, Step, new_rows
-from motab.engine.schedule import Scheduler, finisher, run_rounds
+from motab.engine.schedule import run_rows
 from motab.engine.trajectory import Trajectory
 from motab.monitor import Monitor
 from motab.policy import Policy
@@ -60,9 +60,7 @@ class StepRollout:
         self.monitor = Monitor(self.monitor_config, len(prompts))
         policy, backend = self.policy, self.backend
         rows = new_rows(prompts, seeds, policy, self.config, self.monitor, backend.cuts, self.keep_teacher_hidden)
-        scheduler = Scheduler(rows, backend.slots, backend.room, backend.enter, backend.leave, finisher(on_finished),
-                              backend.prefill_tokens)  # fmt: skip
-        run_rounds(scheduler, self.draft_round, self.teacher_round, backend.round)
+        run_rows(backend, rows, self.draft_round, self.teacher_round, on_finished)
         return [r.trajectory for r in rows]
 
     def draft_round(self, rows: list[Row]) -> None:
