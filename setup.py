@@ -21,6 +21,9 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",  # the PNG renderings of rollouts and reports
+        # motab eval's grader, as lighteval and open-r1 grade; 0.8 is the first whose parse and verify take
+        # parsing_timeout / timeout_seconds; the antlr4 extra is the LaTeX parser runtime it needs.
+        "math-verify[antlr4_13_2]>=0.8",
         # the SFT stage (motab.sft) runs on TRL's SFTTrainer; 0.24 is the first whose padding-free packing sends
         # position_ids with every attention implementation, so packed documents stay apart on sdpa/eager too.
         "trl>=0.24,<2",

@@ -142,6 +142,17 @@ def field_map_flag(text: str) -> str | FieldMap:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers ≥ 1 (``--pass-k 1,4``)."""
+    try:
+        values = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ 1 separated by commas, got {text!r}")
+    return values
+
+
 def unescaped(text: str) -> str:
     """An argparse type: ``text`` with its backslash escapes (``\\n``) read, as a flag writes a stop string."""
     import codecs
@@ -265,11 +276,25 @@ SFT_FLAGS = (
 )
 EVAL_FLAGS = (
     _flag("--model", "model", "local folder or cached hub id"),
-    _flag("--data", "data", "JSONL / Parquet / datasets folder with answers"),
+    _flag(
+        "--data",
+        "data",
+        "benchmark files: NAME=PATH ... (NAME one of math500, aime24, aime25, amc23, gpqa_diamond), or one PATH "
+        "(JSONL / Parquet / datasets folder) with answers",
+        nargs="+",
+    ),
     _flag("--field-map", "field_map", FIELD_MAP_HELP, type=field_map_flag),
-    _flag("--samples", "evaluation.samples", "samples per problem (pass@1 is their mean)", type=int_at_least(1)),
+    _flag("--samples", "evaluation.samples", "samples per problem (avg@n is their mean)", type=int_at_least(1)),
     _flag("--temperature", "evaluation.temperature", "0 is greedy", type=number_at_least(0)),
+    _flag("--top-p", "evaluation.top_p", "nucleus sampling (1: off)", type=number_at_least(0, strictly=True)),
     _flag("--max-new-tokens", "evaluation.max_new_tokens", "tokens a completion", type=int_at_least(1)),
+    _flag("--pass-k", "evaluation.pass_k", "the k of pass@k, as 1,4 (default 1, powers of two, n)", type=int_list),
+    _flag(
+        "--prompt-format",
+        "evaluation.prompt_format",
+        "chat: the chat template, the question and the format's instruction; raw: the bare question",
+        choices=PROMPT_FORMATS,
+    ),
     _flag(
         "--batch-size",
         "evaluation.batch_size",
@@ -277,8 +302,14 @@ EVAL_FLAGS = (
         type=int_at_least(1),
     ),
     _flag("--kv-tokens", "evaluation.kv_tokens", KV_TOKENS_HELP, type=int_at_least(0)),
-    _flag("--answer-format", "evaluation.answer_format", "boxed: the last \\boxed{}; toy: #d"),
+    _flag(
+        "--answer-format",
+        "evaluation.answer_format",
+        "a bare PATH's grading: math (math-verify), choice (an option letter), toy (#d)",
+    ),
+    _flag("--seed", "evaluation.seed", "the samples' seed", type=int_at_least(0)),
     _flag("--device", "device", "cpu, cuda or cuda:N (default: cuda when available)"),
+    _flag("--dtype", "dtype", "float32 or bfloat16 (default: bfloat16 on CUDA)"),
     _flag("--backend", "backend.name", "paged: our engine; vllm: a vLLM engine", choices=BACKENDS),
     _flag("--tp", "backend.teacher_tp", "vllm: GPUs the model is split over", type=int_at_least(1)),
     _flag(
@@ -288,6 +319,15 @@ EVAL_FLAGS = (
         type=number_at_least(0, strictly=True),
     ),
 )
+# Defaults of ``motab eval`` (``--preset``). "paper": the authors' EvalScope settings (RESEARCH.md):
+# temperature 0.6, top-p 0.95, 32,768 tokens, 4 samples a problem and 1 on MATH-500, the chat template.
+# "toy": the toy task's #d answers, greedy, from the bare question.
+EVAL_PRESETS = {
+    "paper": {
+        "evaluation": dict(temperature=0.6, top_p=0.95, max_new_tokens=32768, samples=None, prompt_format="chat")
+    },
+    "toy": {"evaluation": dict(answer_format="toy", max_new_tokens=96, prompt_format="raw")},
+}
 
 
 def preset_sections(values: dict) -> dict:
@@ -388,9 +428,16 @@ def _sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments(parser)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(EVAL_PRESETS),
+        help="defaults: paper (temperature 0.6, top-p 0.95, 32,768 tokens, 4 samples and 1 on math500); toy",
+    )
     add_flags(parser, EVAL_FLAGS)
-    parser.add_argument("--limit", type=int_at_least(1), help="first N problems only")
-    parser.add_argument("--out", required=True, help="folder for problems.jsonl and summary.json")
+    parser.add_argument("--limit", type=int_at_least(1), help="first N problems of each benchmark only")
+    parser.add_argument("--out", required=True, help="folder for results.json, results.md and <benchmark>.jsonl")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted eval in --out")
+    parser.add_argument("--overwrite", action="store_true", help="run again in a used --out (removes its results)")
     _plan_argument(parser)
     parser.set_defaults(run=run_eval, flags=EVAL_FLAGS)
 
@@ -462,24 +509,37 @@ def load_model(name: str, dtype, device, role: str = "model"):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from motab.models import load_tokenizer
     from motab.runs import without_hf_bars
 
-    folder = local_model_folder(name, role)
+    tokenizer = load_model_tokenizer(name, role)
     try:
-        tokenizer = load_tokenizer(name)
         with without_hf_bars():  # transformers' own loading bar would break into the command's bars
             model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype)
     except SafetensorError as error:  # a cached hub model's weights (a folder's were checked above)
         raise ConfigError(f"the {role}'s weights ({name}) cannot be read: {error}; download them again") from error
     except OSError as error:
-        if folder is None:
-            raise ConfigError(
-                f"the {role} {name!r} is neither a local folder nor in the Hugging Face cache, and nothing is "
-                f"downloaded: pass a model folder, or fetch it first with `hf download {name}`"
-            ) from error
-        raise ConfigError(f"cannot load the {role} from {name}: {str(error).splitlines()[0]}") from error
+        raise _not_loadable(name, role, error) from error
     return model.to(device), tokenizer
+
+
+def load_model_tokenizer(name: str, role: str = "model"):
+    """The tokenizer of a model folder or cached hub id, from disk only; what a user can mend is a
+    ConfigError, as in ``load_model``."""
+    from motab.models import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except OSError as error:
+        raise _not_loadable(name, role, error) from error
+
+
+def _not_loadable(name: str, role: str, error: OSError) -> ConfigError:
+    if local_model_folder(name, role) is None:
+        return ConfigError(
+            f"the {role} {name!r} is neither a local folder nor in the Hugging Face cache, and nothing is "
+            f"downloaded: pass a model folder, or fetch it first with `hf download {name}`"
+        )
+    return ConfigError(f"cannot load the {role} from {name}: {str(error).splitlines()[0]}")
 
 
 def local_model_folder(name: str, role: str) -> Path | None:
@@ -523,16 +583,19 @@ def check_model_files(folder: Path, role: str) -> None:
             ) from error
 
 
-def check_sources(models: dict[str, str], data: str, field_map: str | FieldMap = "auto") -> None:
+def check_sources(models: dict[str, str], data: str | None, field_map: str | FieldMap = "auto") -> None:
     """Refuses, before torch loads, a model (named by role) that is not there or whose weights are
-    broken, and a data set that is missing, unreadable or lacks the fields of ``field_map``. The
-    records are read once more later, with the tokenizer: cheap beside loading the models."""
+    broken, and a data set (None: checked by the caller) that is missing, unreadable or lacks the
+    fields of ``field_map``. The records are read once more later, with the tokenizer: cheap beside
+    loading the models."""
     from motab.data import load_records, resolve_field_map
 
     for role, name in models.items():
         folder = local_model_folder(name, role)
         if folder is not None:
             check_model_files(folder, role)
+    if data is None:
+        return
     try:
         resolve_field_map(load_records(data)[0], field_map)
     except (ValueError, FileNotFoundError) as error:
@@ -692,53 +755,96 @@ def run_rollout(args) -> int:
 
 
 def run_eval(args) -> int:
-    raw = _raw_config(args)
+    if isinstance(args.data, list):
+        args.data = _eval_data_flag(args.data)
+    raw = _raw_config(args, EVAL_PRESETS.get(args.preset))
     settings = build_section("evaluation", raw.get("evaluation"))
-    check_sources({"model": raw["model"]}, raw["data"], _field_map(raw))
+    check_sources({"model": raw["model"]}, None)
     check_writable(args.out, "--out", folder=True)  # before the generation, which the write would otherwise lose
     import motab.demo  # noqa: F401  (registers the toy task's answer format, "toy")
-    from motab.config import SamplingConfig
-    from motab.evaluate import evaluate, get_answer_format
+    from motab.evaluate import get_answer_format
+    from motab.evaluate.run import check_output, pass_ks, samples_of
 
-    try:
-        answer_format = get_answer_format(settings.answer_format)
-    except ValueError as error:
-        raise ConfigError(f"evaluation.answer_format: {error}") from error
+    benchmarks = _eval_benchmarks(raw, settings, args.limit)  # every file read and checked before a model loads
+    for benchmark in benchmarks:
+        try:
+            get_answer_format(benchmark.answer_format)
+        except ValueError as error:
+            raise ConfigError(f"evaluation.answer_format: {error}") from error
+        pass_ks(settings, samples_of(settings, benchmark.name))
     backend = build_section("backend", raw.get("backend"))
     if args.plan:
         from motab.config import RolloutConfig
+        from motab.evaluate.run import prompt_of
         from motab.models import load_tokenizer
 
         tokenizer = load_tokenizer(raw["model"])
-        problems, _ = _load_problems(raw["data"], tokenizer, field_map=_field_map(raw), limit=args.limit)
+        longest = max(
+            len(prompt_of(tokenizer, p.question, get_answer_format(b.answer_format), settings.prompt_format))
+            for b in benchmarks
+            for p in b.problems
+        )
         config = RolloutConfig(mode="off_policy", max_new_tokens=settings.max_new_tokens, kv_tokens=settings.kv_tokens)
-        longest = max(len(p.prompt_ids) for p in problems)
         return _print_plan(args.plan, raw, {"model": raw["model"]}, config, settings.batch_size, longest)
+    check_output(args.out, args.resume, args.overwrite)
+    if settings.prompt_format == "chat":
+        if not getattr(load_model_tokenizer(raw["model"]), "chat_template", None):
+            raise ConfigError(
+                f"{raw['model']}'s tokenizer has no chat template: evaluation.prompt_format chat needs one "
+                "(--prompt-format raw reads the bare question)"
+            )
     if backend.name == "vllm":
         model, tokenizer = _vllm_engine(raw, "model", backend)
     else:
         device, dtype = _device_and_dtype(raw.get("device"), raw.get("dtype"))
         model, tokenizer = load_model(raw["model"], dtype, device)
-    problems, _ = _load_problems(raw["data"], tokenizer, field_map=_field_map(raw), limit=args.limit)
-    if any(p.answer is None for p in problems):
-        raise ConfigError(f"{raw['data']} has no answer field: eval needs reference answers")
-    result = evaluate(
-        model,
-        tokenizer,
-        [p.prompt_ids for p in problems],
-        [p.answer for p in problems],
-        samples=settings.samples,
-        max_new_tokens=settings.max_new_tokens,
-        sampling=SamplingConfig(temperature=settings.temperature),
-        batch_size=settings.batch_size,
-        kv_tokens=settings.kv_tokens,
-        seed=settings.seed,
-        out_dir=args.out,
-        answer_format=answer_format,
-        progress=None,  # a bar on stderr when it is a terminal
-    )
-    print(f"accuracy (pass@1 over {settings.samples} sample(s)): {result.accuracy:.4f} on {len(problems)} problems")
+    from motab.evaluate import evaluate_benchmarks
+
+    report = evaluate_benchmarks(
+        model, tokenizer, benchmarks, settings, args.out, model_name=raw["model"], resume=args.resume,
+        overwrite=args.overwrite, progress=None,  # a bar on stderr when it is a terminal
+    )  # fmt: skip
+    for name, result in report.results.items():
+        s = result.score
+        figures = ", ".join(f"pass@{k} {100 * v:.1f}" for k, (v, _) in s.pass_at.items() if k > 1)
+        print(
+            f"{name}: avg@{s.samples} {100 * s.avg:.1f} ± {100 * s.avg_se:.1f} on {s.problems} problems"
+            + (f", {figures}" if figures else "")
+        )
+        if s.answered == 0:
+            grading = next(b.answer_format for b in benchmarks if b.name == name)
+            print(f"warning: no completion of {name} gave an answer that the {grading} format could read")
+    if len(report.results) > 1:
+        mean = report.overall
+        print(f"overall (benchmarks weighted equally): {100 * mean.avg:.1f} ± {100 * mean.avg_se:.1f}")
+    print(f"wrote {Path(args.out) / 'results.json'} and results.md")
     return 0
+
+
+def _eval_data_flag(items: list[str]) -> str | dict:
+    """``--data``'s values as the configuration's ``data``: one path, or benchmark names to paths."""
+    from motab.evaluate.benchmarks import parse_data_sources
+
+    try:
+        pairs = parse_data_sources(items)
+    except ValueError as error:
+        raise ConfigError(f"--data: {error}") from error
+    return pairs[0][1] if pairs[0][0] is None else dict(pairs)
+
+
+def _eval_benchmarks(raw: dict, settings, limit: int | None) -> list:
+    """The benchmarks of eval's ``data``, each file read and its fields checked (one line for a
+    missing file, a missing answer field or an unknown benchmark)."""
+    from motab.evaluate.benchmarks import load_benchmark, parse_data_sources
+
+    try:
+        pairs = parse_data_sources(raw["data"])
+        return [
+            load_benchmark(name, path, field_map=_field_map(raw), answer_format=settings.answer_format, limit=limit)
+            for name, path in pairs
+        ]
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
 
 
 def run_synthesize(args) -> int:

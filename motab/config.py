@@ -302,30 +302,39 @@ class BackendOptions:
         _require(self.cpu_kv_gib > 0, "cpu_kv_gib", "must be > 0", self.cpu_kv_gib)
 
 
-ANSWER_FORMAT_DEFAULT = "boxed"
+ANSWER_FORMAT_DEFAULT = "math"
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
     """How ``motab eval`` samples and grades (the ``evaluation`` section)."""
 
-    samples: int = 1  # completions per problem; pass@1 is their mean
+    samples: int | None = 1  # completions per problem (None: the paper's count, 4 and 1 on MATH-500)
     temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
     max_new_tokens: int = 512
     batch_size: int | None = None  # rows in flight at most (None: as many as fit)
     kv_tokens: int = 0  # the paged engine's KV pool (as rollout.kv_tokens)
     seed: int = 0
-    answer_format: str = ANSWER_FORMAT_DEFAULT  # a format registered with motab.evaluate
+    answer_format: str = ANSWER_FORMAT_DEFAULT  # a format registered with motab.evaluate (a custom file's)
+    prompt_format: str = "chat"  # "chat": the template, the question and the format's instruction; "raw"
+    pass_k: tuple[int, ...] | None = None  # the k of pass@k (None: 1, the powers of two below n, and n)
 
     def __post_init__(self) -> None:
-        for name in ("samples", "max_new_tokens"):
-            _require(getattr(self, name) >= 1, name, "must be ≥ 1", getattr(self, name))
+        _require(self.samples is None or self.samples >= 1, "samples", "must be ≥ 1 (null: the paper's count)",
+                 self.samples)  # fmt: skip
+        _require(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1", self.max_new_tokens)
         _require(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be ≥ 1 (null: as many as fit)",
                  self.batch_size)  # fmt: skip
         _require(self.kv_tokens >= 0, "kv_tokens", "must be ≥ 0 (0: sized as rollout.kv_tokens 0)", self.kv_tokens)
         _require(self.temperature >= 0, "temperature", "must be ≥ 0 (0 is greedy)", self.temperature)
+        _require(0 < self.top_p <= 1, "top_p", "must lie in (0, 1]", self.top_p)
         _require(self.seed >= 0, "seed", "must be ≥ 0", self.seed)
         _require(bool(self.answer_format), "answer_format", "must name a format", self.answer_format)
+        _require_choice("prompt_format", self.prompt_format, PROMPT_FORMATS, "prompt format")
+        if self.pass_k is not None:
+            _require(len(self.pass_k) > 0 and all(k >= 1 for k in self.pass_k), "pass_k",
+                     "must list k ≥ 1 (null: 1, the powers of two below n, and n)", self.pass_k)  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:
@@ -546,7 +555,7 @@ def resolve_config(
     for key in keys.required:
         if key not in raw:
             raise ConfigError(f"no {key} given (config key or --{key})")
-    check_top_level(raw)
+    check_top_level(raw, command)
     return raw
 
 
@@ -610,10 +619,17 @@ def set_option(raw: dict, key: str, value: Any) -> None:
     raw[section][name] = value
 
 
-def check_top_level(raw: dict) -> None:
-    """Refuses a top-level value of the wrong kind: a model or data path that is not a string, a bad
-    field map, max_prompt_tokens, device or dtype (converting max_prompt_tokens to an int)."""
+def check_top_level(raw: dict, command: str = "train") -> None:
+    """Refuses a top-level value of the wrong kind: a model or data path that is not a string (eval's
+    data may map benchmark names to paths), a bad field map, max_prompt_tokens, device or dtype
+    (converting max_prompt_tokens to an int)."""
+    data = raw.get("data")
+    if command == "eval" and isinstance(data, dict):
+        if not data or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()):
+            raise ConfigError(f"data must be a path or a mapping of benchmark names to paths, got {data!r}")
     for key in ("student", "teacher", "model", "data"):
+        if key == "data" and command == "eval" and isinstance(data, dict):
+            continue
         if key in raw and not (isinstance(raw[key], str) and raw[key]):
             raise ConfigError(f"{key} must be a folder, file or hub id (a non-empty string), got {raw[key]!r}")
     if "field_map" in raw:
@@ -812,7 +828,12 @@ TOP_LEVEL_HELP: dict[str, tuple[str, Any, str]] = {
     "student": ("str", ..., "the student model: a local folder or a hub id already in the local cache"),
     "teacher": ("str", ..., "the teacher model, as `student`; it must share the student's tokenizer"),
     "model": ("str", ..., "eval and sft: the model to evaluate or fine-tune, as `student`"),
-    "data": ("str", ..., "the prompts: a JSONL or Parquet file or a saved `datasets` folder"),
+    "data": (
+        "str (eval: or a mapping)",
+        ...,
+        "the prompts: a JSONL or Parquet file or a saved `datasets` folder (eval: several benchmarks as "
+        "{math500: PATH, aime24: PATH, ...})",
+    ),
     "field_map": (
         "str or mapping",
         "auto",
@@ -920,15 +941,19 @@ OPTION_HELP: dict[type, dict[str, str]] = {
         "(null: as many as the KV pool holds)",
     },
     EvaluationConfig: {
-        "samples": "eval: completions per problem (pass@1 is their mean)",
+        "samples": "eval: completions per problem (null: the paper's count, 4 and 1 on MATH-500; 1 for a file)",
         "temperature": "eval: sampling temperature (0: greedy)",
+        "top_p": "eval: nucleus sampling's top-p (1: off)",
         "max_new_tokens": "eval: tokens a completion may write",
         "batch_size": "eval: rows in flight at most, a row entering as one finishes (null: as many as the KV pool "
         "holds)",
         "kv_tokens": "eval, paged engine: tokens of the KV pool (0: as rollout.kv_tokens 0)",
-        "seed": "eval: the seed of the rows' sampling (row i of sample j: seed + i × samples + j)",
-        "answer_format": "eval: how the final answer is read and graded: boxed (the last \\boxed{}), or a format "
-        "a front end registered (toy)",
+        "seed": "eval: the seed of the samples (each hashes it with the benchmark, the problem's id and its index)",
+        "answer_format": "eval: how a custom file's answers are graded: math (math-verify), choice (an option "
+        "letter) or a format a front end registered (toy); a named benchmark has its own",
+        "prompt_format": "eval: chat (the chat template around the question and the format's instruction) or raw "
+        "(the bare question)",
+        "pass_k": "eval: the k of pass@k, each ≤ the samples (null: 1, the powers of two below n, and n)",
     },
     SFTOptions: {
         "learning_rate": "sft: peak learning rate",

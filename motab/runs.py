@@ -99,9 +99,25 @@ def cut_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if _logged_step(line) <= step]
+    write_atomically(path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary beside it: a kill leaves the old file or the new one."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
+
+
+def drop_cut_line(path: Path) -> None:
+    """Cuts an append-only JSONL file back to its last complete line (a kill mid-write leaves a
+    partial one, which the next line would otherwise be glued to)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _logged_step(line: str) -> float:

@@ -40,7 +40,7 @@ from motab.config import ConfigError, RolloutConfig, SynthesisOptions, changed_f
 from motab.data import load_records, resolve_field_map
 from motab.engine import rollout
 from motab.policy import STEP_MODES, resolve
-from motab.runs import RowProgress
+from motab.runs import RowProgress, drop_cut_line, write_atomically
 from motab.steps import SCRIPT_SEPARATOR
 
 # SynthesisOptions is frozen: one shared default is safe.
@@ -198,7 +198,7 @@ def synthesize(
     bar = RowProgress(len(todo), "synthesize", progress and rank == 0)
     if todo:
         part = parts / f"part-{rank}.jsonl"
-        _drop_cut_line(part)
+        drop_cut_line(part)
         with open(part, "a", encoding="utf-8") as sink:
 
             def write(index: int, trajectory) -> None:
@@ -270,7 +270,7 @@ def _prepare(out: Path, parts: Path, settings: dict, resume: bool, overwrite: bo
             for path in (out, out.with_name(f".{out.name}.tmp")):
                 path.unlink(missing_ok=True)
         parts.mkdir(parents=True)
-        _write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True))
+        write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True))
         return
     if not recorded.exists():
         raise ConfigError(f"nothing to resume: {recorded} does not exist")
@@ -292,17 +292,6 @@ def _part_records(parts: Path) -> list[dict]:
     return records
 
 
-def _drop_cut_line(path: Path) -> None:
-    """Cuts a part file back to its last complete line (a kill mid-write leaves a partial one,
-    which the next record would otherwise be glued to)."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-
-
 def _finished(parts: Path) -> set[tuple[str, int]]:
     return {(str(r["id"]), r["response_index"]) for r in _part_records(parts)}
 
@@ -316,10 +305,4 @@ def _merge(out: Path, parts: Path, questions: Sequence[Question], responses: int
         for i in range(responses)
         if (str(q.id), i) in by_key
     ]
-    _write_atomically(out, "".join(line + "\n" for line in lines))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(out, "".join(line + "\n" for line in lines))

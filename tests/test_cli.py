@@ -143,12 +143,14 @@ def test_eval_writes_a_summary(workspace):
             "2",
             "--max-new-tokens",
             "4",
+            "--prompt-format",
+            "raw",
             "--out",
             str(out),
         ]
     )
     assert code == 0
-    assert json.loads((out / "summary.json").read_text())["problems"] == 2
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["problems"]["problems"] == 2
 
 
 def test_errors_are_clear(workspace, tmp_path, capsys):
@@ -222,10 +224,10 @@ def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(toy_pipeline, t
         "".join(json.dumps(dict(question=p.prompt, answer=p.answer)) + "\n" for p in generate_split("test", 4))
     )
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tmp_path / "sft"), "--data", str(test), "--answer-format", "toy"] + [
+    assert main(["eval", "--preset", "toy", "--model", str(tmp_path / "sft"), "--data", str(test)] + [
         "--max-new-tokens", "48", "--out", str(out),
     ]) == 0  # fmt: skip
-    assert json.loads((out / "summary.json").read_text())["problems"] == 4
+    assert json.loads((out / "results.json").read_text())["benchmarks"]["test"]["problems"] == 4
 
 
 def test_rollout_in_batches_writes_what_one_batch_writes(workspace):

@@ -126,18 +126,22 @@ def test_eval_reads_its_section_from_a_run_file(workspace, monkeypatch, tmp_path
 
     seen = {}
 
-    def captured(model, tokenizer, prompts, answers, **kwargs):
-        seen.update(kwargs)
+    def captured(model, tokenizer, benchmarks, config, out, **kwargs):
+        seen.update(vars(config))
         raise SystemExit(0)
 
-    monkeypatch.setattr(motab.evaluate, "evaluate", captured)
+    monkeypatch.setattr(motab.evaluate, "evaluate_benchmarks", captured)
     run = tmp_path / "eval.yaml"
     run.write_text(
         yaml.safe_dump(
-            dict(model=workspace["student"], data=workspace["data"], evaluation=dict(samples=3, temperature=0.7))
+            dict(
+                model=workspace["student"],
+                data=workspace["data"],
+                evaluation=dict(samples=3, temperature=0.7, prompt_format="raw"),
+            )
         )
     )
     with pytest.raises(SystemExit):
         main(["eval", "--config", str(run), "--batch-size", "5", "--out", str(tmp_path / "e")])
-    assert seen["samples"] == 3 and seen["sampling"].temperature == 0.7 and seen["batch_size"] == 5
-    assert seen["max_new_tokens"] == 512 and seen["answer_format"].name == "boxed"
+    assert seen["samples"] == 3 and seen["temperature"] == 0.7 and seen["batch_size"] == 5
+    assert seen["max_new_tokens"] == 512 and seen["answer_format"] == "math"

