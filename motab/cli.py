@@ -53,6 +53,7 @@ from motab.config import (
     set_option,
 )
 from motab.policy import POLICIES, STEP_MODES, policy_of, resolve, resolve_training
+from motab.runs import count_lines, interrupting_signal, sigterm_as_interrupt
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 # The reference scripts' stop string, marker, budgets and sampling, as synthesize's flags name them.
@@ -67,16 +68,23 @@ PAPER_PRESET = dict(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; a user's mistake (ConfigError) is printed as one line and gives 2."""
+    """Runs one command; a user's mistake (ConfigError) is printed as one line and gives 2. Ctrl-C
+    and SIGTERM end every command the same way: what it kept (``args.kept()``, set by the command
+    once it has an output) is said in one line, and the exit status is 130 or 143."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sigterm_as_interrupt():
             warnings.showwarning = one_line_warnings(args.command, warnings.showwarning)
             return args.run(args)
     except ConfigError as error:
         print(f"motab {args.command}: error: {one_line(str(error))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        kept = getattr(args, "kept", None)
+        said = kept() if kept is not None else "nothing was written"
+        print(f"motab {args.command}: interrupted: {said}", file=sys.stderr)
+        return 128 + interrupting_signal(interrupt)
 
 
 def one_line_warnings(command: str, show: Callable) -> Callable:
@@ -695,24 +703,13 @@ def run_train(args) -> int:
     if rank == 0:  # the mode's own monitor settings, and EOS, the vocabulary size and the step delimiters filled in
         print_resolved(raw, train)
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
-    try:
-        trainer.train(resume=args.resume, overwrite=args.overwrite, progress=rank == 0)
-    except KeyboardInterrupt as interrupt:
-        # named only once its rename succeeded (a save cut short leaves the previous checkpoint)
-        saved = trainer.last_checkpoint
-        print(f"interrupted: saved {saved}; continue with --resume" if saved else "interrupted before any save")
-        return 128 + interrupting_signal(interrupt)
+    # a checkpoint is named only once its rename succeeded (a save cut short leaves the previous one)
+    args.kept = lambda: (
+        f"saved {trainer.last_checkpoint}; continue with --resume" if trainer.last_checkpoint else "no checkpoint saved"
+    )
+    trainer.train(resume=args.resume, overwrite=args.overwrite, progress=rank == 0)
     print(f"done: {train.output_dir}/checkpoint-{trainer.step}")
     return 0
-
-
-def interrupting_signal(interrupt: KeyboardInterrupt) -> int:
-    """The signal behind ``interrupt``: SIGTERM when the trainer's handler raised it (it names the
-    signal), else SIGINT. The exit status is 128 + it, as a shell reports a process the signal ended."""
-    import signal
-
-    name = interrupt.args[0] if interrupt.args else ""
-    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
 
 
 def run_rollout(args) -> int:
@@ -865,7 +862,7 @@ def run_synthesize(args) -> int:
     # torch and transformers load only now: a mistake in the options shows in a fraction of a second
     from motab.synthesis import check_output, load_questions, synthesize
 
-    check_output(out, args.resume, args.overwrite)  # before any model loads
+    check_output(out, args.resume, args.overwrite)  # before any model loads (the command's flags named)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         questions = load_questions(raw["data"], _field_map(raw), args.limit)
@@ -892,16 +889,19 @@ def run_synthesize(args) -> int:
     if rank == 0:
         print_resolved(raw, config, synthesis=options, backend=backend)
     barrier = _barrier() if world > 1 else None
+    parts = out.with_name(out.name + ".parts")
+    args.kept = lambda: f"kept {count_lines(*parts.glob('part-*.jsonl'))} records in {parts}; continue with --resume"
+    provenance = {role: raw[role] for role in roles} | {"data": raw["data"]}
     summary = synthesize(
         student, teacher, tokenizer, questions, out, config, options,
         resume=args.resume, overwrite=args.overwrite, rank=rank, world_size=world, barrier=barrier,
-        progress=rank == 0,
+        progress=rank == 0, provenance=provenance, flags=("--resume", "--overwrite"),
     )  # fmt: skip
     if rank == 0:
-        rate = summary.breaches / max(summary.records, 1)
+        rate = summary.total_breaches / max(summary.total, 1)
         print(
-            f"wrote {out}: {summary.records} new records ({summary.skipped} already there), breach rate {rate:.1%}, "
-            f"{summary.tokens / max(summary.seconds, 1e-9):.0f} tokens/s"
+            f"wrote {out}: {summary.total} records ({summary.records} new, {summary.skipped} already there), "
+            f"breach rate {rate:.1%}, {summary.tokens / max(summary.seconds, 1e-9):.0f} tokens/s"
         )
         if args.render:
             from motab.plots import render_steps

@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,3 +189,42 @@ def without_hf_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+# --- interrupts: every command keeps the same promise. SIGTERM (what cluster schedulers send) ends a
+# command as Ctrl-C does; what the command kept is said in one line (``motab.cli.main``).
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt("SIGTERM") as SIGINT raises KeyboardInterrupt, so a command
+    keeps what it has done the same way; the previous handler is back afterwards. Signal handlers
+    can only be set in the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(signal.Signals(number).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def interrupting_signal(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind ``interrupt``: SIGTERM when ``sigterm_as_interrupt`` raised it (it names the
+    signal), else SIGINT. A command exits with 128 + it, as a shell reports a process the signal ended."""
+    name = interrupt.args[0] if interrupt.args else ""
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
+
+
+def count_lines(*paths: Path) -> int:
+    """The complete lines of append-only JSONL files (a line a kill cut short is not counted)."""
+    total = 0
+    for path in paths:
+        if path.is_file():
+            total += path.read_bytes().count(b"\n")
+    return total

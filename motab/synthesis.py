@@ -20,9 +20,11 @@ baselines) and the trajectory becomes one JSON record:
 Each (id, response_index) samples with its own seed, so a record does not depend on which other
 rows are in flight or on the number of ranks. Rows run continuously batched (at most
 ``batch_size`` in flight, the next entering as one finishes) and each record goes to a per-rank
-part file beside the output as its row finishes; a rerun with ``resume`` skips every
-(id, response_index) already written (refusing different settings), and the output is the parts
-merged in question order, written atomically at the end.
+part file beside the output (``X.jsonl.parts/``) as its row finishes; a rerun with ``resume`` skips
+every (id, response_index) already written (refusing different settings), and the output is the
+parts merged in question order, written atomically at the end, the parts then removed. Beside the
+output, ``X.jsonl.run.json`` records what produced it (motab's version, the command, the settings,
+the models and data).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -64,12 +67,10 @@ def load_questions(path: str | Path, field_map: str = "auto", limit: int | None 
         if fields.prompt not in record:
             raise ValueError(f"record {number} of {path} lacks {fields.prompt!r} (it has {sorted(record)})")
         questions.append(Question(record.get("id", number), str(record[fields.prompt])))
-    seen = set()
-    for question in questions:
-        if str(question.id) in seen:
-            raise ValueError(f"{path}: the id {question.id!r} appears twice; records are keyed by (id, response_index)")
-        seen.add(str(question.id))
-    return questions
+    try:
+        return as_questions(questions)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 def prompt_text(tokenizer, question: str, prompt_format: str) -> str:
@@ -152,6 +153,8 @@ class SynthesisSummary:
     breaches: int
     tokens: int
     seconds: float
+    total: int = 0  # records in the output, all calls (rank 0; 0 on the others)
+    total_breaches: int = 0  # of those, with a breach
 
 
 def synthesize(
@@ -169,30 +172,38 @@ def synthesize(
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
+    provenance: dict | None = None,
+    flags: tuple[str, str] = ("resume=True", "overwrite=True"),
 ) -> SynthesisSummary:
-    """Synthesises ``options.responses`` records per question into ``out`` (JSONL). Under several
-    ranks each takes every ``world_size``-th row, writes its own part file, and rank 0 merges after
-    ``barrier``. Refuses an existing output or parts without ``resume`` (continue) or ``overwrite`` (remove
-    them first), and a resume with other settings."""
+    """Synthesises ``options.responses`` records per question into ``out`` (JSONL). ``questions``
+    are ``Question``s (an id and a text) or plain strings (their ids are their indices). Under
+    several ranks each takes every ``world_size``-th row, writes its own part file, and rank 0
+    merges after ``barrier``. Refuses an existing output or parts without ``resume`` (continue) or
+    ``overwrite`` (remove them first), and a resume with other settings. ``out``'s ``.run.json``
+    records what produced it: motab's version, the command, the settings and ``provenance`` (the
+    models and data, as the caller names them; compared on resume). ``flags``: how refusals name
+    resume and overwrite (the command passes its flags)."""
+    questions = as_questions(questions)
     config, policy = resolve(config, tokenizer)
     if not policy.in_steps:
         raise ValueError(f"synthesis runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
     out = Path(out)
     parts = _parts_dir(out)
-    settings = _settings(config, options, len(questions))
-    if rank == 0:
-        _prepare(out, parts, settings, resume, overwrite)
-    if barrier is not None:
-        barrier()
-    done = _finished(parts)
-    rows = [(q, i) for q in questions for i in range(options.responses)]
-    share = [row for n, row in enumerate(rows) if n % world_size == rank]
-    todo = [row for row in share if (str(row[0].id), row[1]) not in done]
-    prompts = {q.id: prompt_text(tokenizer, q.text, options.prompt_format) for q, _ in todo}
+    # every prompt is built before anything is written: a question the template refuses leaves no trace
+    prompts = {q.id: prompt_text(tokenizer, q.text, options.prompt_format) for q in questions}
     ids = {
         key: tokenizer(text, add_special_tokens=options.prompt_format == "raw")["input_ids"]
         for key, text in prompts.items()
     }
+    settings = _settings(config, options, len(questions)) | ({"provenance": provenance} if provenance else {})
+    if rank == 0:
+        _prepare(out, parts, settings, resume, overwrite, flags)
+    if barrier is not None:
+        barrier()
+    done = _finished(out, parts)
+    rows = [(q, i) for q in questions for i in range(options.responses)]
+    share = [row for n, row in enumerate(rows) if n % world_size == rank]
+    todo = [row for row in share if (str(row[0].id), row[1]) not in done]
     written = breaches = tokens = 0
     started = time.perf_counter()
     bar = RowProgress(len(todo), "synthesize", progress and rank == 0)
@@ -229,9 +240,31 @@ def synthesize(
     bar.close()
     if barrier is not None:
         barrier()
+    summary = SynthesisSummary(written, len(share) - len(todo), breaches, tokens, time.perf_counter() - started)
     if rank == 0:
-        _merge(out, parts, questions, options.responses)
-    return SynthesisSummary(written, len(share) - len(todo), breaches, tokens, time.perf_counter() - started)
+        merged = _merge(out, parts, questions, options.responses)
+        summary.total, summary.total_breaches = len(merged), sum(bool(r["breach"]) for r in merged)
+    return summary
+
+
+def as_questions(questions: Sequence[Question | str]) -> list[Question]:
+    """``Question``s as given; plain strings become questions whose ids are their indices."""
+    if isinstance(questions, (str, bytes)):
+        raise TypeError("questions is a sequence of Question or str, not one string")
+    found = []
+    for index, question in enumerate(questions):
+        if isinstance(question, Question):
+            found.append(question)
+        elif isinstance(question, str):
+            found.append(Question(index, question))
+        else:
+            raise TypeError(f"questions[{index}] is a {type(question).__name__}; expected a Question or a str")
+    seen: set[str] = set()
+    for question in found:
+        if str(question.id) in seen:
+            raise ValueError(f"the id {question.id!r} appears twice; records are keyed by (id, response_index)")
+        seen.add(str(question.id))
+    return found
 
 
 def _parts_dir(out: Path) -> Path:
@@ -246,38 +279,52 @@ def _settings(config: RolloutConfig, options: SynthesisOptions, questions: int) 
     return {"rollout": rollout, "options": kept, "questions": questions}
 
 
-def check_output(out: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuses an output that exists (or its parts) without ``resume`` or ``overwrite``, and both."""
+def run_record(out: str | Path) -> Path:
+    """The file beside an output that records what produced it (``X.jsonl.run.json``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".run.json")
+
+
+def check_output(
+    out: str | Path, resume: bool, overwrite: bool, flags: tuple[str, str] = ("--resume", "--overwrite")
+) -> None:
+    """Refuses an output that exists (or its parts) without ``resume`` or ``overwrite``, both at
+    once, and a resume with nothing to resume; ``flags`` name the two as the caller spells them."""
     out = Path(out)
     parts = _parts_dir(out)
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: continue the run or start it again")
+        raise ConfigError(f"{flags[0]} and {flags[1]} exclude each other: continue the run or start it again")
     if not (resume or overwrite) and (out.exists() or parts.exists()):
         raise ConfigError(
-            f"{out if out.exists() else parts} exists: pass --resume to continue that run or --overwrite to start "
+            f"{out if out.exists() else parts} exists: pass {flags[0]} to continue that run or {flags[1]} to start "
             "it again, or choose another output"
         )
+    if resume and not run_record(out).exists():
+        raise ConfigError(f"nothing to resume: {run_record(out)} (the record of a run into {out}) does not exist")
 
 
-def _prepare(out: Path, parts: Path, settings: dict, resume: bool, overwrite: bool) -> None:
-    """A fresh run needs a fresh output (``overwrite`` removes the old one and its parts); a
-    resume needs the same settings as the run it resumes."""
-    recorded = parts / "settings.json"
-    check_output(out, resume, overwrite)
+def _prepare(out: Path, parts: Path, settings: dict, resume: bool, overwrite: bool, flags: tuple[str, str]) -> None:
+    """A fresh run needs a fresh output (``overwrite`` removes the old one, its parts and its
+    record); a resume needs the same settings as the run it resumes."""
+    from motab import __version__
+
+    recorded = run_record(out)
+    check_output(out, resume, overwrite, flags)
+    now = json.loads(json.dumps(settings))
     if not resume:
         if overwrite:
             shutil.rmtree(parts, ignore_errors=True)
-            for path in (out, out.with_name(f".{out.name}.tmp")):
+            for path in (out, out.with_name(f".{out.name}.tmp"), recorded):
                 path.unlink(missing_ok=True)
         parts.mkdir(parents=True)
-        write_atomically(recorded, json.dumps(settings, indent=1, sort_keys=True))
+        record = dict(motab=__version__, command=list(sys.argv), settings=now)
+        write_atomically(recorded, json.dumps(record, indent=1, sort_keys=True))
         return
-    if not recorded.exists():
-        raise ConfigError(f"nothing to resume: {recorded} does not exist")
-    before = json.loads(recorded.read_text())
-    if before != json.loads(json.dumps(settings)):
-        changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before, json.loads(json.dumps(settings))))
+    before = json.loads(recorded.read_text(encoding="utf-8")).get("settings")
+    if before != now:
+        changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before or {}, now))
         raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+    parts.mkdir(exist_ok=True)
 
 
 def _part_records(parts: Path) -> list[dict]:
@@ -292,17 +339,21 @@ def _part_records(parts: Path) -> list[dict]:
     return records
 
 
-def _finished(parts: Path) -> set[tuple[str, int]]:
-    return {(str(r["id"]), r["response_index"]) for r in _part_records(parts)}
+def _written_records(out: Path, parts: Path) -> list[dict]:
+    """The records of an earlier run's output, then those of the part files."""
+    earlier = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if out.exists() else []
+    return earlier + _part_records(parts)
 
 
-def _merge(out: Path, parts: Path, questions: Sequence[Question], responses: int) -> None:
-    """The output: one record per (question, response), in question order, each once."""
-    by_key = {(str(r["id"]), r["response_index"]): r for r in _part_records(parts)}
-    lines = [
-        json.dumps(by_key[(str(q.id), i)], ensure_ascii=False)
-        for q in questions
-        for i in range(responses)
-        if (str(q.id), i) in by_key
-    ]
-    write_atomically(out, "".join(line + "\n" for line in lines))
+def _finished(out: Path, parts: Path) -> set[tuple[str, int]]:
+    return {(str(r["id"]), r["response_index"]) for r in _written_records(out, parts)}
+
+
+def _merge(out: Path, parts: Path, questions: Sequence[Question], responses: int) -> list[dict]:
+    """The output: one record per (question, response), in question order, each once; the parts,
+    now in it, are removed. Returns the records."""
+    by_key = {(str(r["id"]), r["response_index"]): r for r in _written_records(out, parts)}
+    records = [by_key[(str(q.id), i)] for q in questions for i in range(responses) if (str(q.id), i) in by_key]
+    write_atomically(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    shutil.rmtree(parts, ignore_errors=True)
+    return records

@@ -101,6 +101,7 @@ from motab.runs import (
     latest_checkpoint,
     metrics_line,
     remove_temporaries,
+    sigterm_as_interrupt,
 )
 
 Result = TypeVar("Result")
@@ -286,7 +287,7 @@ class DistillationTrainer:
             bar = tqdm(total=self.config.steps, initial=self.step, desc="motab train", unit="step")
         self.trackers.begin(self.step, self.student, self.tokenizer, self.optimizer, self.scheduler)
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 history = self._train_loop(bar)
         finally:
             if bar is not None:
@@ -634,25 +635,6 @@ class Trackers:
 # --- interrupts: the loop's, so they stay beside it. A SIGTERM ends the loop as Ctrl-C does (which
 # saves), and both wait for the blocks that must not be cut in two: a save, and the optimizer's step
 # with the step count (a state that is neither step could not be resumed).
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (what cluster schedulers send) raises KeyboardInterrupt as SIGINT does, so it saves
-    a checkpoint the same way; the previous handler is back afterwards. Signal handlers can only
-    be set in the main thread: elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(number, frame):
-        raise KeyboardInterrupt(signal.Signals(number).name)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

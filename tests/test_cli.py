@@ -214,7 +214,7 @@ def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(toy_pipeline, t
     # a used output is refused without --resume; with it nothing is redone
     capsys.readouterr()
     assert main(synthesize) == 2 and "--resume" in capsys.readouterr().err
-    assert main(synthesize + ["--resume"]) == 0 and "0 new records (12 already there)" in capsys.readouterr().out
+    assert main(synthesize + ["--resume"]) == 0 and "12 records (0 new, 12 already there)" in capsys.readouterr().out
     assert records.read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in written]
     sft = ["sft", "--model", student, "--data", str(records), "--out", str(tmp_path / "sft"), "--max-steps", "2"]
     assert main(sft + ["--max-length", "256", "--learning-rate", "1e-3"]) == 0

@@ -290,7 +290,8 @@ def test_cli_sigterm_saves_and_exits_as_the_signal_would(tmp_path, models, capsy
     argv = ["train", *models, "--output-dir", str(out), "--steps", "3", "--set", "train.prompts_per_step=1"]
     argv += ["--set", "train.micro_batch=1", "--set", "rollout.max_new_tokens=4"]
     assert main(argv) == 128 + signal.SIGTERM
-    assert f"interrupted: saved {out / 'checkpoint-1'}; continue with --resume" in capsys.readouterr().out
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1] == f"motab train: interrupted: saved {out / 'checkpoint-1'}; continue with --resume"
     assert (out / "latest").read_text() == "checkpoint-1"
 
 
@@ -315,6 +316,8 @@ def test_synthesize_overwrite_removes_the_output_and_its_parts(tmp_path):
     (parts / "part-0.jsonl").write_text('{"id": 0}\n')
     out.write_text('{"id": 0}\n')
     (tmp_path / "notes.txt").write_text("mine")
-    _prepare(out, parts, {"questions": 1}, resume=False, overwrite=True)
-    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["settings.json"]
+    (tmp_path / "records.jsonl.run.json").write_text("{}")
+    _prepare(out, parts, {"questions": 1}, resume=False, overwrite=True, flags=("--resume", "--overwrite"))
+    assert not out.exists() and list(parts.iterdir()) == []
+    assert json.loads((tmp_path / "records.jsonl.run.json").read_text())["settings"] == {"questions": 1}
     assert (tmp_path / "notes.txt").exists()

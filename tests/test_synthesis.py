@@ -227,15 +227,20 @@ def test_a_killed_run_resumes_to_the_same_records(pair, references, ids, tmp_pat
     assert len(part.read_text().splitlines()) == 8
     with open(part, "a") as f:
         f.write('{"id": ' + json.dumps(questions[4].id) + ', "respo')  # a line cut short by the kill
-    with pytest.raises(ConfigError, match="--resume"):
-        synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)
+    with pytest.raises(ConfigError, match=r"pass resume=True to continue that run or overwrite=True"):
+        synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, progress=False)  # in the API's words
     with pytest.raises(ConfigError, match="changed: options.marker"):
         synthesize(*pair, TOKENIZER, questions, out, CONFIG, SynthesisOptions(responses=3, marker="But"), resume=True)
     summary = synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, resume=True, progress=False)
     assert summary.records == 7 and summary.skipped == 8
+    # the totals count every record of the output, the earlier call's too
+    assert summary.total == 15 and summary.total_breaches == sum(r["breach"] for r in reference)
     assert_same_records(read(out), reference)
+    assert not (tmp_path / "records.jsonl.parts").exists()  # merged into the output, then removed
+    record = json.loads((tmp_path / "records.jsonl.run.json").read_text())
+    assert record["motab"] and record["settings"]["options"]["marker"] == OPTIONS.marker
     again = synthesize(*pair, TOKENIZER, questions, out, CONFIG, OPTIONS, resume=True, progress=False)
-    assert again.records == 0
+    assert again.records == 0 and again.total == 15
     assert_same_records(read(out), reference)
 
 
@@ -280,6 +285,19 @@ def test_questions_keep_their_ids_or_their_index(tmp_path):
         load_questions(path)
 
 
+def test_questions_as_plain_strings_and_wrong_types_in_api_words(pair, references, tmp_path):
+    """``synthesize(..., ["text", ...])``, as the README's prose has it: ids are the indices, the
+    records those of ``Question``s with those ids; anything else is refused before a file is made."""
+    out = tmp_path / "plain.jsonl"
+    synthesize(*pair, TOKENIZER, TEXTS, out, CONFIG, OPTIONS, progress=False)
+    assert_same_records(read(out), references("int"))  # Question(i, text) for each
+    with pytest.raises(TypeError, match=r"questions\[1\] is a int; expected a Question or a str"):
+        synthesize(*pair, TOKENIZER, ["a", 3], tmp_path / "bad.jsonl", CONFIG, OPTIONS, progress=False)
+    with pytest.raises(TypeError, match="not one string"):
+        synthesize(*pair, TOKENIZER, "one question", tmp_path / "bad.jsonl", CONFIG, OPTIONS, progress=False)
+    assert not (tmp_path / "bad.jsonl.parts").exists() and not (tmp_path / "bad.jsonl").exists()
+
+
 def _rank(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -303,4 +321,4 @@ def test_two_ranks_write_the_same_records_as_one(reference, tmp_path):
     out = tmp_path / "records.jsonl"
     mp.spawn(_rank, args=(2, free_port(), out), nprocs=2, join=True)
     assert_same_records(read(out), reference)
-    assert sorted(p.name for p in (tmp_path / "records.jsonl.parts").glob("part-*")) == ["part-0.jsonl", "part-1.jsonl"]
+    assert not (tmp_path / "records.jsonl.parts").exists()  # rank 0 merged both ranks' parts, then removed them
