@@ -53,7 +53,7 @@ from motab.config import (
     set_option,
 )
 from motab.policy import POLICIES, STEP_MODES, policy_of, resolve, resolve_training
-from motab.runs import count_lines, interrupting_signal, sigterm_as_interrupt
+from motab.runs import count_lines, interrupting_signal, kept_line, sigterm_as_interrupt
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 # The reference scripts' stop string, marker, budgets and sampling, as synthesize's flags name them.
@@ -281,6 +281,7 @@ SFT_FLAGS = (
     _flag("--save-steps", "sft.save_steps", "checkpoint every N steps", type=int_at_least(1)),
     _flag("--seed", "sft.seed", "the run's seed", type=int_at_least(0)),
     _flag("--report-to", "sft.report_to", "experiment tracker: none, tensorboard, trackio, wandb, ..."),
+    _flag("--device", "device", "cpu or cuda (default: cuda when available; GPUs by CUDA_VISIBLE_DEVICES)"),
 )
 EVAL_FLAGS = (
     _flag("--model", "model", "local folder or cached hub id"),
@@ -376,6 +377,12 @@ def _preset_value(preset: dict, option: str):
     return preset.get(section, {}).get(name) if name else preset.get(section)
 
 
+def _resume_arguments(parser: argparse.ArgumentParser, resumed: str, overwritten: str) -> None:
+    """--resume and --overwrite, as every command that writes an output takes them."""
+    parser.add_argument("--resume", action="store_true", help=f"continue {resumed}")
+    parser.add_argument("--overwrite", action="store_true", help=f"start again: {overwritten}")
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run file (see `motab --help`); flags and --set override it")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override an option")
@@ -384,10 +391,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments(parser)
     add_flags(parser, TRAIN_FLAGS)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="start again in a used output folder (removes the run's checkpoints)"
-    )
+    _resume_arguments(parser, "from the latest checkpoint", "remove the run's checkpoints in a used output folder")
     parser.set_defaults(run=run_train, flags=TRAIN_FLAGS)
 
 
@@ -398,6 +402,7 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="trajectories JSONL")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16, help="rows in flight at most (default 16)")
     parser.add_argument("--render", help="PNG of the first trajectory: scores, boundary, teacher tokens, backtracks")
+    _resume_arguments(parser, "an interrupted rollout into the same --out", "remove an existing --out")
     _plan_argument(parser)
     parser.set_defaults(run=run_rollout, flags=ROLLOUT_FLAGS)
 
@@ -419,8 +424,7 @@ def _synthesize_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, SYNTHESIZE_FLAGS, SYNTHESIS_PRESETS["paper"])
     parser.add_argument("--out", required=True, help="records JSONL")
     parser.add_argument("--limit", type=int_at_least(1), help="first N questions only")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
-    parser.add_argument("--overwrite", action="store_true", help="start again: remove an existing --out and its parts")
+    _resume_arguments(parser, "an interrupted run into the same --out", "remove an existing --out and its parts")
     parser.add_argument("--render", help="PNG of the first record with a breach: V and ε per step, t* marked")
     _plan_argument(parser)
     parser.set_defaults(run=run_synthesize, flags=SYNTHESIZE_FLAGS)
@@ -430,7 +434,7 @@ def _sft_arguments(parser: argparse.ArgumentParser) -> None:
     _config_arguments(parser)
     add_flags(parser, SFT_FLAGS)
     parser.add_argument("--out", required=True, help="folder for checkpoints and the final model")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _resume_arguments(parser, "from the latest checkpoint in --out", "remove the run's checkpoints and model in --out")
     parser.set_defaults(run=run_sft, flags=SFT_FLAGS)
 
 
@@ -444,8 +448,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, EVAL_FLAGS)
     parser.add_argument("--limit", type=int_at_least(1), help="first N problems of each benchmark only")
     parser.add_argument("--out", required=True, help="folder for results.json, results.md and <benchmark>.jsonl")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted eval in --out")
-    parser.add_argument("--overwrite", action="store_true", help="run again in a used --out (removes its results)")
+    _resume_arguments(parser, "an interrupted eval in --out", "remove the results of a used --out")
     _plan_argument(parser)
     parser.set_defaults(run=run_eval, flags=EVAL_FLAGS)
 
@@ -728,25 +731,44 @@ def run_rollout(args) -> int:
         longest = max(len(p.prompt_ids) for p in problems)
         sources = {"student": raw["student"], "teacher": raw["teacher"]}
         return _print_plan(args.plan, raw, sources, rollout, args.batch_size, longest)
-    from motab.engine import rollout_in_batches
+    from motab.runs import PartsOutput
+
+    output = PartsOutput(out)
+    output.check(args.resume, args.overwrite)  # before any model loads
+    from motab.engine import Trajectory, rollout_in_batches
     from motab.plots import render_trajectory
 
     student, teacher, tokenizer, problems = _setup(raw, rollout)
     rollout, _ = resolve(rollout, tokenizer)
     print_resolved(raw, rollout)
     prompts = [p.prompt_ids for p in problems[: args.limit]]
-    # a bar on stderr when it is a terminal; row i keeps seed i whatever the batches
-    trajectories = rollout_in_batches(
-        student, teacher, prompts, rollout, batch_size=args.batch_size, tokenizer=tokenizer
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for trajectory in trajectories:
-            record = trajectory.to_dict() | {"text": tokenizer.decode(trajectory.tokens)}
-            f.write(json.dumps(record) + "\n")
-    print(f"wrote {len(trajectories)} trajectories to {out}")
+    memory = ("kv_tokens", "kv_memory")  # change no trajectory
+    settings = dict(
+        rollout={k: v for k, v in asdict(rollout).items() if k not in memory},
+        student=raw["student"], teacher=raw["teacher"], data=raw["data"], prompts=len(prompts),
+    )  # fmt: skip
+    output.prepare(settings, args.resume, args.overwrite)
+    done = {record["index"] for record in output.records()}
+    todo = [i for i in range(len(prompts)) if i not in done]
+    args.kept = lambda: output.said("trajectories")
+    with output.appending() as sink:
+
+        def keep(index: int, trajectory) -> None:
+            """A row's trajectory, on disk as soon as it finishes (a kill loses only rows in flight)."""
+            record = {"index": todo[index]} | trajectory.to_dict() | {"text": tokenizer.decode(trajectory.tokens)}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+
+        # a bar on stderr when it is a terminal; row i keeps seed i whatever the batches or a resume
+        rollout_in_batches(
+            student, teacher, [prompts[i] for i in todo], rollout, batch_size=args.batch_size, seeds=todo,
+            tokenizer=tokenizer, on_finished=keep,
+        )  # fmt: skip
+    written = output.merge(lambda record: record["index"], list(range(len(prompts))))
+    print(f"wrote {len(written)} trajectories to {out} ({len(todo)} new)")
     if args.render:
-        render_trajectory(trajectories[0], args.render)
+        render_trajectory(Trajectory.from_dict(written[0]), args.render)
         print(f"rendered the first one to {args.render}")
     return 0
 
@@ -797,6 +819,8 @@ def run_eval(args) -> int:
         model, tokenizer = load_model(raw["model"], dtype, device)
     from motab.evaluate import evaluate_benchmarks
 
+    samples = Path(args.out) / ".parts" / "samples.jsonl"
+    args.kept = lambda: kept_line(count_lines(samples), "samples", samples.parent)
     report = evaluate_benchmarks(
         model, tokenizer, benchmarks, settings, args.out, model_name=raw["model"], resume=args.resume,
         overwrite=args.overwrite, progress=None,  # a bar on stderr when it is a terminal
@@ -860,9 +884,10 @@ def run_synthesize(args) -> int:
     if args.render:
         check_writable(args.render, "--render", folder=False)
     # torch and transformers load only now: a mistake in the options shows in a fraction of a second
-    from motab.synthesis import check_output, load_questions, synthesize
+    from motab.runs import PartsOutput
+    from motab.synthesis import load_questions, synthesize
 
-    check_output(out, args.resume, args.overwrite)  # before any model loads (the command's flags named)
+    PartsOutput(out).check(args.resume, args.overwrite)  # before any model loads
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         questions = load_questions(raw["data"], _field_map(raw), args.limit)
@@ -889,8 +914,8 @@ def run_synthesize(args) -> int:
     if rank == 0:
         print_resolved(raw, config, synthesis=options, backend=backend)
     barrier = _barrier() if world > 1 else None
-    parts = out.with_name(out.name + ".parts")
-    args.kept = lambda: f"kept {count_lines(*parts.glob('part-*.jsonl'))} records in {parts}; continue with --resume"
+    output = PartsOutput(out)
+    args.kept = lambda: output.said("records")
     provenance = {role: raw[role] for role in roles} | {"data": raw["data"]}
     summary = synthesize(
         student, teacher, tokenizer, questions, out, config, options,
@@ -975,14 +1000,32 @@ def run_sft(args) -> int:
         )
     check_model_files(folder, "model")
     check_writable(args.out, "--out", folder=True)
-    from motab.sft import resume_point, run_sft, to_dataset
+    device = raw.get("device")
+    if device is not None and device.startswith("cuda:"):
+        raise ConfigError(
+            f"device {device}: sft runs on the GPUs the Hugging Face Trainer sees (all visible ones); choose them "
+            "with CUDA_VISIBLE_DEVICES and pass --device cuda (or cpu)"
+        )
+    if device is not None:
+        _device_and_dtype(device, None)  # a device that is not there is refused before anything loads
+    from motab.runs import CLI_FLAGS
+    from motab.sft import checkpoints, resume_point, run_sft, to_dataset
 
     try:
-        resume_point(args.out, args.resume)  # a used folder or nothing to resume: said before anything loads
+        resume_point(args.out, args.resume, args.overwrite, CLI_FLAGS)  # a used folder: said before anything loads
         to_dataset(raw["data"])
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
-    result = run_sft(raw["model"], raw["data"], args.out, options, resume=args.resume)
+
+    def kept() -> str:
+        saved = checkpoints(args.out)
+        return f"kept {saved[-1]}; continue with --resume" if saved else "no checkpoint saved yet (one a save_steps)"
+
+    args.kept = kept
+    result = run_sft(
+        raw["model"], raw["data"], args.out, options, resume=args.resume, overwrite=args.overwrite,
+        device="cpu" if device == "cpu" else None, flags=CLI_FLAGS,
+    )  # fmt: skip
     print(f"done: {result.global_step} steps, training loss {result.training_loss:.4f}; model saved in {args.out}")
     return 0
 

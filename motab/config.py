@@ -513,7 +513,7 @@ COMMANDS = {
     "eval": CommandKeys(
         ("model", "data", "field_map", "device", "dtype"), ("evaluation", "backend"), ("model", "data")
     ),
-    "sft": CommandKeys(("model", "data"), ("sft",), ("model", "data")),
+    "sft": CommandKeys(("model", "data", "device"), ("sft",), ("model", "data")),
 }
 # The devices the pipeline runs on (its kernels are Triton's, or the CPU's reference code).
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")

@@ -9,13 +9,14 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from motab.config import ConfigError
+from motab.config import ConfigError, changed_fields
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # the files a run writes besides its checkpoints (and their temporaries): all --overwrite removes
@@ -228,3 +229,113 @@ def count_lines(*paths: Path) -> int:
         if path.is_file():
             total += path.read_bytes().count(b"\n")
     return total
+
+
+# --- a JSONL output built from records appended as their rows finish (synthesize, rollout) ---------
+
+CLI_FLAGS = ("--resume", "--overwrite")
+API_FLAGS = ("resume=True", "overwrite=True")
+
+
+class PartsOutput:
+    """An output file ``X`` written from records appended, fsynced, to part files in ``X.parts/`` as
+    their rows finish, then merged into ``X`` atomically (the parts removed); ``X.run.json`` records
+    what produced it (motab's version, the command, the settings) and is what a resume compares.
+    ``flags`` name resume and overwrite in refusals as the caller spells them."""
+
+    def __init__(self, out: str | Path, flags: tuple[str, str] = CLI_FLAGS) -> None:
+        self.out = Path(out)
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        self.record = self.out.with_name(self.out.name + ".run.json")
+        self.flags = flags
+        self.fresh = False  # prepared for a new run (not a resume)
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuses a used output (the file or its parts) without resume or overwrite, both at once,
+        and a resume with nothing to resume; reads only."""
+        resume_flag, overwrite_flag = self.flags
+        if resume and overwrite:
+            raise ConfigError(
+                f"{resume_flag} and {overwrite_flag} exclude each other: continue the run or start it again"
+            )
+        if not (resume or overwrite) and (self.out.exists() or self.parts.exists()):
+            raise ConfigError(
+                f"{self.out if self.out.exists() else self.parts} exists: pass {resume_flag} to continue that run or "
+                f"{overwrite_flag} to start it again, or choose another output"
+            )
+        if resume and not self.record.exists():
+            raise ConfigError(f"nothing to resume: {self.record} (the record of a run into {self.out}) does not exist")
+
+    def prepare(self, settings: dict, resume: bool, overwrite: bool) -> None:
+        """A fresh run needs a fresh output (overwrite removes the old one, its parts and its
+        record); a resume needs the settings of the run it resumes."""
+        from motab import __version__
+
+        self.check(resume, overwrite)
+        now = json.loads(json.dumps(settings))
+        if resume:
+            before = json.loads(self.record.read_text(encoding="utf-8")).get("settings")
+            if before != now:
+                changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before or {}, now))
+                raise ConfigError(f"cannot resume {self.out} with other settings (changed: {', '.join(changed)})")
+            self.parts.mkdir(exist_ok=True)
+            return
+        self.fresh = True
+        if overwrite:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            for path in (self.out, self.out.with_name(f".{self.out.name}.tmp"), self.record):
+                path.unlink(missing_ok=True)
+        self.parts.mkdir(parents=True)
+        record = dict(motab=__version__, command=list(sys.argv), settings=now)
+        write_atomically(self.record, json.dumps(record, indent=1, sort_keys=True))
+
+    @contextmanager
+    def appending(self, rank: int = 0) -> Iterator:
+        """Rank ``rank``'s part file, cut back to its last complete line, open for appending. A new
+        run that stops (an error, an interrupt) before it wrote a record leaves no trace: its parts
+        and record are removed, so the same command can simply run again."""
+        path = self.parts / f"part-{rank}.jsonl"
+        drop_cut_line(path)
+        try:
+            with open(path, "a", encoding="utf-8") as sink:
+                yield sink
+        except BaseException:
+            if self.fresh and self.kept() == 0:
+                shutil.rmtree(self.parts, ignore_errors=True)
+                self.record.unlink(missing_ok=True)
+            raise
+
+    def records(self) -> list[dict]:
+        """The records already written: an earlier run's output, then the part files' complete lines."""
+        found = []
+        if self.out.exists():
+            found = [json.loads(line) for line in self.out.read_text(encoding="utf-8").splitlines()]
+        for path in sorted(self.parts.glob("part-*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    found.append(json.loads(line))
+                except json.JSONDecodeError:  # a line a kill cut short
+                    continue
+        return found
+
+    def kept(self) -> int:
+        """Records in the part files (what an interrupted run keeps for its resume)."""
+        return count_lines(*self.parts.glob("part-*.jsonl"))
+
+    def said(self, what: str) -> str:
+        """What an interrupted run kept, in the one line every command prints."""
+        return kept_line(self.kept(), what, self.parts)
+
+    def merge(self, key, order: list) -> list[dict]:
+        """The output: the records whose ``key(record)`` is in ``order``, in that order, each once;
+        the parts, now in it, are removed. Returns the records."""
+        by_key = {key(record): record for record in self.records()}
+        merged = [by_key[k] for k in order if k in by_key]
+        write_atomically(self.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return merged
+
+
+def kept_line(count: int, what: str, where: Path) -> str:
+    """``kept N <what> in <where>; continue with --resume``, or that nothing was kept."""
+    return f"kept {count} {what} in {where}; continue with --resume" if count else f"no {what} finished; nothing kept"

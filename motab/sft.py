@@ -21,7 +21,9 @@ packing, TRL truncates at ``max_length`` and drops examples left with no complet
 
 Checkpoints are the HF Trainer's own (``output_dir/checkpoint-<step>``, with optimizer, scheduler
 and RNG states); ``resume=True`` continues from the latest. The final model and tokenizer are saved
-into ``output_dir`` itself.
+into ``output_dir`` itself, with ``sft.run.json`` (what produced them: motab's version, the command,
+the model, the records and the options). A folder that holds checkpoints or a saved model is refused
+unless ``resume`` or ``overwrite`` (which removes those, ``SFT_FILES``, and nothing else).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +45,7 @@ from trl import SFTConfig, SFTTrainer
 
 from motab.config import SFTOptions
 from motab.models import load_tokenizer
-from motab.runs import without_hf_bars
+from motab.runs import API_FLAGS, without_hf_bars, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -158,25 +162,58 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def resume_point(output_dir: str | Path, resume: bool) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run; refuses a fresh run over checkpoints
-    (it would mix two runs' checkpoints and the later rotation would delete the old run's) and a
-    resume with nothing to resume."""
+# What a run writes into its folder besides its checkpoints (the final model and tokenizer, the
+# Trainer's state and logs, our record): what ``overwrite`` removes, and nothing else.
+SFT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json",
+    "vocab.json", "merges.txt", "training_args.bin", "trainer_state.json", "sft.run.json", "runs",
+)  # fmt: skip
+
+
+def resume_point(
+    output_dir: str | Path, resume: bool, overwrite: bool = False, flags: tuple[str, str] = API_FLAGS
+) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses a fresh run over
+    checkpoints or a saved model (it would mix two runs, and the later rotation would delete the
+    old run's checkpoints) unless ``overwrite``, both at once, and a resume with nothing to resume.
+    Reads only; ``clear_sft_run`` removes what ``overwrite`` replaces. ``flags`` name resume and
+    overwrite as the caller spells them."""
+    output_dir = Path(output_dir)
     existing = checkpoints(output_dir)
+    if resume and overwrite:
+        raise ValueError(f"{flags[0]} and {flags[1]} exclude each other: continue the run or start it again")
     if resume:
         last = get_last_checkpoint(str(output_dir)) if existing else None
         if last is None:
             raise ValueError(
-                f"resume=True but {output_dir} holds no checkpoint ({PREFIX_CHECKPOINT_DIR}-<step>) to resume from; "
-                "run without resume to start afresh"
+                f"{flags[0]} but {output_dir} holds no checkpoint ({PREFIX_CHECKPOINT_DIR}-<step>) to resume from; "
+                f"start afresh without it (or with {flags[1]})"
             )
         return Path(last)
+    if overwrite:
+        return None
     if existing:
         raise ValueError(
-            f"{output_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): pass resume=True to "
-            "continue that run, or choose another output_dir"
+            f"{output_dir} already holds checkpoints ({', '.join(p.name for p in existing)}): pass {flags[0]} to "
+            f"continue that run or {flags[1]} to start again, or choose another output_dir"
+        )
+    if (output_dir / "config.json").exists():
+        raise ValueError(
+            f"{output_dir} already holds a saved model: pass {flags[1]} to replace it, or choose another output_dir"
         )
     return None
+
+
+def clear_sft_run(output_dir: Path) -> None:
+    """Removes a run's checkpoints and ``SFT_FILES`` from ``output_dir``; nothing else."""
+    for folder in checkpoints(output_dir):
+        shutil.rmtree(folder)
+    for path in (output_dir / name for name in SFT_FILES):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -212,13 +249,17 @@ def build_trainer(
     options: SFTOptions | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    use_cpu: bool = False,
 ) -> SFTTrainer:
     """The ``SFTTrainer`` of a run, data prepared, not yet trained (``run_sft`` trains it; tests read
-    its batches)."""
+    its batches); ``use_cpu`` keeps it off a GPU (and out of bf16)."""
     options = SFTOptions() if options is None else options
+    if use_cpu:
+        options = dataclasses.replace(options, bf16=False)
     dataset = to_dataset(records)  # bad records are refused before any model is loaded
     model, tokenizer = _resolve_model(model, tokenizer)
     config = sft_config(options, output_dir, model_from_path=isinstance(model, str))
+    config.use_cpu = use_cpu
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=prepare_tokenizer(tokenizer))
 
 
@@ -230,20 +271,26 @@ def run_sft(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    flags: tuple[str, str] = API_FLAGS,
 ) -> SFTResult:
     """Fine-tunes ``model`` (a model object with its ``tokenizer``, or a local model directory) on the
     prompt/completion ``records`` (a JSONL/Parquet file, a saved data set, or a list of dicts) and
     saves the final model and tokenizer into ``output_dir``. ``resume=True`` continues from the latest
     checkpoint in ``output_dir`` (weights, optimizer, scheduler, RNG and data position); pass the
-    same model, records and options as the interrupted run."""
+    same model, records and options as the interrupted run. ``overwrite=True`` starts again in a
+    used folder. ``device="cpu"`` trains on the CPU even where a GPU is (None: the Trainer's choice)."""
     options = SFTOptions() if options is None else options
     output_dir = Path(output_dir)
-    start = resume_point(output_dir, resume)  # checked before any model is loaded
+    start = resume_point(output_dir, resume, overwrite, flags)  # checked before any model is loaded
+    if overwrite:
+        clear_sft_run(output_dir)
     if not options.progress:
         import datasets
 
         datasets.disable_progress_bars()
-    trainer = build_trainer(model, records, output_dir, options, tokenizer=tokenizer)
+    trainer = build_trainer(model, records, output_dir, options, tokenizer=tokenizer, use_cpu=device == "cpu")
     if not options.progress:  # without its bar the Trainer prints every log dict instead
         from transformers import PrinterCallback
 
@@ -255,4 +302,16 @@ def run_sft(
         output = trainer.train(resume_from_checkpoint=True if start is not None else None)
         trainer.save_model(str(output_dir))  # the model and the processing class (tokenizer)
     trainer.save_state()
+    provenance = dict(
+        motab=_version(), command=list(sys.argv), model=str(model) if isinstance(model, (str, Path)) else None,
+        records=str(records) if isinstance(records, (str, Path)) else f"{len(records)} records given in Python",
+        options=dataclasses.asdict(options),
+    )  # fmt: skip
+    write_atomically(output_dir / "sft.run.json", json.dumps(provenance, indent=1, default=str))
     return SFTResult(trainer, output_dir, output.global_step, output.training_loss, start)
+
+
+def _version() -> str:
+    from motab import __version__
+
+    return __version__

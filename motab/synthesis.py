@@ -32,18 +32,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from motab.config import ConfigError, RolloutConfig, SynthesisOptions, changed_fields
+from motab.config import RolloutConfig, SynthesisOptions
 from motab.data import load_records, resolve_field_map
 from motab.engine import rollout
 from motab.policy import STEP_MODES, resolve
-from motab.runs import RowProgress, drop_cut_line, write_atomically
+from motab.runs import API_FLAGS, PartsOutput, RowProgress
 from motab.steps import SCRIPT_SEPARATOR
 
 # SynthesisOptions is frozen: one shared default is safe.
@@ -173,7 +171,7 @@ def synthesize(
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
     provenance: dict | None = None,
-    flags: tuple[str, str] = ("resume=True", "overwrite=True"),
+    flags: tuple[str, str] = API_FLAGS,
 ) -> SynthesisSummary:
     """Synthesises ``options.responses`` records per question into ``out`` (JSONL). ``questions``
     are ``Question``s (an id and a text) or plain strings (their ids are their indices). Under
@@ -187,8 +185,7 @@ def synthesize(
     config, policy = resolve(config, tokenizer)
     if not policy.in_steps:
         raise ValueError(f"synthesis runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
-    out = Path(out)
-    parts = _parts_dir(out)
+    output = PartsOutput(out, flags)
     # every prompt is built before anything is written: a question the template refuses leaves no trace
     prompts = {q.id: prompt_text(tokenizer, q.text, options.prompt_format) for q in questions}
     ids = {
@@ -197,10 +194,10 @@ def synthesize(
     }
     settings = _settings(config, options, len(questions)) | ({"provenance": provenance} if provenance else {})
     if rank == 0:
-        _prepare(out, parts, settings, resume, overwrite, flags)
+        output.prepare(settings, resume, overwrite)
     if barrier is not None:
         barrier()
-    done = _finished(out, parts)
+    done = {_key(r) for r in output.records()}
     rows = [(q, i) for q in questions for i in range(options.responses)]
     share = [row for n, row in enumerate(rows) if n % world_size == rank]
     todo = [row for row in share if (str(row[0].id), row[1]) not in done]
@@ -208,9 +205,7 @@ def synthesize(
     started = time.perf_counter()
     bar = RowProgress(len(todo), "synthesize", progress and rank == 0)
     if todo:
-        part = parts / f"part-{rank}.jsonl"
-        drop_cut_line(part)
-        with open(part, "a", encoding="utf-8") as sink:
+        with output.appending(rank) as sink:
 
             def write(index: int, trajectory) -> None:
                 """A row's record, on disk as soon as the row finishes (a kill loses only rows in flight)."""
@@ -242,7 +237,7 @@ def synthesize(
         barrier()
     summary = SynthesisSummary(written, len(share) - len(todo), breaches, tokens, time.perf_counter() - started)
     if rank == 0:
-        merged = _merge(out, parts, questions, options.responses)
+        merged = output.merge(_key, [(str(q.id), i) for q in questions for i in range(options.responses)])
         summary.total, summary.total_breaches = len(merged), sum(bool(r["breach"]) for r in merged)
     return summary
 
@@ -267,8 +262,8 @@ def as_questions(questions: Sequence[Question | str]) -> list[Question]:
     return found
 
 
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
+def _key(record: dict) -> tuple[str, int]:
+    return str(record["id"]), record["response_index"]
 
 
 def _settings(config: RolloutConfig, options: SynthesisOptions, questions: int) -> dict:
@@ -277,83 +272,3 @@ def _settings(config: RolloutConfig, options: SynthesisOptions, questions: int) 
     kept = {k: v for k, v in asdict(options).items() if k != "batch_size"}
     rollout = {k: v for k, v in asdict(config).items() if k not in ("kv_tokens", "kv_memory")}  # memory, not records
     return {"rollout": rollout, "options": kept, "questions": questions}
-
-
-def run_record(out: str | Path) -> Path:
-    """The file beside an output that records what produced it (``X.jsonl.run.json``)."""
-    out = Path(out)
-    return out.with_name(out.name + ".run.json")
-
-
-def check_output(
-    out: str | Path, resume: bool, overwrite: bool, flags: tuple[str, str] = ("--resume", "--overwrite")
-) -> None:
-    """Refuses an output that exists (or its parts) without ``resume`` or ``overwrite``, both at
-    once, and a resume with nothing to resume; ``flags`` name the two as the caller spells them."""
-    out = Path(out)
-    parts = _parts_dir(out)
-    if resume and overwrite:
-        raise ConfigError(f"{flags[0]} and {flags[1]} exclude each other: continue the run or start it again")
-    if not (resume or overwrite) and (out.exists() or parts.exists()):
-        raise ConfigError(
-            f"{out if out.exists() else parts} exists: pass {flags[0]} to continue that run or {flags[1]} to start "
-            "it again, or choose another output"
-        )
-    if resume and not run_record(out).exists():
-        raise ConfigError(f"nothing to resume: {run_record(out)} (the record of a run into {out}) does not exist")
-
-
-def _prepare(out: Path, parts: Path, settings: dict, resume: bool, overwrite: bool, flags: tuple[str, str]) -> None:
-    """A fresh run needs a fresh output (``overwrite`` removes the old one, its parts and its
-    record); a resume needs the same settings as the run it resumes."""
-    from motab import __version__
-
-    recorded = run_record(out)
-    check_output(out, resume, overwrite, flags)
-    now = json.loads(json.dumps(settings))
-    if not resume:
-        if overwrite:
-            shutil.rmtree(parts, ignore_errors=True)
-            for path in (out, out.with_name(f".{out.name}.tmp"), recorded):
-                path.unlink(missing_ok=True)
-        parts.mkdir(parents=True)
-        record = dict(motab=__version__, command=list(sys.argv), settings=now)
-        write_atomically(recorded, json.dumps(record, indent=1, sort_keys=True))
-        return
-    before = json.loads(recorded.read_text(encoding="utf-8")).get("settings")
-    if before != now:
-        changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before or {}, now))
-        raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
-    parts.mkdir(exist_ok=True)
-
-
-def _part_records(parts: Path) -> list[dict]:
-    """Every complete record of the part files (a line cut short by a kill is dropped)."""
-    records = []
-    for path in sorted(parts.glob("part-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def _written_records(out: Path, parts: Path) -> list[dict]:
-    """The records of an earlier run's output, then those of the part files."""
-    earlier = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] if out.exists() else []
-    return earlier + _part_records(parts)
-
-
-def _finished(out: Path, parts: Path) -> set[tuple[str, int]]:
-    return {(str(r["id"]), r["response_index"]) for r in _written_records(out, parts)}
-
-
-def _merge(out: Path, parts: Path, questions: Sequence[Question], responses: int) -> list[dict]:
-    """The output: one record per (question, response), in question order, each once; the parts,
-    now in it, are removed. Returns the records."""
-    by_key = {(str(r["id"]), r["response_index"]): r for r in _written_records(out, parts)}
-    records = [by_key[(str(q.id), i)] for q in questions for i in range(responses) if (str(q.id), i) in by_key]
-    write_atomically(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    shutil.rmtree(parts, ignore_errors=True)
-    return records

@@ -79,7 +79,7 @@ def test_every_flag_sets_an_option_its_command_reads():
 def test_sft_reads_a_run_file_and_flags(toy_pipeline, monkeypatch, tmp_path):  # noqa: F811
     seen = {}
 
-    def captured(model, data, out, options, resume=False):
+    def captured(model, data, out, options, **kwargs):
         seen.update(model=model, options=options)
         raise SystemExit(0)
 

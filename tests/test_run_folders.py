@@ -18,8 +18,7 @@ import torch
 
 from motab.cli import main
 from motab.config import ConfigError, TrainConfig
-from motab.runs import checkpoints_to_delete, cut_metrics
-from motab.synthesis import _prepare
+from motab.runs import PartsOutput, checkpoints_to_delete, cut_metrics
 from motab.trainer import DistillationTrainer, ResumeWarning
 from tests.test_trainer import ROLLOUT, tiny, trainer
 from tests.tiny import tiny_qwen2, word_tokenizer
@@ -317,7 +316,7 @@ def test_synthesize_overwrite_removes_the_output_and_its_parts(tmp_path):
     out.write_text('{"id": 0}\n')
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "records.jsonl.run.json").write_text("{}")
-    _prepare(out, parts, {"questions": 1}, resume=False, overwrite=True, flags=("--resume", "--overwrite"))
+    PartsOutput(out).prepare({"questions": 1}, resume=False, overwrite=True)
     assert not out.exists() and list(parts.iterdir()) == []
     assert json.loads((tmp_path / "records.jsonl.run.json").read_text())["settings"] == {"questions": 1}
     assert (tmp_path / "notes.txt").exists()

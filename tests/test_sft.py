@@ -256,8 +256,13 @@ def test_bad_records_are_refused_with_their_line(tmp_path):
 def test_output_dir_and_resume_are_checked(tmp_path):
     used = tmp_path / "used"
     (used / "checkpoint-3").mkdir(parents=True)
-    with pytest.raises(ValueError, match="already holds checkpoints.*checkpoint-3.*resume=True"):
+    with pytest.raises(ValueError, match="already holds checkpoints.*checkpoint-3.*resume=True.*overwrite=True"):
         run_sft(model(), records(), used, options(), tokenizer=tokenizer())
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a saved model: pass overwrite=True"):
+        run_sft(model(), records(), saved, options(), tokenizer=tokenizer())
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "empty", tmp_path / "absent"):
         with pytest.raises(ValueError, match="holds no checkpoint"):

@@ -45,3 +45,14 @@ class Trajectory:
         for key in ("scores", "boundaries"):
             out[key] = [None if not math.isfinite(x) else x for x in out[key]]
         return out
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Trajectory:
+        """The trajectory a ``to_dict`` line holds (what it made None comes back as NaN; other keys of
+        the line are ignored)."""
+        known = {f for f in cls.__dataclass_fields__ if f != "teacher_hidden"}
+        values = {k: v for k, v in record.items() if k in known}
+        for key in ("scores", "boundaries"):
+            values[key] = [math.nan if x is None else x for x in values.get(key, [])]
+        values["interventions"] = [tuple(span) for span in values.get("interventions", [])]
+        return cls(**values)

@@ -326,6 +326,31 @@ def evaluate_benchmarks(
         if (b.name, p.id, i) not in done
     ]
     started = time.perf_counter()
+    try:
+        _sample(model, tokenizer, config, jobs, store, done, progress)
+    except BaseException:
+        if not resume and not done:  # a new eval that wrote nothing leaves no trace: it can simply run again
+            shutil.rmtree(out / PARTS, ignore_errors=True)
+        raise
+
+    seconds = time.perf_counter() - started
+    results = {}
+    for b in benchmarks:
+        lines = []
+        for p in b.problems:
+            thought_open = opens_thought(tokenizer.decode(list(prompts[b.name, p.id]), skip_special_tokens=False))
+            drawn = [done[b.name, p.id, i] for i in range(samples[b.name])]
+            lines.append(grade_problem(p, drawn, formats[b.name], thought_open))
+        results[b.name] = EvalResult(score_lines(lines, ks[b.name]), lines)
+    record = _record(config, model_name, benchmarks, formats, samples, command, len(jobs), seconds)
+    report = EvalReport(results, overall([r.score for r in results.values()]), record)
+    write_results(out, report)
+    shutil.rmtree(out / PARTS)
+    return report
+
+
+def _sample(model, tokenizer, config: EvaluationConfig, jobs: list, store: Path, done: dict, progress) -> None:
+    """Samples ``jobs``, each completion appended, fsynced, to ``store`` (and to ``done``) as it ends."""
     with open(store, "a", encoding="utf-8") as sink:
 
         def keep(index: int, tokens: list[int], end: str | None) -> None:
@@ -352,20 +377,6 @@ def evaluate_benchmarks(
                 seeds=[job.seed for job in jobs], batch_size=config.batch_size, kv_tokens=config.kv_tokens,
                 progress=progress, on_finished=keep,
             )  # fmt: skip
-    seconds = time.perf_counter() - started
-    results = {}
-    for b in benchmarks:
-        lines = []
-        for p in b.problems:
-            thought_open = opens_thought(tokenizer.decode(list(prompts[b.name, p.id]), skip_special_tokens=False))
-            drawn = [done[b.name, p.id, i] for i in range(samples[b.name])]
-            lines.append(grade_problem(p, drawn, formats[b.name], thought_open))
-        results[b.name] = EvalResult(score_lines(lines, ks[b.name]), lines)
-    record = _record(config, model_name, benchmarks, formats, samples, command, len(jobs), seconds)
-    report = EvalReport(results, overall([r.score for r in results.values()]), record)
-    write_results(out, report)
-    shutil.rmtree(out / PARTS)
-    return report
 
 
 def _record(config, model_name, benchmarks, formats, samples, command, generated, seconds) -> dict:
