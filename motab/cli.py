@@ -51,6 +51,7 @@ from motab.config import (
     parse_field_map,
     resolve_config,
     set_option,
+    warn_silent_mistakes,
 )
 from motab.policy import POLICIES, STEP_MODES, policy_of, resolve, resolve_training
 from motab.runs import count_lines, interrupting_signal, kept_line, sigterm_as_interrupt
@@ -407,12 +408,25 @@ def _rollout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_rollout, flags=ROLLOUT_FLAGS)
 
 
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="folder to write")
+    parser.add_argument("--train", type=int_at_least(1), default=2000, help="train problems (default 2000)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="the warm start's seed (default 0)")
+    parser.add_argument(
+        "--warm-steps", type=int_at_least(0), default=None,
+        help="the warm start's steps (default: the demo's; fewer make a weaker student in less time; 0: untrained)",
+    )  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace the splits, teacher and student in OUT")
+    parser.set_defaults(run=run_prepare)
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="motab-demo", help="report folder (default motab-demo)")
     parser.add_argument("--seeds", type=int_at_least(1), default=1, help="seeds per method; the table shows mean ± std")
     parser.add_argument("--steps", type=int_at_least(1), help="training steps per method")
     parser.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
     parser.add_argument("--device", default="cpu")
+    _resume_arguments(parser, "an interrupted demo in --out (its finished runs kept)", "remove the demo in --out")
     parser.set_defaults(run=run_demo)
 
 
@@ -478,6 +492,15 @@ COMMAND_PARSERS = {
             "on_policy, skd, adaswitch, motab) and the paper's pipeline and its baselines (step_motab, step_skd, "
             "teacher_steps: synthesis, then SFT) at the same budget, evaluates each on the held-out test split and "
             "writes a report.",
+        ),
+    ),
+    "prepare": (
+        _prepare_arguments,
+        dict(
+            help="a toy folder for the pipeline's commands: the splits, the shipped teacher, a warm-started student",
+            description="Writes OUT/{train,validation,test}.jsonl (LIMO-style toy problems), OUT/teacher (the shipped "
+            "toy teacher) and OUT/student (the demo's warm-started student), for motab synthesize, sft, eval, "
+            "rollout and train on the toy task (python -m motab.demo.prepare is the same).",
         ),
     ),
     "synthesize": (
@@ -569,12 +592,21 @@ def local_model_folder(name: str, role: str) -> Path | None:
     return None
 
 
+# A saved tokenizer holds one of these (fast, SentencePiece, byte-level BPE, WordPiece, Mistral's tekken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
+
+
 def check_model_files(folder: Path, role: str) -> None:
     """Refuses a model folder with a safetensors file whose header or length is broken (truncated,
     or overwritten) or a JSON file (config, tokenizer, generation config) that does not parse,
-    naming the file. Reads the safetensors headers only, without torch."""
+    naming the file, and a folder without a tokenizer. Reads the safetensors headers only, without torch."""
     from safetensors import SafetensorError, safe_open
 
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"the {role} folder {folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...): save it beside "
+            "the model (tokenizer.save_pretrained(folder))"
+        )
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="numpy"):
@@ -691,6 +723,7 @@ def _raw_config(args, defaults: dict | None = None) -> dict:
 def run_train(args) -> int:
     raw = _raw_config(args)
     train, _ = build_configs(raw)
+    warn_silent_mistakes(train=train)
     check_sources({"student": raw["student"], "teacher": raw["teacher"]}, raw["data"], _field_map(raw))
     check_writable(train.output_dir, "train.output_dir", folder=True)
     from motab.runs import check_run_folder  # (no torch)
@@ -791,6 +824,8 @@ def run_eval(args) -> int:
         except ValueError as error:
             raise ConfigError(f"evaluation.answer_format: {error}") from error
         pass_ks(settings, samples_of(settings, benchmark.name))
+    most = max(samples_of(settings, benchmark.name) for benchmark in benchmarks)
+    warn_silent_mistakes(sampling=dict(samples=most, temperature=settings.temperature, what="--samples"))
     backend = build_section("backend", raw.get("backend"))
     if args.plan:
         from motab.config import RolloutConfig
@@ -877,6 +912,8 @@ def run_synthesize(args) -> int:
         raise ConfigError(f"rollout.mode: synthesize runs a step mode ({', '.join(STEP_MODES)}), not {config.mode!r}")
     if policy.needs_student and "student" not in raw:
         raise ConfigError(f"--student is required for mode {config.mode}")
+    hottest = max(config.teacher_sampling.temperature, config.student_sampling.temperature * policy.needs_student)
+    warn_silent_mistakes(sampling=dict(samples=options.responses, temperature=hottest, what="--responses"))
     roles = ("student", "teacher") if policy.needs_student else ("teacher",)
     check_sources({role: raw[role] for role in roles}, raw["data"], _field_map(raw))
     out = Path(args.out)
@@ -1129,11 +1166,35 @@ def _check_tokenizers(student_tokenizer, teacher_tokenizer) -> None:
         raise ConfigError(str(error)) from error
 
 
+def run_prepare(args) -> int:
+    check_writable(args.out, "OUT", folder=True)
+    from motab.demo.prepare import check_prepare_folder, prepare
+    from motab.demo.run import FULL
+
+    check_prepare_folder(args.out, args.overwrite)
+    steps = FULL.warm_steps if args.warm_steps is None else args.warm_steps
+    args.kept = lambda: f"nothing kept: {args.out} is as it was (prepare moves its files in at the end)"
+    print(f"warm-starting the student: {steps} steps", flush=True)
+    prepare(
+        args.out, train=args.train, seed=args.seed, warm_steps=steps, overwrite=args.overwrite,
+        log=lambda line: print(f"  warm start {line}", flush=True),
+    )  # fmt: skip
+    print(f"wrote {args.out}: train/validation/test.jsonl, teacher/, student/")
+    return 0
+
+
 def run_demo(args) -> int:
     _device_and_dtype(args.device, None)  # a device that is not there is refused before anything trains
     from motab.demo import run_demo as demo
+    from motab.demo.run import PARTS, check_demo_folder, kept_runs
 
-    demo(args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, device=args.device)
+    check_writable(args.out, "--out", folder=True)
+    check_demo_folder(args.out, args.resume, args.overwrite)
+    args.kept = lambda: kept_line(kept_runs(args.out), "runs", Path(args.out) / PARTS)
+    demo(
+        args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, device=args.device, resume=args.resume,
+        overwrite=args.overwrite,
+    )  # fmt: skip
     print(f"report: {args.out}/results.json, accuracy.png, rollout.png")
     return 0
 

@@ -22,6 +22,7 @@ import json
 import math
 import re
 import types
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -37,6 +38,35 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ConfigError(ValueError):
     """A configuration the command cannot run; the message says what to change. The CLI shows it as
     one line (exit 2) where any other exception keeps its traceback."""
+
+
+class SettingWarning(UserWarning):
+    """Settings that run but do not do what they seem to ask for (``silent_mistakes``); the CLI
+    prints each as one line."""
+
+
+def silent_mistakes(train: TrainConfig | None = None, sampling: dict | None = None) -> list[str]:
+    """What a run's settings quietly do otherwise than asked: a warm-up longer than the training
+    (the learning rate never reaches its peak), several samples of a greedy model (all alike).
+    ``sampling``: {"samples": n, "temperature": t, "what": name} of eval or synthesize."""
+    found = []
+    if train is not None and train.warmup_steps > train.steps:
+        found.append(
+            f"train.warmup_steps ({train.warmup_steps}) is more than train.steps ({train.steps}): the learning rate "
+            f"never reaches train.learning_rate ({train.learning_rate:g}); lower the warm-up"
+        )
+    if sampling is not None and sampling["samples"] > 1 and sampling["temperature"] == 0:
+        found.append(
+            f"{sampling['what']} {sampling['samples']} at temperature 0: greedy samples are all alike; set a "
+            "temperature (the paper samples at 0.6)"
+        )
+    return found
+
+
+def warn_silent_mistakes(**settings) -> None:
+    """``silent_mistakes`` as ``SettingWarning``s."""
+    for message in silent_mistakes(**settings):
+        warnings.warn(message, SettingWarning, stacklevel=2)
 
 
 class OptionError(ConfigError):
@@ -177,6 +207,8 @@ class RolloutConfig:
         _require(self.vocab_size is None or self.vocab_size >= 1, "vocab_size", "must be ≥ 1", self.vocab_size)
         _require(self.max_interventions >= 0, "max_interventions", "must be ≥ 0", self.max_interventions)
         _require(bool(self.step_stop), "step_stop", "must be a non-empty string", self.step_stop)
+        # an empty stop string is found at once: every trajectory would end after one token
+        _require(all(self.stop_strings), "stop_strings", "must be non-empty strings", list(self.stop_strings))
         _require(self.min_correction_tokens >= 0, "min_correction_tokens", "must be ≥ 0", self.min_correction_tokens)
         _require(self.step_skd_gamma >= 0, "step_skd_gamma", "must be ≥ 0", self.step_skd_gamma)
 

@@ -203,36 +203,35 @@ def synthesize(
     todo = [row for row in share if (str(row[0].id), row[1]) not in done]
     written = breaches = tokens = 0
     started = time.perf_counter()
-    bar = RowProgress(len(todo), "synthesize", progress and rank == 0)
-    if todo:
-        with output.appending(rank) as sink:
+    with RowProgress(len(todo), "synthesize", progress and rank == 0) as bar:  # closed on an interrupt too
+        if todo:
+            with output.appending(rank) as sink:
 
-            def write(index: int, trajectory) -> None:
-                """A row's record, on disk as soon as the row finishes (a kill loses only rows in flight)."""
-                nonlocal written, breaches, tokens
-                question, response = todo[index]
-                record = record_of(
-                    question, response, prompts[question.id], trajectory, tokenizer, config, options.marker
+                def write(index: int, trajectory) -> None:
+                    """A row's record, on disk as soon as the row finishes (a kill loses only rows in flight)."""
+                    nonlocal written, breaches, tokens
+                    question, response = todo[index]
+                    record = record_of(
+                        question, response, prompts[question.id], trajectory, tokenizer, config, options.marker
+                    )
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    written += 1
+                    breaches += record["breach"]
+                    tokens += record["tokens"]
+                    bar.update(1, record["tokens"], f"{breaches / written:.0%} breached")
+
+                rollout(
+                    student,
+                    teacher,
+                    [ids[q.id] for q, _ in todo],
+                    config,
+                    seeds=[response_seed(options.seed, q.id, i) for q, i in todo],
+                    tokenizer=tokenizer,
+                    max_rows=options.batch_size,
+                    on_finished=write,
                 )
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                written += 1
-                breaches += record["breach"]
-                tokens += record["tokens"]
-                bar.update(1, record["tokens"], f"{breaches / written:.0%} breached")
-
-            rollout(
-                student,
-                teacher,
-                [ids[q.id] for q, _ in todo],
-                config,
-                seeds=[response_seed(options.seed, q.id, i) for q, i in todo],
-                tokenizer=tokenizer,
-                max_rows=options.batch_size,
-                on_finished=write,
-            )
-    bar.close()
     if barrier is not None:
         barrier()
     summary = SynthesisSummary(written, len(share) - len(todo), breaches, tokens, time.perf_counter() - started)

@@ -7,19 +7,22 @@ real models: ``python -m motab.demo.prepare toy/`` writes
 - ``student/``: the demo's warm-started student (the same warm start as ``motab demo``'s seed;
   ``--warm-steps`` shortens it).
 
-Then ``motab synthesize --preset toy``, ``motab sft`` and ``motab eval --answer-format toy`` run
-on those folders (see the README).
+Then ``motab synthesize --preset toy``, ``motab sft`` and ``motab eval --preset toy`` run on those
+folders (see the README). ``motab prepare DIR`` is the same command.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
+from motab.config import ConfigError
 from motab.demo.run import FULL, warm_student
+from motab.runs import without_hf_bars
 from motab.toy.task import generate_split
 from motab.toy.teacher import load_teacher, teacher_path
 
@@ -31,6 +34,19 @@ def write_problems(path: Path, split: str, count: int) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+# What prepare writes into its folder: what makes it used, and all --overwrite replaces.
+PREPARED = ("train.jsonl", "validation.jsonl", "test.jsonl", "teacher", "student")
+
+
+def check_prepare_folder(out: str | Path, overwrite: bool) -> None:
+    """Refuses a folder that holds what prepare writes, unless ``overwrite``; reads only."""
+    held = [name for name in PREPARED if (Path(out) / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(
+            f"{out} already holds {', '.join(held)}: pass --overwrite to replace them, or choose another folder"
+        )
+
+
 def prepare(
     out: str | Path,
     *,
@@ -39,31 +55,46 @@ def prepare(
     test: int = 500,
     seed: int = 0,
     warm_steps: int = FULL.warm_steps,
+    overwrite: bool = False,
+    log=None,
 ) -> Path:
+    """Writes the folder (see the module docstring). Everything is made in a temporary folder beside
+    ``out`` and moved in at the end, so an error or an interrupt leaves ``out`` as it was; a folder
+    that holds what prepare writes is refused unless ``overwrite`` (which replaces those, nothing
+    else). ``log`` hears of the warm start's loss as it trains (0 steps: an untrained student)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", train), ("validation", validation), ("test", test)):
-        write_problems(out / f"{split}.jsonl", split, count)
-    shutil.copytree(teacher_path(), out / "teacher", dirs_exist_ok=True)
-    _, tokenizer = load_teacher()
-    student = warm_student(tokenizer, seed, replace(FULL, warm_steps=warm_steps))
-    student.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
+    check_prepare_folder(out, overwrite)
+    work = out.with_name(f".{out.name}.prepare.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        for split, count in (("train", train), ("validation", validation), ("test", test)):
+            write_problems(work / f"{split}.jsonl", split, count)
+        shutil.copytree(teacher_path(), work / "teacher")
+        with without_hf_bars():
+            _, tokenizer = load_teacher()
+        student = warm_student(tokenizer, seed, replace(FULL, warm_steps=warm_steps), log=log)
+        with without_hf_bars():
+            student.save_pretrained(work / "student")
+        tokenizer.save_pretrained(work / "student")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in PREPARED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(work / name, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="folder to write")
-    parser.add_argument("--train", type=int, default=2000, help="train problems (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="the warm start's seed (default 0)")
-    # fewer steps make a weaker student in less time (0: an untrained one, for a walkthrough in seconds)
-    parser.add_argument(
-        "--warm-steps", type=int, default=FULL.warm_steps, help=f"the warm start's steps (default {FULL.warm_steps})"
-    )
-    args = parser.parse_args(argv)
-    prepare(args.out, train=args.train, seed=args.seed, warm_steps=args.warm_steps)
-    print(f"wrote {args.out}: train/validation/test.jsonl, teacher/, student/")
+    """``python -m motab.demo.prepare DIR`` is ``motab prepare DIR``."""
+    from motab.cli import main as motab
+
+    raise SystemExit(motab(["prepare", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

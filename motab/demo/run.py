@@ -17,11 +17,13 @@ student's context, the problem, or neither — the last is the reversed exposure
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -34,14 +36,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from motab.config import RolloutConfig, TrainConfig, build_configs, set_option
+from motab.config import ConfigError, RolloutConfig, TrainConfig, build_configs, set_option
 from motab.data import Problem
 from motab.demo.measures import teacher_decay, teacher_guidance
 from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, greedy_solutions, supervised_train, toy_model
 from motab.engine import rollout
 from motab.plots import plot_accuracy_curves, render_trajectory
 from motab.policy import resolve_training
-from motab.runs import without_hf_bars
+from motab.runs import count_lines, drop_cut_line, without_hf_bars, write_atomically
 from motab.sft import SFTOptions, run_sft
 from motab.synthesis import Question, SynthesisOptions, synthesize
 from motab.toy.task import PAPER_PRESET, generate_split, is_correct, last_answer
@@ -196,14 +198,99 @@ def method_config(
     return resolve_training(replace(train, rollout=rollout), tokenizer)
 
 
-def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu"):
-    """The student every method starts from: supervised on a slice of the train split."""
+def warm_student(tokenizer, seed: int, size: DemoSize, device: str = "cpu", log=None):
+    """The student every method starts from: supervised on a slice of the train split (``log``
+    hears of its loss as it trains)."""
     student = toy_model(tokenizer, STUDENT_SHAPE, seed).to(device)
     warm = generate_split("train", size.warm_problems)
     supervised_train(
-        student, tokenizer, warm, steps=size.warm_steps, batch_size=32, lr=WARM_LEARNING_RATE, seed=seed, device=device
-    )
+        student, tokenizer, warm, steps=size.warm_steps, batch_size=32, lr=WARM_LEARNING_RATE, seed=seed,
+        device=device, log=log,
+    )  # fmt: skip
     return student
+
+
+# What a demo writes into its folder (its report, and the finished runs an interrupted one keeps in
+# .parts): what --overwrite removes, with the runs' own folders (seed*-*), and nothing else.
+REPORT_FILES = ("results.json", "accuracy.png", "rollout.png")
+PARTS = ".parts"
+
+
+def check_demo_folder(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuses a folder that holds a demo (its report, or an interrupted one's finished runs)
+    without ``resume`` or ``overwrite``, both at once, and a resume with nothing to resume."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the demo or start it again")
+    if resume and not (out / PARTS / "settings.json").exists():
+        done = " (it is complete: --overwrite runs it again)" if (out / "results.json").exists() else ""
+        raise ConfigError(f"nothing to resume in {out}: no finished runs of an interrupted demo{done}")
+    if not (resume or overwrite) and ((out / "results.json").exists() or (out / PARTS).exists()):
+        raise ConfigError(
+            f"{out} holds a demo (results.json or an interrupted one's runs): pass --resume to continue it or "
+            "--overwrite to run it again there, or choose another --out"
+        )
+
+
+def kept_runs(out: str | Path) -> int:
+    """The runs an interrupted demo kept (``motab demo --resume`` does not train them again)."""
+    return count_lines(Path(out) / PARTS / "runs.jsonl")
+
+
+class _Kept:
+    """An interrupted demo's finished pieces in ``out/.parts``: each seed's measurements and each
+    (seed, method, budget) run, appended, fsynced, as they finish."""
+
+    def __init__(self, out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
+        check_demo_folder(out, resume, overwrite)
+        self.folder = out / PARTS
+        recorded = self.folder / "settings.json"
+        if resume:
+            before = json.loads(recorded.read_text(encoding="utf-8"))
+            if before != settings:
+                changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+                raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+        else:
+            if overwrite:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                for path in [out / name for name in REPORT_FILES] + list(out.glob("seed*-*")):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            self.folder.mkdir(parents=True)
+            write_atomically(recorded, json.dumps(settings, indent=1))
+        self.seeds = {line["seed"]: line for line in self._lines("seeds.jsonl")}
+        self.runs = {(line["seed"], line["method"], line["budget"]): line for line in self._lines("runs.jsonl")}
+
+    def _lines(self, name: str) -> list[dict]:
+        path = self.folder / name
+        drop_cut_line(path)
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+    def add(self, name: str, line: dict) -> None:
+        with open(self.folder / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def seed_measures(self, seed: int, measure) -> dict:
+        """The seed's teacher decay and guidance, measured now unless an earlier run kept them."""
+        if seed not in self.seeds:
+            self.seeds[seed] = json.loads(json.dumps(dict(seed=seed, **measure())))  # as a resume reads it
+            self.add("seeds.jsonl", self.seeds[seed])
+        return self.seeds[seed]
+
+    def run(self, seed: int, method: str, budget: str, train) -> dict:
+        """The run's result, trained now unless an earlier run kept it."""
+        key = (seed, method, budget)
+        if key not in self.runs:
+            self.runs[key] = json.loads(json.dumps(train()))  # as a resume reads it
+            self.add("runs.jsonl", self.runs[key])
+        return self.runs[key]
+
+
+def warm_start(tokenizer, seed: int, size: DemoSize, device: str, validation) -> tuple[torch.nn.Module, float]:
+    """A seed's warm-started student and its greedy validation accuracy."""
+    student = warm_student(tokenizer, seed, size, device)
+    return student, greedy_accuracy(student, tokenizer, validation)
 
 
 def run_demo(
@@ -214,12 +301,17 @@ def run_demo(
     quick: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Runs every method for every seed under the protocol (reports/demo/PROTOCOL.md) and writes
     the report, its provenance included; returns the results. Per seed, one warm start; every
     method trains from it twice over: at equal steps (``size.steps``) and at equal wall clock (the
     training time ``CLOCK_METHOD`` needs for those steps); the test split is read only to evaluate
-    those final students."""
+    those final students. Each finished run is kept in ``out/.parts`` until the report is written,
+    so an interrupted demo continues with ``resume=True`` (``motab demo --resume``) and trains only
+    what it had not finished; a folder that holds a demo is refused without ``resume`` or
+    ``overwrite``."""
     started, load_at_start = time.time(), os.getloadavg()
     command = demo_command(seeds=seeds, steps=steps, quick=quick, device=device, out=out)
     size = QUICK if quick else FULL
@@ -227,6 +319,7 @@ def run_demo(
         size = replace(size, steps=steps)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    kept = _Kept(out, dict(size=size.__dict__, device=device), resume, overwrite)
     with without_hf_bars():
         teacher, tokenizer = load_teacher(device)
     train = as_problems(tokenizer, generate_split("train", 5000))
@@ -236,14 +329,22 @@ def run_demo(
     results = dict(size=size.__dict__, seeds=seeds, methods={}, runs=[])
     results["teacher_validation_accuracy"] = greedy_accuracy(teacher, tokenizer, validation)
     for seed in range(seeds):
-        student = warm_student(tokenizer, seed, size, device)
-        warm_accuracy = greedy_accuracy(student, tokenizer, validation)
-        results.setdefault("teacher_decay", []).append(
-            teacher_decay(student, teacher, tokenizer, validation[: size.decay_problems])
+        warm = functools.cache(lambda seed=seed: warm_start(tokenizer, seed, size, device, validation))
+        measured = kept.seed_measures(
+            seed,
+            lambda warm=warm: dict(
+                teacher_decay=teacher_decay(warm()[0], teacher, tokenizer, validation[: size.decay_problems]),
+                teacher_guidance=teacher_guidance(warm()[0], teacher, tokenizer, validation),
+            ),
         )
-        results.setdefault("teacher_guidance", []).append(teacher_guidance(student, teacher, tokenizer, validation))
+        results.setdefault("teacher_decay", []).append(measured["teacher_decay"])
+        results.setdefault("teacher_guidance", []).append(measured["teacher_guidance"])
 
-        def train_method(method: str, steps: int, budget: str, student=student, seed=seed, warm=warm_accuracy) -> dict:
+        def train_method(method: str, steps: int, budget: str, seed=seed, warm=warm) -> dict:
+            # the warm start is made only when a run is not kept (a resumed seed may need none)
+            return kept.run(seed, method, budget, lambda: trained_run(method, steps, budget, *warm(), seed))
+
+        def trained_run(method: str, steps: int, budget: str, student, warm: float, seed: int) -> dict:
             trained = copy.deepcopy(student)
             folder = out / f"seed{seed}-{method}-{budget}"
             config = replace(method_config(tokenizer, method, options[method], size, folder, seed), steps=steps)
@@ -274,9 +375,10 @@ def run_demo(
         print("warning:", warning)
     results["methods"] = summarize(results["runs"])
     results["provenance"] = provenance(command, device, started, load_at_start)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     curves = [r for r in results["runs"] if r["budget"] == "steps"]
     plot_accuracy_curves(curves, list(METHODS), out / "accuracy.png")
+    write_atomically(out / "results.json", json.dumps(results, indent=1))
+    shutil.rmtree(kept.folder)  # the report holds every run now
     print(format_table(results))
     return results
 

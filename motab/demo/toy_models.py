@@ -46,7 +46,11 @@ def supervised_batch(tokenizer, problems, device):
 
 
 def supervised_train(model, tokenizer, problems, *, steps, batch_size, lr, seed, device, log=None) -> None:
-    """AdamW with warm-up and cosine decay on randomly drawn batches of ``problems``."""
+    """AdamW with warm-up and cosine decay on randomly drawn batches of ``problems`` (0 steps: the
+    model as it is); ``log`` hears of the loss every 200 steps and at the last."""
+    if steps == 0:
+        model.eval()
+        return
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(steps // 20, 1)
