@@ -500,7 +500,7 @@ COMMAND_PARSERS = {
             help="a toy folder for the pipeline's commands: the splits, the shipped teacher, a warm-started student",
             description="Writes OUT/{train,validation,test}.jsonl (LIMO-style toy problems), OUT/teacher (the shipped "
             "toy teacher) and OUT/student (the demo's warm-started student), for motab synthesize, sft, eval, "
-            "rollout and train on the toy task (python -m motab.demo.prepare is the same).",
+            "rollout and train on the toy task.",
         ),
     ),
     "synthesize": (
@@ -739,6 +739,11 @@ def run_train(args) -> int:
     if rank == 0:  # the mode's own monitor settings, and EOS, the vocabulary size and the step delimiters filled in
         print_resolved(raw, train)
     trainer = DistillationTrainer(student, teacher, tokenizer, problems, train)
+    if rank == 0:  # rewritten by each invocation (a resume records its own command)
+        from motab.runs import write_run_record
+
+        sources = {key: raw[key] for key in ("student", "teacher", "data")}
+        write_run_record(Path(train.output_dir) / "run.json", **sources, settings=asdict(train))
     # a checkpoint is named only once its rename succeeded (a save cut short leaves the previous one)
     args.kept = lambda: (
         f"saved {trainer.last_checkpoint}; continue with --resume" if trainer.last_checkpoint else "no checkpoint saved"

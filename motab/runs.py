@@ -269,8 +269,6 @@ class PartsOutput:
     def prepare(self, settings: dict, resume: bool, overwrite: bool) -> None:
         """A fresh run needs a fresh output (overwrite removes the old one, its parts and its
         record); a resume needs the settings of the run it resumes."""
-        from motab import __version__
-
         self.check(resume, overwrite)
         now = json.loads(json.dumps(settings))
         if resume:
@@ -286,8 +284,7 @@ class PartsOutput:
             for path in (self.out, self.out.with_name(f".{self.out.name}.tmp"), self.record):
                 path.unlink(missing_ok=True)
         self.parts.mkdir(parents=True)
-        record = dict(motab=__version__, command=list(sys.argv), settings=now)
-        write_atomically(self.record, json.dumps(record, indent=1, sort_keys=True))
+        write_run_record(self.record, settings=now)
 
     @contextmanager
     def appending(self, rank: int = 0) -> Iterator:
@@ -339,3 +336,13 @@ class PartsOutput:
 def kept_line(count: int, what: str, where: Path) -> str:
     """``kept N <what> in <where>; continue with --resume``, or that nothing was kept."""
     return f"kept {count} {what} in {where}; continue with --resume" if count else f"no {what} finished; nothing kept"
+
+
+def write_run_record(path: Path, **facts) -> None:
+    """``path`` (JSON): what produced a result — motab's version, the command, then ``facts`` (the
+    models, the data, the settings)."""
+    from motab import __version__
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = dict(motab=__version__, command=list(sys.argv)) | facts
+    write_atomically(path, json.dumps(record, indent=1, default=str))

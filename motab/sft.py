@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from trl import SFTConfig, SFTTrainer
 
 from motab.config import SFTOptions
 from motab.models import load_tokenizer
-from motab.runs import API_FLAGS, without_hf_bars, write_atomically
+from motab.runs import API_FLAGS, without_hf_bars, write_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -302,16 +301,10 @@ def run_sft(
         output = trainer.train(resume_from_checkpoint=True if start is not None else None)
         trainer.save_model(str(output_dir))  # the model and the processing class (tokenizer)
     trainer.save_state()
-    provenance = dict(
-        motab=_version(), command=list(sys.argv), model=str(model) if isinstance(model, (str, Path)) else None,
+    write_run_record(
+        output_dir / "sft.run.json",
+        model=str(model) if isinstance(model, (str, Path)) else None,
         records=str(records) if isinstance(records, (str, Path)) else f"{len(records)} records given in Python",
         options=dataclasses.asdict(options),
-    )  # fmt: skip
-    write_atomically(output_dir / "sft.run.json", json.dumps(provenance, indent=1, default=str))
+    )
     return SFTResult(trainer, output_dir, output.global_step, output.training_loss, start)
-
-
-def _version() -> str:
-    from motab import __version__
-
-    return __version__

@@ -41,7 +41,13 @@ def test_train_from_a_yaml_config_and_resume(workspace, capsys):
         teacher=workspace["teacher"],
         data=workspace["data"],
         train=dict(
-            output_dir=str(root / "run"), steps=2, prompts_per_step=2, micro_batch=1, save_every=1, learning_rate=1e-3
+            output_dir=str(root / "run"),
+            steps=2,
+            prompts_per_step=2,
+            micro_batch=1,
+            save_every=1,
+            learning_rate=1e-3,
+            warmup_steps=1,
         ),
         rollout=dict(mode="motab", max_new_tokens=8, draft_len=4, intervention_len=2),
         monitor=dict(rule="fixed", tau=0.5, warmup=1),
@@ -54,6 +60,8 @@ def test_train_from_a_yaml_config_and_resume(workspace, capsys):
     assert "eos_token_ids: [1]\n" in printed and "vocab_size: 64\n" in printed
     assert (root / "run" / "latest").read_text() == "checkpoint-2"
     assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    record = json.loads((root / "run" / "run.json").read_text())  # what produced the run
+    assert record["student"] == workspace["student"] and record["settings"]["steps"] == 2 and record["motab"]
     # more steps on top, resumed, with a flag and an override
     assert (
         main(["train", "--config", str(root / "run.yaml"), "--steps", "3", "--set", "monitor.tau=0.7", "--resume"]) == 0
@@ -219,6 +227,9 @@ def test_the_papers_pipeline_synthesize_sft_eval_on_the_toy_task(toy_pipeline, t
     sft = ["sft", "--model", student, "--data", str(records), "--out", str(tmp_path / "sft"), "--max-steps", "2"]
     assert main(sft + ["--max-length", "256", "--learning-rate", "1e-3"]) == 0
     assert main(sft) == 2 and "already holds checkpoints" in capsys.readouterr().err
+    # --overwrite starts again there (checkpoints and model replaced), on the CPU as asked
+    assert main(sft + ["--max-length", "256", "--overwrite", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "sft" / "sft.run.json").read_text())["options"]["max_steps"] == 2
     test = tmp_path / "test.jsonl"
     test.write_text(
         "".join(json.dumps(dict(question=p.prompt, answer=p.answer)) + "\n" for p in generate_split("test", 4))

@@ -293,6 +293,23 @@ def test_empty_stop_strings_are_refused(toy, tmp_path, capsys, argv, message):
     assert message in line
 
 
+def test_an_empty_step_stop_flag_is_refused(toy, tmp_path, capsys):
+    models = ["--student", str(toy / "student"), "--teacher", str(toy / "teacher"), "--data", str(toy / "train.jsonl")]
+    line = refused(["synthesize", "--preset", "toy", *models, "--out", str(tmp_path / "r.jsonl"), "--stop", ""], capsys)
+    assert line == "motab synthesize: error: rollout.step_stop must be a non-empty string, got ''"
+
+
+def test_prepare_shows_the_warm_start_and_takes_zero_steps(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "warm"), "--warm-steps", "3", "--train", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert "warming up the student: 3 steps" in shown or "warm-starting the student: 3 steps" in shown
+    assert "warm start step 2: loss" in shown
+    assert sorted(p.name for p in (tmp_path / "warm").iterdir()) == sorted(
+        ["student", "teacher", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    )
+    assert not list(tmp_path.glob(".*.tmp"))  # the work folder is gone
+
+
 def test_sft_takes_the_same_flags(toy, tmp_path, capsys):
     sft = ["sft", "--model", str(toy / "student"), "--data", str(toy / "train.jsonl"), "--out", str(tmp_path / "s")]
     line = refused([*sft, "--device", "cuda:1"], capsys)

@@ -1,5 +1,5 @@
 """A folder for the paper's pipeline on the toy task, run from the command line as a user would on
-real models: ``python -m motab.demo.prepare toy/`` writes
+real models: ``motab prepare toy/`` writes
 
 - ``train.jsonl``, ``validation.jsonl``, ``test.jsonl``: toy problems of the disjoint splits, as
   LIMO-style records (``question``, ``solution``, ``answer``);
@@ -8,7 +8,7 @@ real models: ``python -m motab.demo.prepare toy/`` writes
   ``--warm-steps`` shortens it).
 
 Then ``motab synthesize --preset toy``, ``motab sft`` and ``motab eval --preset toy`` run on those
-folders (see the README). ``motab prepare DIR`` is the same command.
+folders (see the README).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,14 +87,3 @@ def prepare(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m motab.demo.prepare DIR`` is ``motab prepare DIR``."""
-    from motab.cli import main as motab
-
-    raise SystemExit(motab(["prepare", *(sys.argv[1:] if argv is None else argv)]))
-
-
-if __name__ == "__main__":
-    main()
