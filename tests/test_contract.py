@@ -18,6 +18,7 @@ import pytest
 import motab.cli
 from motab import engine as engine_module
 from motab.cli import main
+from tests.test_cli_errors import refused
 from tests.test_synthesis import assert_same_records
 
 
@@ -27,17 +28,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     if folder.is_file():
         return {folder.name: folder.read_bytes()}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(argv: list[str], capsys) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as exit:
-        code = exit.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 def interrupted(argv: list[str], capsys, code: int = 130) -> str:

@@ -16,6 +16,7 @@ from motab.config import ConfigError, EvaluationConfig
 from motab.evaluate import evaluate_benchmarks, load_benchmark
 from motab.evaluate.benchmarks import parse_data_sources
 from motab.synthesis import response_seed
+from tests.test_cli_errors import refused
 from tests.test_evaluate import CharTokenizer, plant
 from tests.tiny import tiny_qwen2, word_tokenizer
 
@@ -259,17 +260,6 @@ def test_eval_from_a_yaml_config_with_named_benchmarks(workspace, tmp_path):
     )
     assert main(["eval", "--config", str(config), "--out", str(tmp_path / "e"), "--limit", "2"]) == 0
     assert json.loads((tmp_path / "e" / "results.json").read_text())["benchmarks"]["aime24"]["problems"] == 2
-
-
-def refused(argv, capsys) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as exit:
-        code = exit.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 @pytest.mark.parametrize(
