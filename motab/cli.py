@@ -54,7 +54,7 @@ from motab.config import (
     warn_silent_mistakes,
 )
 from motab.policy import POLICIES, STEP_MODES, policy_of, resolve, resolve_training
-from motab.runs import count_lines, interrupting_signal, kept_line, sigterm_as_interrupt
+from motab.runs import CLI_FLAGS, count_lines, interrupting_signal, kept_line, sigterm_as_interrupt
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 # The reference scripts' stop string, marker, budgets and sampling, as synthesize's flags name them.
@@ -863,7 +863,7 @@ def run_eval(args) -> int:
     args.kept = lambda: kept_line(count_lines(samples), "samples", samples.parent)
     report = evaluate_benchmarks(
         model, tokenizer, benchmarks, settings, args.out, model_name=raw["model"], resume=args.resume,
-        overwrite=args.overwrite, progress=None,  # a bar on stderr when it is a terminal
+        overwrite=args.overwrite, progress=None, flags=CLI_FLAGS,  # a bar when stderr is a terminal
     )  # fmt: skip
     for name, result in report.results.items():
         s = result.score
@@ -962,7 +962,7 @@ def run_synthesize(args) -> int:
     summary = synthesize(
         student, teacher, tokenizer, questions, out, config, options,
         resume=args.resume, overwrite=args.overwrite, rank=rank, world_size=world, barrier=barrier,
-        progress=rank == 0, provenance=provenance, flags=("--resume", "--overwrite"),
+        progress=rank == 0, provenance=provenance, flags=CLI_FLAGS,
     )  # fmt: skip
     if rank == 0:
         rate = summary.total_breaches / max(summary.total, 1)
@@ -1050,7 +1050,6 @@ def run_sft(args) -> int:
         )
     if device is not None:
         _device_and_dtype(device, None)  # a device that is not there is refused before anything loads
-    from motab.runs import CLI_FLAGS
     from motab.sft import checkpoints, resume_point, run_sft, to_dataset
 
     try:

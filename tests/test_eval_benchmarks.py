@@ -152,7 +152,7 @@ def test_a_killed_eval_resumes_without_sampling_again(tmp_path, monkeypatch, two
     assert len(store.read_text().splitlines()) == 7 and not (out / "results.json").exists()
     with open(store, "a") as f:
         f.write('{"benchmark": "aime24", "id": "2", "sa')  # a line the kill cut short
-    with pytest.raises(ConfigError, match=r"holds an evaluation .* pass --resume"):
+    with pytest.raises(ConfigError, match=r"holds an evaluation .* pass resume=True"):  # the API's words
         evaluate_benchmarks("m", CharTokenizer(), two_benchmarks, config, out, model_name="m")
     with pytest.raises(ConfigError, match=r"cannot resume .* other settings \(changed: sampling.temperature\)"):
         hotter = EvaluationConfig(samples=4, temperature=1.0, top_p=0.95, prompt_format="raw")
@@ -165,7 +165,7 @@ def test_a_killed_eval_resumes_without_sampling_again(tmp_path, monkeypatch, two
         assert (out / f"{name}.jsonl").read_text() == (tmp_path / "whole" / f"{name}.jsonl").read_text()
         assert resumed.results[name].score == whole.results[name].score
     assert not (out / ".parts").exists()  # no temporaries after success
-    with pytest.raises(ConfigError, match=r"nothing to resume .* \(it is complete: --overwrite runs it again\)"):
+    with pytest.raises(ConfigError, match=r"nothing to resume .* \(it is complete: overwrite=True runs it again\)"):
         evaluate_benchmarks("m", CharTokenizer(), two_benchmarks, config, out, model_name="m", resume=True)
 
 

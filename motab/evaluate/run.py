@@ -39,7 +39,7 @@ from motab.evaluate.benchmarks import PAPER_SAMPLES, Benchmark, Problem
 from motab.evaluate.formats import AnswerFormat, get_answer_format, opens_thought
 from motab.evaluate.metrics import Score, default_ks, markdown_table, overall, score
 from motab.policy import resolve
-from motab.runs import RowProgress, drop_cut_line, write_atomically
+from motab.runs import API_FLAGS, CLI_FLAGS, RowProgress, drop_cut_line, write_atomically
 from motab.synthesis import response_seed
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -208,19 +208,21 @@ def is_used(out: Path) -> bool:
     return any((out / name).exists() for name in (*RESULTS, PARTS))
 
 
-def check_output(out: str | Path, resume: bool, overwrite: bool) -> None:
+def check_output(out: str | Path, resume: bool, overwrite: bool, flags: tuple[str, str] = CLI_FLAGS) -> None:
     """Refuses a used folder without ``resume`` or ``overwrite``, both at once, and a resume of a
-    folder with nothing to resume; reads only (the CLI calls it before a model loads)."""
+    folder with nothing to resume; reads only (the CLI calls it before a model loads). ``flags``
+    name resume and overwrite as the caller spells them."""
     out = Path(out)
+    resume_flag, overwrite_flag = flags
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: continue the evaluation or start it again")
+        raise ConfigError(f"{resume_flag} and {overwrite_flag} exclude each other: continue the eval or start it again")
     if resume and not (out / PARTS).is_dir():
-        done = " (it is complete: --overwrite runs it again)" if (out / "results.json").exists() else ""
+        done = f" (it is complete: {overwrite_flag} runs it again)" if (out / "results.json").exists() else ""
         raise ConfigError(f"nothing to resume in {out}: no {PARTS} folder of an interrupted eval{done}")
     if not (resume or overwrite) and is_used(out):
         raise ConfigError(
-            f"{out} holds an evaluation (results.json or an interrupted one's {PARTS}): pass --resume to continue it "
-            "or --overwrite to run it again there, or choose another --out"
+            f"{out} holds an evaluation (results.json or an interrupted one's {PARTS}): pass {resume_flag} to continue "
+            f"it or {overwrite_flag} to run it again there, or choose another output folder"
         )
 
 
@@ -250,8 +252,9 @@ def _settings(config: EvaluationConfig, model: str, benchmarks: Sequence[Benchma
     )
 
 
-def _prepare(out: Path, settings: dict, benchmarks: Sequence[Benchmark], resume: bool, overwrite: bool) -> None:
-    check_output(out, resume, overwrite)
+def _prepare(out: Path, settings: dict, benchmarks: Sequence[Benchmark], resume: bool, overwrite: bool,
+             flags: tuple[str, str]) -> None:  # fmt: skip
+    check_output(out, resume, overwrite, flags)
     recorded = out / PARTS / "settings.json"
     if resume:
         before = json.loads(recorded.read_text(encoding="utf-8")) if recorded.exists() else None
@@ -303,9 +306,11 @@ def evaluate_benchmarks(
     overwrite: bool = False,
     progress: bool | None = False,
     command: Sequence[str] | None = None,
+    flags: tuple[str, str] = API_FLAGS,
 ) -> EvalReport:
     """Samples, grades and scores ``benchmarks`` into the folder ``out`` (see the module
-    docstring); ``model_name`` is what results.json records as the model (its path or hub id)."""
+    docstring); ``model_name`` is what results.json records as the model (its path or hub id).
+    ``flags``: how refusals name resume and overwrite (the command passes its flags)."""
     out = Path(out)
     formats = {b.name: get_answer_format(b.answer_format) for b in benchmarks}  # unknown ones refused first
     samples = {b.name: samples_of(config, b.name) for b in benchmarks}
@@ -314,7 +319,7 @@ def evaluate_benchmarks(
     for b in benchmarks:
         for p in b.problems:
             prompts[b.name, p.id] = tuple(prompt_of(tokenizer, p.question, formats[b.name], config.prompt_format))
-    _prepare(out, _settings(config, model_name, benchmarks), benchmarks, resume, overwrite)
+    _prepare(out, _settings(config, model_name, benchmarks), benchmarks, resume, overwrite, flags)
     store = out / PARTS / "samples.jsonl"
     drop_cut_line(store)
     done = _done_samples(store)
