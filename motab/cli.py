@@ -54,7 +54,7 @@ from motab.config import (
     warn_silent_mistakes,
 )
 from motab.policy import POLICIES, STEP_MODES, policy_of, resolve, resolve_training
-from motab.runs import CLI_FLAGS, count_lines, interrupting_signal, kept_line, sigterm_as_interrupt
+from motab.runs import CLI_FLAGS, append_line, count_lines, interrupting_signal, kept_line, sigterm_as_interrupt
 from motab.toy.task import PAPER_PRESET as TOY_PRESET
 
 # The reference scripts' stop string, marker, budgets and sampling, as synthesize's flags name them.
@@ -794,9 +794,7 @@ def run_rollout(args) -> int:
         def keep(index: int, trajectory) -> None:
             """A row's trajectory, on disk as soon as it finishes (a kill loses only rows in flight)."""
             record = {"index": todo[index]} | trajectory.to_dict() | {"text": tokenizer.decode(trajectory.tokens)}
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
+            append_line(sink, record)
 
         # a bar on stderr when it is a terminal; row i keeps seed i whatever the batches or a resume
         rollout_in_batches(

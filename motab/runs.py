@@ -222,6 +222,34 @@ def interrupting_signal(interrupt: KeyboardInterrupt) -> int:
     return int(signal.Signals[name]) if name in signal.Signals.__members__ else int(signal.SIGINT)
 
 
+def append_line(sink, record: dict) -> None:
+    """``record`` as one JSON line of an append-only file, on disk before this returns (fsynced), so a
+    kill loses only what had not finished."""
+    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sink.flush()
+    os.fsync(sink.fileno())
+
+
+def json_lines(path: Path) -> list[dict]:
+    """The complete lines of an append-only JSONL file (none if it is missing); a line a kill cut
+    short is skipped."""
+    found = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def refuse_other_settings(out, before: dict | None, now: dict) -> None:
+    """A resume of ``out`` under settings other than those it recorded is refused, naming each one changed."""
+    if before != now:
+        changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before or {}, now))
+        raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+
+
 def count_lines(*paths: Path) -> int:
     """The complete lines of append-only JSONL files (a line a kill cut short is not counted)."""
     total = 0
@@ -272,10 +300,7 @@ class PartsOutput:
         self.check(resume, overwrite)
         now = json.loads(json.dumps(settings))
         if resume:
-            before = json.loads(self.record.read_text(encoding="utf-8")).get("settings")
-            if before != now:
-                changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before or {}, now))
-                raise ConfigError(f"cannot resume {self.out} with other settings (changed: {', '.join(changed)})")
+            refuse_other_settings(self.out, json.loads(self.record.read_text(encoding="utf-8")).get("settings"), now)
             self.parts.mkdir(exist_ok=True)
             return
         self.fresh = True
@@ -308,11 +333,7 @@ class PartsOutput:
         if self.out.exists():
             found = [json.loads(line) for line in self.out.read_text(encoding="utf-8").splitlines()]
         for path in sorted(self.parts.glob("part-*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:  # a line a kill cut short
-                    continue
+            found += json_lines(path)
         return found
 
     def kept(self) -> int:
@@ -338,11 +359,15 @@ def kept_line(count: int, what: str, where: Path) -> str:
     return f"kept {count} {what} in {where}; continue with --resume" if count else f"no {what} finished; nothing kept"
 
 
-def write_run_record(path: Path, **facts) -> None:
-    """``path`` (JSON): what produced a result — motab's version, the command, then ``facts`` (the
-    models, the data, the settings)."""
+def run_facts(command: list[str] | None = None, **facts) -> dict:
+    """What produced a result: motab's version, the command (default: this process's), then ``facts``
+    (the models, the data, the settings)."""
     from motab import __version__
 
+    return dict(motab=__version__, command=list(sys.argv if command is None else command)) | facts
+
+
+def write_run_record(path: Path, **facts) -> None:
+    """``path`` (JSON): ``run_facts(**facts)``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = dict(motab=__version__, command=list(sys.argv)) | facts
-    write_atomically(path, json.dumps(record, indent=1, default=str))
+    write_atomically(path, json.dumps(run_facts(**facts), indent=1, default=str))

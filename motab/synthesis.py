@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from motab.config import RolloutConfig, SynthesisOptions
 from motab.data import load_records, resolve_field_map
 from motab.engine import rollout
 from motab.policy import STEP_MODES, resolve
-from motab.runs import API_FLAGS, PartsOutput, RowProgress
+from motab.runs import API_FLAGS, PartsOutput, RowProgress, append_line
 from motab.steps import SCRIPT_SEPARATOR
 
 # SynthesisOptions is frozen: one shared default is safe.
@@ -214,9 +213,7 @@ def synthesize(
                     record = record_of(
                         question, response, prompts[question.id], trajectory, tokenizer, config, options.marker
                     )
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    sink.flush()
-                    os.fsync(sink.fileno())
+                    append_line(sink, record)
                     written += 1
                     breaches += record["breach"]
                     tokens += record["tokens"]

@@ -43,7 +43,15 @@ from motab.demo.toy_models import MAX_SOLUTION_TOKENS, greedy_accuracy, greedy_s
 from motab.engine import rollout
 from motab.plots import plot_accuracy_curves, render_trajectory
 from motab.policy import resolve_training
-from motab.runs import count_lines, drop_cut_line, without_hf_bars, write_atomically
+from motab.runs import (
+    append_line,
+    count_lines,
+    drop_cut_line,
+    json_lines,
+    refuse_other_settings,
+    without_hf_bars,
+    write_atomically,
+)
 from motab.sft import SFTOptions, run_sft
 from motab.synthesis import Question, SynthesisOptions, synthesize
 from motab.toy.task import PAPER_PRESET, generate_split, is_correct, last_answer
@@ -246,10 +254,7 @@ class _Kept:
         self.folder = out / PARTS
         recorded = self.folder / "settings.json"
         if resume:
-            before = json.loads(recorded.read_text(encoding="utf-8"))
-            if before != settings:
-                changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-                raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+            refuse_other_settings(out, json.loads(recorded.read_text(encoding="utf-8")), settings)
         else:
             if overwrite:
                 shutil.rmtree(self.folder, ignore_errors=True)
@@ -261,15 +266,12 @@ class _Kept:
         self.runs = {(line["seed"], line["method"], line["budget"]): line for line in self._lines("runs.jsonl")}
 
     def _lines(self, name: str) -> list[dict]:
-        path = self.folder / name
-        drop_cut_line(path)
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+        drop_cut_line(self.folder / name)
+        return json_lines(self.folder / name)
 
     def add(self, name: str, line: dict) -> None:
         with open(self.folder / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            append_line(f, line)
 
     def seed_measures(self, seed: int, measure) -> dict:
         """The seed's teacher decay and guidance, measured now unless an earlier run kept them."""

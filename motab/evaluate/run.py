@@ -23,9 +23,7 @@ in memory; with ``out_dir`` the same files).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,14 +31,24 @@ from pathlib import Path
 
 from motab.backends import vllm as vllm_backend
 from motab.backends.vllm import is_vllm_engine
-from motab.config import ConfigError, EvaluationConfig, RolloutConfig, SamplingConfig, changed_fields
+from motab.config import ConfigError, EvaluationConfig, RolloutConfig, SamplingConfig
 from motab.engine import rollout_in_batches
 from motab.evaluate.benchmarks import PAPER_SAMPLES, Benchmark, Problem
 from motab.evaluate.formats import AnswerFormat, get_answer_format, opens_thought
 from motab.evaluate.metrics import Score, default_ks, markdown_table, overall, score
 from motab.policy import resolve
-from motab.runs import API_FLAGS, CLI_FLAGS, RowProgress, drop_cut_line, write_atomically
-from motab.synthesis import response_seed
+from motab.runs import (
+    API_FLAGS,
+    CLI_FLAGS,
+    RowProgress,
+    append_line,
+    drop_cut_line,
+    json_lines,
+    refuse_other_settings,
+    run_facts,
+    write_atomically,
+)
+from motab.synthesis import prompt_text, response_seed
 
 GREEDY = SamplingConfig(temperature=0.0)
 PARTS = ".parts"
@@ -108,20 +116,13 @@ def _generate_on_vllm(engine, tokenizer, prompts, config, seeds, progress, on_fi
 
 
 def prompt_of(tokenizer, question: str, answer_format: AnswerFormat, prompt_format: str) -> list[int]:
-    """The token ids the model reads: ``raw``, the bare question; ``chat``, the tokenizer's chat
-    template around the question and the format's instruction (math: "Please reason step by step,
-    and put your final answer within \\boxed{}.")."""
-    if prompt_format == "raw":
-        return tokenizer(question, add_special_tokens=True)["input_ids"]
-    if prompt_format != "chat":
-        raise ValueError(f"unknown prompt format {prompt_format!r}; expected raw or chat")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; this one has none (use raw)")
-    content = f"{question}\n{answer_format.instruction}" if answer_format.instruction else question
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """The token ids the model reads, as ``motab.synthesis.prompt_text`` writes them: ``raw``, the
+    bare question; ``chat``, the tokenizer's chat template around the question and the format's
+    instruction (math: "Please reason step by step, and put your final answer within \\boxed{}.")."""
+    if prompt_format == "chat" and answer_format.instruction:
+        question = f"{question}\n{answer_format.instruction}"
+    text = prompt_text(tokenizer, question, prompt_format)
+    return tokenizer(text, add_special_tokens=prompt_format == "raw")["input_ids"]
 
 
 # --- grading -----------------------------------------------------------------------------------
@@ -257,11 +258,10 @@ def _prepare(out: Path, settings: dict, benchmarks: Sequence[Benchmark], resume:
     check_output(out, resume, overwrite, flags)
     recorded = out / PARTS / "settings.json"
     if resume:
-        before = json.loads(recorded.read_text(encoding="utf-8")) if recorded.exists() else None
-        now = json.loads(json.dumps(settings))
-        if before is not None and before != now:
-            changed = sorted(".".join(keys) for keys, _, _ in changed_fields(before, now))
-            raise ConfigError(f"cannot resume {out} with other settings (changed: {', '.join(changed)})")
+        if recorded.exists():
+            refuse_other_settings(
+                out, json.loads(recorded.read_text(encoding="utf-8")), json.loads(json.dumps(settings))
+            )
         return
     if overwrite:
         _clear(out, [b.name for b in benchmarks])
@@ -270,16 +270,8 @@ def _prepare(out: Path, settings: dict, benchmarks: Sequence[Benchmark], resume:
 
 
 def _done_samples(path: Path) -> dict[tuple[str, str, int], dict]:
-    """The samples already written (a line cut short by a kill is dropped)."""
-    done = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                sample = json.loads(line)
-                done[(sample["benchmark"], str(sample["id"]), sample["sample"])] = sample
-            except (ValueError, KeyError, TypeError):
-                continue
-    return done
+    """The samples already written, by (benchmark, id, sample) (a line cut short by a kill is dropped)."""
+    return {(sample["benchmark"], str(sample["id"]), sample["sample"]): sample for sample in json_lines(path)}
 
 
 # --- the evaluation ----------------------------------------------------------------------------
@@ -369,9 +361,7 @@ def _sample(model, tokenizer, config: EvaluationConfig, jobs: list, store: Path,
                 end=end,
                 tokens=len(tokens),
             )
-            sink.write(json.dumps(sample, ensure_ascii=False) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
+            append_line(sink, sample)
             done[job.benchmark, job.problem.id, job.sample] = sample
 
         if jobs:
@@ -385,13 +375,10 @@ def _sample(model, tokenizer, config: EvaluationConfig, jobs: list, store: Path,
 
 
 def _record(config, model_name, benchmarks, formats, samples, command, generated, seconds) -> dict:
-    from motab import __version__
-
     settings = asdict(config)
     settings.pop("answer_format")  # per benchmark below
-    return dict(
-        motab=__version__,
-        command=list(sys.argv if command is None else command),
+    return run_facts(
+        None if command is None else list(command),
         model=model_name,
         settings=settings,
         data={
